@@ -1,3 +1,28 @@
-//! hubspot-files-gateway: the one place internal services ask HubSpot how a file import is going.
+//! hubspot-files-gateway: the one place internal services ask HubSpot how a file import is
+//! going. Modules, in the order a request meets them:
+//!
+//! - [`server`]: listeners (TCP or TLS), accept loops, the admin port, graceful shutdown.
+//! - [`route`]: a path becomes a typed status request (version + validated taskId).
+//! - [`auth`]: who is calling (API key sha256 or client certificate) → a client name.
+//! - [`gateway`]: the request handler, reading top to bottom as design §1.
+//! - [`cache`]: terminal answers in memory, and single-flight for every miss.
+//! - [`token`]: the HubSpot credential: refresh ahead of expiry, scope verification.
+//! - [`upstream`]: the pooled HubSpot client: deadlines, retries, the rate budget.
+//! - [`error`]: the one place failures become HubSpot-shaped responses.
+//! - [`metrics`]: the Prometheus registry.
+//! - [`config`], [`secret`]: the TOML config and credentials that never print.
+//! - [`simulator`]: the HubSpot stand-in for tests, `demo` and benchmarks.
 #![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod metrics;
+pub mod route;
+pub mod secret;
+pub mod server;
 pub mod simulator;
+pub mod token;
+pub mod upstream;

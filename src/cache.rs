@@ -1,0 +1,204 @@
+//! Answers kept in memory (terminal ones, and optionally a short micro-cache of the rest), and
+//! single-flight: concurrent misses of one key share one upstream call.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::StatusCode;
+use hyper::header::HeaderMap;
+use moka::sync::Cache as Moka;
+use tokio::sync::watch;
+
+use crate::config::CacheConfig;
+use crate::route::StatusRequest;
+
+/// Bytes an entry costs beyond its body and headers: key, `Arc`s, moka's bookkeeping.
+const ENTRY_OVERHEAD: u32 = 256;
+
+/// One answer, shared by everyone it is given to.
+#[derive(Debug)]
+pub struct Stored {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub stored_at: Instant,
+    ttl: Duration,
+}
+
+/// The outcome of a fetch, shared with every caller that waited for it. The error side is
+/// whatever the fetching side produces, shared behind an `Arc`.
+pub type Outcome<E> = Result<Arc<Stored>, Arc<E>>;
+
+/// Whether a caller must fetch or can wait for a fetch already running.
+pub enum Flight<E> {
+    /// The answer is already stored.
+    Hit(Arc<Stored>),
+    /// Nobody is fetching this key: the caller must run the fetch and `complete` it.
+    Lead(Leader<E>),
+    /// Someone is fetching it: wait on this.
+    Follow(watch::Receiver<Option<Outcome<E>>>),
+}
+
+/// The duty to fetch one key and tell its followers.
+pub struct Leader<E> {
+    key: StatusRequest,
+    tx: watch::Sender<Option<Outcome<E>>>,
+    pub rx: watch::Receiver<Option<Outcome<E>>>,
+}
+
+/// The store and the in-flight table.
+pub struct AnswerCache<E> {
+    store: Moka<StatusRequest, Arc<Stored>>,
+    flights: Mutex<HashMap<StatusRequest, watch::Receiver<Option<Outcome<E>>>>>,
+    terminal_ttl: Duration,
+    pending_ttl: Duration,
+    /// The HubSpot account whose answers are stored; 0 until the first token is seen.
+    hub_id: AtomicU64,
+}
+
+struct PerEntryTtl;
+
+impl moka::Expiry<StatusRequest, Arc<Stored>> for PerEntryTtl {
+    fn expire_after_create(&self, _: &StatusRequest, value: &Arc<Stored>, _: Instant) -> Option<Duration> {
+        Some(value.ttl)
+    }
+}
+
+impl<E: Send + Sync + 'static> AnswerCache<E> {
+    /// A cache bounded by `max_bytes` of weight.
+    pub fn new(config: &CacheConfig) -> Self {
+        let store = Moka::builder()
+            .max_capacity(config.max_bytes)
+            .weigher(|k: &StatusRequest, v: &Arc<Stored>| weight(k, v))
+            .expire_after(PerEntryTtl)
+            .build();
+        AnswerCache {
+            store,
+            flights: Mutex::new(HashMap::new()),
+            terminal_ttl: config.terminal_ttl,
+            pending_ttl: config.pending_ttl,
+            hub_id: AtomicU64::new(0),
+        }
+    }
+
+    /// Looks the key up; on a miss, joins the fetch in flight or becomes its leader.
+    pub fn lookup(&self, key: &StatusRequest) -> Flight<E> {
+        if let Some(hit) = self.store.get(key) {
+            return Flight::Hit(hit);
+        }
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = flights.get(key) {
+            return Flight::Follow(rx.clone());
+        }
+        // A leader that finished between the lookup above and taking the lock stored its
+        // answer before leaving the table: look once more so no second fetch starts.
+        if let Some(hit) = self.store.get(key) {
+            return Flight::Hit(hit);
+        }
+        let (tx, rx) = watch::channel(None);
+        flights.insert(key.clone(), rx.clone());
+        Flight::Lead(Leader { key: key.clone(), tx, rx })
+    }
+
+    /// Ends a flight: stores the answer if it may be stored, then tells every follower.
+    pub fn complete(&self, leader: Leader<E>, outcome: Result<Stored, E>) {
+        let outcome = match outcome {
+            Ok(stored) => {
+                let stored = Arc::new(stored);
+                if !stored.ttl.is_zero() {
+                    self.store.insert(leader.key.clone(), stored.clone());
+                }
+                Ok(stored)
+            }
+            Err(e) => Err(Arc::new(e)),
+        };
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&leader.key);
+        leader.tx.send_replace(Some(outcome));
+    }
+
+    /// Wraps an upstream answer for storing; its TTL says whether and how long it is kept.
+    pub fn entry(&self, status: StatusCode, headers: HeaderMap, body: Bytes) -> Stored {
+        let ttl = match (status, task_status(&body)) {
+            (StatusCode::OK, Some("COMPLETE" | "CANCELED")) => self.terminal_ttl,
+            (StatusCode::OK, Some(_)) => self.pending_ttl,
+            _ => Duration::ZERO,
+        };
+        Stored {
+            status,
+            headers,
+            body,
+            stored_at: Instant::now(),
+            ttl,
+        }
+    }
+
+    /// Forgets every answer if the token now belongs to another HubSpot account.
+    pub fn bind_hub(&self, hub_id: Option<u64>) {
+        let Some(hub) = hub_id else { return };
+        let previous = self.hub_id.swap(hub, Ordering::Relaxed);
+        if previous != 0 && previous != hub {
+            tracing::warn!(previous, hub, "HubSpot account changed; cache emptied");
+            self.store.invalidate_all();
+        }
+    }
+
+    /// Entry count and weight, for the gauges.
+    pub fn usage(&self) -> (u64, u64) {
+        self.store.run_pending_tasks();
+        (self.store.entry_count(), self.store.weighted_size())
+    }
+}
+
+impl Stored {
+    /// Whether this answer was kept (and so can be a HIT later).
+    pub fn is_stored(&self) -> bool {
+        !self.ttl.is_zero()
+    }
+}
+
+fn weight(key: &StatusRequest, value: &Arc<Stored>) -> u32 {
+    let headers: usize = value.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum();
+    let total = value.body.len() + headers + key.task_id.as_str().len() + ENTRY_OVERHEAD as usize;
+    u32::try_from(total).unwrap_or(u32::MAX)
+}
+
+/// The `status` field of a FileActionResponse, without building the whole document.
+fn task_status(body: &[u8]) -> Option<&'static str> {
+    #[derive(serde::Deserialize)]
+    struct Probe<'a> {
+        #[serde(borrow)]
+        status: Option<&'a str>,
+    }
+    let probe: Probe = serde_json::from_slice(body).ok()?;
+    match probe.status? {
+        "COMPLETE" => Some("COMPLETE"),
+        "CANCELED" => Some("CANCELED"),
+        "PENDING" => Some("PENDING"),
+        "PROCESSING" => Some("PROCESSING"),
+        _ => Some("OTHER"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_terminal_answers_are_kept_by_default() {
+        let cache: AnswerCache<()> = AnswerCache::new(&CacheConfig::default());
+        let e = |body: &'static str| cache.entry(StatusCode::OK, HeaderMap::new(), Bytes::from(body));
+        assert!(e(r#"{"status":"COMPLETE","taskId":"a"}"#).is_stored());
+        assert!(e(r#"{"taskId":"a","status":"CANCELED"}"#).is_stored());
+        assert!(!e(r#"{"status":"PENDING"}"#).is_stored());
+        assert!(!e(r#"{"status":"SOMETHING_NEW"}"#).is_stored());
+        assert!(!e("not json").is_stored());
+        let not_ok = cache.entry(StatusCode::NOT_FOUND, HeaderMap::new(), Bytes::from(r#"{"status":"COMPLETE"}"#));
+        assert!(!not_ok.is_stored());
+    }
+}

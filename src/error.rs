@@ -1,0 +1,126 @@
+//! The one place where failures become responses, all in HubSpot's error shape.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+use serde_json::json;
+
+use crate::auth::AuthError;
+use crate::route::RouteError;
+use crate::token::TokenError;
+use crate::upstream::{ThrottleSource, UpstreamError};
+
+/// Everything that can stop a request from getting HubSpot's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error("caller not authenticated: {0}")]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// A coalesced caller's own deadline passed before the shared fetch finished.
+    #[error("the shared upstream call did not finish within the deadline")]
+    WaitTimeout,
+    /// The fetch task ended without an answer (a bug; the panic is logged by tokio).
+    #[error("internal error")]
+    Internal,
+}
+
+/// Who is at fault; decides 4xx against 5xx and gives logs a bounded field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Credential,
+    Upstream,
+    Internal,
+}
+
+impl GatewayError {
+    /// Who caused it.
+    pub fn fault(&self) -> Fault {
+        match self {
+            GatewayError::Route(_) | GatewayError::Auth(_) => Fault::Client,
+            GatewayError::Token(_) => Fault::Credential,
+            GatewayError::Upstream(_) | GatewayError::WaitTimeout => Fault::Upstream,
+            GatewayError::Internal => Fault::Internal,
+        }
+    }
+
+    /// The response a caller sees. `correlation_id` goes into the body, as HubSpot does.
+    pub fn to_response(&self, correlation_id: &str) -> Response<Full<Bytes>> {
+        let mut extra: Vec<(header::HeaderName, HeaderValue)> = Vec::new();
+        let (status, category, message, context) = match self {
+            GatewayError::Route(RouteError::NotFound) => (StatusCode::NOT_FOUND, "OBJECT_NOT_FOUND", "No route for this path. The gateway serves GET /files/{v3|2026-03}/files/import-from-url/async/tasks/{taskId}/status.".to_owned(), None),
+            GatewayError::Route(RouteError::MethodNotAllowed) => {
+                extra.push((header::ALLOW, HeaderValue::from_static("GET, HEAD")));
+                (StatusCode::METHOD_NOT_ALLOWED, "VALIDATION_ERROR", "Only GET and HEAD are allowed on this route.".to_owned(), None)
+            }
+            GatewayError::Route(RouteError::InvalidTaskId) => (StatusCode::BAD_REQUEST, "VALIDATION_ERROR", "Invalid taskId: it must be 1-128 characters of A-Z a-z 0-9 - _ . ~ (and not . or ..).".to_owned(), None),
+            GatewayError::Auth(_) => {
+                extra.push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"hubspot-files-gateway\"")));
+                (StatusCode::UNAUTHORIZED, "INVALID_AUTHENTICATION", "Authentication credentials not found or not valid. Send Authorization: Bearer <your gateway API key>.".to_owned(), None)
+            }
+            GatewayError::Token(TokenError::MissingScopes(scopes)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "MISSING_SCOPES",
+                "The gateway's HubSpot token does not have the scopes this route requires; nothing was sent to HubSpot.".to_owned(),
+                Some(json!({ "missingScopes": scopes })),
+            ),
+            GatewayError::Token(e) => (StatusCode::SERVICE_UNAVAILABLE, "TOKEN_UNAVAILABLE", format!("The gateway has no valid HubSpot token: {e}."), None),
+            GatewayError::Upstream(UpstreamError::Throttled { retry_after, by: source }) => {
+                return rate_limited(*retry_after, *source, correlation_id);
+            }
+            GatewayError::Upstream(UpstreamError::Unavailable(_)) => (StatusCode::BAD_GATEWAY, "UPSTREAM_UNAVAILABLE", "HubSpot could not be reached.".to_owned(), None),
+            GatewayError::Upstream(UpstreamError::Timeout) | GatewayError::WaitTimeout => (StatusCode::GATEWAY_TIMEOUT, "UPSTREAM_TIMEOUT", "HubSpot did not answer in time.".to_owned(), None),
+            GatewayError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", "Internal gateway error.".to_owned(), None),
+        };
+        let mut body = json!({
+            "status": "error",
+            "message": message,
+            "correlationId": correlation_id,
+            "category": category,
+        });
+        if let Some(context) = context {
+            body["context"] = context;
+        }
+        json_response(status, &body, extra)
+    }
+}
+
+/// HubSpot's own 429 shape (`policyName` lets HubSpot's clients recognise it), plus
+/// `category` so it is a valid `Error`, and `Retry-After` in whole seconds.
+fn rate_limited(retry_after: Duration, source: ThrottleSource, correlation_id: &str) -> Response<Full<Bytes>> {
+    let message = match source {
+        ThrottleSource::HubSpot429 => "HubSpot rate limit reached; the gateway holds all calls until it resets.",
+        ThrottleSource::LocalBudget => "You have reached your ten_secondly_rolling limit.",
+    };
+    let body = json!({
+        "status": "error",
+        "message": message,
+        "errorType": "RATE_LIMIT",
+        "correlationId": correlation_id,
+        "policyName": "TEN_SECONDLY_ROLLING",
+        "category": "RATE_LIMITS",
+    });
+    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    let extra = vec![(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))];
+    json_response(StatusCode::TOO_MANY_REQUESTS, &body, extra)
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value, extra: Vec<(header::HeaderName, HeaderValue)>) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json;charset=utf-8"));
+    for (name, value) in extra {
+        headers.insert(name, value);
+    }
+    response
+}

@@ -1,0 +1,265 @@
+//! The request handler: one request from route to response, in the order of design §1.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+
+use crate::auth::{Authenticator, PeerCertName};
+use crate::cache::{AnswerCache, Flight, Outcome, Stored};
+use crate::error::GatewayError;
+use crate::metrics::Metrics;
+use crate::route::{StatusRequest, match_route};
+use crate::token::TokenManager;
+use crate::upstream::HubSpot;
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
+const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+
+/// How an answer was obtained; the `X-Cache` header and the `cache` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Miss,
+    Coalesced,
+    /// The request never reached the cache (refused before it).
+    None,
+}
+
+impl CacheOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Coalesced => "coalesced",
+            CacheOutcome::None => "none",
+        }
+    }
+
+    fn header(self) -> Option<&'static str> {
+        match self {
+            CacheOutcome::Hit => Some("HIT"),
+            CacheOutcome::Miss => Some("MISS"),
+            CacheOutcome::Coalesced => Some("COALESCED"),
+            CacheOutcome::None => None,
+        }
+    }
+}
+
+/// Everything a request needs, shared by all connections.
+pub struct Gateway {
+    auth: Authenticator,
+    cache: AnswerCache<GatewayError>,
+    tokens: TokenManager,
+    hubspot: Arc<HubSpot>,
+    metrics: Metrics,
+    request_timeout: Duration,
+    shutting_down: AtomicBool,
+}
+
+/// Who asked, and what they get.
+struct Handled {
+    client: Arc<str>,
+    cache: CacheOutcome,
+    result: Result<Arc<Stored>, Arc<GatewayError>>,
+}
+
+impl Gateway {
+    pub fn new(
+        auth: Authenticator,
+        cache: AnswerCache<GatewayError>,
+        tokens: TokenManager,
+        hubspot: Arc<HubSpot>,
+        metrics: Metrics,
+        request_timeout: Duration,
+    ) -> Gateway {
+        Gateway {
+            auth,
+            cache,
+            tokens,
+            hubspot,
+            metrics,
+            request_timeout,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Serves one request. Every failure becomes a response here, so this never errs.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+        let started = Instant::now();
+        let request_id = request_id(req.headers());
+        let handled = self.clone().answer(&req, &request_id).await;
+        let mut response = match &handled.result {
+            Ok(stored) => self.reply(stored, handled.cache),
+            Err(e) => e.to_response(&uuid::Uuid::new_v4().to_string()),
+        };
+        let headers = response.headers_mut();
+        headers.insert(X_REQUEST_ID, request_id);
+        if let Some(x_cache) = handled.cache.header() {
+            headers.insert(X_CACHE, HeaderValue::from_static(x_cache));
+        }
+        let code = response.status();
+        let elapsed = started.elapsed();
+        self.metrics
+            .requests_total
+            .with_label_values(&[&handled.client, code.as_str(), handled.cache.label()])
+            .inc();
+        self.metrics
+            .request_duration_seconds
+            .with_label_values(&[handled.cache.label()])
+            .observe(elapsed.as_secs_f64());
+        match &handled.result {
+            Ok(_) => tracing::info!(client = %handled.client, method = %req.method(), path = req.uri().path(), status = code.as_u16(), cache = handled.cache.label(), us = elapsed.as_micros() as u64, "request"),
+            Err(e) => tracing::info!(client = %handled.client, method = %req.method(), path = req.uri().path(), status = code.as_u16(), cache = handled.cache.label(), us = elapsed.as_micros() as u64, fault = ?e.fault(), error = %e, "request refused"),
+        }
+        Ok(response)
+    }
+
+    /// Steps 1–7 of design §1.
+    async fn answer(self: Arc<Self>, req: &Request<Incoming>, request_id: &HeaderValue) -> Handled {
+        let refused = |client: &str, e: GatewayError| Handled {
+            client: Arc::from(client),
+            cache: CacheOutcome::None,
+            result: Err(Arc::new(e)),
+        };
+        // 1. route
+        let key = match match_route(req.method(), req.uri().path()) {
+            Ok(key) => key,
+            Err(e) => return refused("unauthenticated", e.into()),
+        };
+        // 2. who is calling
+        let client = match self.auth.authenticate(req.headers(), req.extensions().get::<PeerCertName>()) {
+            Ok(client) => client,
+            Err(e) => {
+                self.metrics.inbound_auth_failures_total.with_label_values(&[e.label()]).inc();
+                return refused("unauthenticated", e.into());
+            }
+        };
+        // 3. cache, 4. coalesce
+        let (rx, cache) = match self.cache.lookup(&key) {
+            Flight::Hit(stored) => {
+                return Handled {
+                    client,
+                    cache: CacheOutcome::Hit,
+                    result: Ok(stored),
+                };
+            }
+            Flight::Follow(rx) => {
+                self.metrics.coalesced_requests_total.inc();
+                (rx, CacheOutcome::Coalesced)
+            }
+            Flight::Lead(leader) => {
+                let rx = leader.rx.clone();
+                let gateway = self.clone();
+                let request_id = request_id.clone();
+                // The fetch runs in its own task, so a leader that hangs up does not cancel it
+                // for the followers; the inner task turns a panic into an answer.
+                tokio::spawn(async move {
+                    let fetch = tokio::spawn({
+                        let gateway = gateway.clone();
+                        async move { gateway.fetch(key, request_id).await }
+                    });
+                    let outcome = fetch.await.unwrap_or(Err(GatewayError::Internal));
+                    gateway.cache.complete(leader, outcome);
+                });
+                (rx, CacheOutcome::Miss)
+            }
+        };
+        let result = wait(rx, self.request_timeout + Duration::from_secs(1)).await;
+        Handled { client, cache, result }
+    }
+
+    /// Steps 5–7: token, upstream, classify.
+    async fn fetch(&self, key: StatusRequest, request_id: HeaderValue) -> Result<Stored, GatewayError> {
+        let mut token = self.tokens.current()?;
+        self.cache.bind_hub(token.hub_id);
+        let mut answer = self.hubspot.get_status(&key, &token.access, &request_id).await?;
+        if answer.status == StatusCode::UNAUTHORIZED {
+            // HubSpot refused a token we believe valid: one forced refresh, one retry.
+            tracing::warn!(generation = token.generation, "HubSpot answered 401; forcing a token refresh");
+            if self.tokens.force_refresh(token.generation, self.request_timeout).await {
+                token = self.tokens.current()?;
+                answer = self.hubspot.get_status(&key, &token.access, &request_id).await?;
+            }
+        }
+        Ok(self.cache.entry(answer.status, answer.headers, answer.body))
+    }
+
+    /// Step 8: the stored answer as a response, with the gateway's cache headers.
+    fn reply(&self, stored: &Stored, cache: CacheOutcome) -> Response<Full<Bytes>> {
+        let mut response = Response::new(Full::new(stored.body.clone()));
+        *response.status_mut() = stored.status;
+        let headers = response.headers_mut();
+        for (name, value) in &stored.headers {
+            let rate_header = name.as_str().starts_with("x-hubspot-ratelimit-");
+            if !(rate_header && cache == CacheOutcome::Hit) {
+                headers.append(name, value.clone());
+            }
+        }
+        let cache_status = match cache {
+            CacheOutcome::Hit => {
+                let age = stored.stored_at.elapsed().as_secs();
+                headers.insert(header::AGE, HeaderValue::from(age));
+                "hubspot-files-gateway; hit"
+            }
+            CacheOutcome::Coalesced => "hubspot-files-gateway; fwd=miss; collapsed",
+            _ if stored.is_stored() => "hubspot-files-gateway; fwd=miss; stored",
+            _ => "hubspot-files-gateway; fwd=miss",
+        };
+        headers.insert(CACHE_STATUS, HeaderValue::from_static(cache_status));
+        response
+    }
+
+    /// Why the gateway is not ready, if it is not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return Err("shutting down".into());
+        }
+        self.tokens.current().map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Turns readiness off ahead of shutdown.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Relaxed);
+    }
+
+    /// The metrics, with the cache gauges brought up to date.
+    pub fn render_metrics(&self) -> Vec<u8> {
+        let (entries, weight) = self.cache.usage();
+        self.metrics.cache_entries.set(entries as i64);
+        self.metrics.cache_weight_bytes.set(weight as i64);
+        self.metrics.render()
+    }
+
+    /// The token manager, for the admin endpoints and tests.
+    pub fn tokens(&self) -> &TokenManager {
+        &self.tokens
+    }
+}
+
+/// Waits for a flight's outcome up to `limit`.
+async fn wait(mut rx: tokio::sync::watch::Receiver<Option<Outcome<GatewayError>>>, limit: Duration) -> Outcome<GatewayError> {
+    match tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await {
+        Ok(Ok(outcome)) => outcome.clone().unwrap_or_else(|| Err(Arc::new(GatewayError::Internal))),
+        Ok(Err(_)) => Err(Arc::new(GatewayError::Internal)),
+        Err(_) => Err(Arc::new(GatewayError::WaitTimeout)),
+    }
+}
+
+/// The caller's `X-Request-Id` when it is short and printable, else a new one.
+fn request_id(headers: &hyper::HeaderMap) -> HeaderValue {
+    headers
+        .get(X_REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic()))
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).expect("a uuid is a valid header value")
+        })
+}

@@ -1,0 +1,152 @@
+//! Prometheus metrics: one registry owned by `Metrics`, passed to whoever records.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+const PREFIX: &str = "hubspot_gateway";
+
+/// Every metric family the gateway exports (design §9). Label values are bounded: client
+/// names come from the config, codes are HTTP codes, nothing comes from a request's text.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests_total: IntCounterVec,
+    pub request_duration_seconds: HistogramVec,
+    pub upstream_requests_total: IntCounterVec,
+    pub upstream_request_duration_seconds: Histogram,
+    pub upstream_throttled_total: IntCounterVec,
+    pub upstream_ratelimit_remaining: IntGauge,
+    pub cache_entries: IntGauge,
+    pub cache_weight_bytes: IntGauge,
+    pub coalesced_requests_total: IntCounter,
+    pub token_refreshes_total: IntCounterVec,
+    pub token_expiry_timestamp_seconds: Gauge,
+    pub token_scopes_verified: IntGauge,
+    pub inbound_auth_failures_total: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+impl Metrics {
+    /// Creates and registers every family, process metrics included.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help).namespace(PREFIX), labels).expect("static metric definition");
+            registry.register(Box::new(c.clone())).expect("each name registered once");
+            c
+        };
+        let int_gauge = |name: &str, help: &str| {
+            let g = IntGauge::with_opts(Opts::new(name, help).namespace(PREFIX)).expect("static metric definition");
+            registry.register(Box::new(g.clone())).expect("each name registered once");
+            g
+        };
+        let requests_total = counter(
+            "requests_total",
+            "Requests answered, by client name, HTTP code and cache outcome.",
+            &["client", "code", "cache"],
+        );
+        let request_duration_seconds = HistogramVec::new(
+            HistogramOpts::new("request_duration_seconds", "Time to answer a request.").namespace(PREFIX)
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            &["cache"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(request_duration_seconds.clone()))
+            .expect("each name registered once");
+        let upstream_requests_total = counter(
+            "upstream_requests_total",
+            "Requests sent to HubSpot, by HTTP code or `error`.",
+            &["code"],
+        );
+        let upstream_request_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new("upstream_request_duration_seconds", "Time HubSpot took to answer.").namespace(PREFIX)
+                .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(upstream_request_duration_seconds.clone()))
+            .expect("each name registered once");
+        let upstream_throttled_total = counter(
+            "upstream_throttled_total",
+            "Upstream calls held back: `hubspot_429` (HubSpot said so) or `local_budget`.",
+            &["source"],
+        );
+        let upstream_ratelimit_remaining = int_gauge(
+            "upstream_ratelimit_remaining",
+            "X-HubSpot-RateLimit-Remaining of the latest answer.",
+        );
+        let cache_entries = int_gauge("cache_entries", "Answers in the cache.");
+        let cache_weight_bytes = int_gauge("cache_weight_bytes", "Weight of the cache in bytes.");
+        let coalesced_requests_total = IntCounter::with_opts(Opts::new("coalesced_requests_total", "Requests answered by another request's upstream call.").namespace(PREFIX))
+        .expect("static metric definition");
+        registry
+            .register(Box::new(coalesced_requests_total.clone()))
+            .expect("each name registered once");
+        let token_refreshes_total = counter(
+            "token_refreshes_total",
+            "HubSpot token refreshes (with verification), by result.",
+            &["result"],
+        );
+        let token_expiry_timestamp_seconds = Gauge::with_opts(Opts::new("token_expiry_timestamp_seconds", "Unix time at which the current HubSpot token expires.").namespace(PREFIX))
+        .expect("static metric definition");
+        registry
+            .register(Box::new(token_expiry_timestamp_seconds.clone()))
+            .expect("each name registered once");
+        let token_scopes_verified = int_gauge(
+            "token_scopes_verified",
+            "1 while the current token is verified to carry every required scope.",
+        );
+        let inbound_auth_failures_total = counter(
+            "inbound_auth_failures_total",
+            "Callers refused, by reason.",
+            &["reason"],
+        );
+        let build_info = IntGaugeVec::new(Opts::new("build_info", "Always 1; the version label says which build.").namespace(PREFIX), &["version"])
+            .expect("static metric definition");
+        registry.register(Box::new(build_info.clone())).expect("each name registered once");
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector registered once");
+        Metrics {
+            registry,
+            requests_total,
+            request_duration_seconds,
+            upstream_requests_total,
+            upstream_request_duration_seconds,
+            upstream_throttled_total,
+            upstream_ratelimit_remaining,
+            cache_entries,
+            cache_weight_bytes,
+            coalesced_requests_total,
+            token_refreshes_total,
+            token_expiry_timestamp_seconds,
+            token_scopes_verified,
+            inbound_auth_failures_total,
+            build_info,
+        }
+    }
+
+    /// The registry in Prometheus' text format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * 1024);
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,357 @@
+//! The HubSpot client: pooled hyper over rustls, deadlines, retries, and the outbound budget.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rand::Rng;
+
+use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
+use crate::route::StatusRequest;
+use crate::secret::Secret;
+
+/// Headers of HubSpot's answer that reach the caller; everything else stays here.
+const KEPT_HEADERS: &[&str] = &[
+    "content-type",
+    "x-hubspot-correlation-id",
+    "retry-after",
+    "x-hubspot-ratelimit-interval-milliseconds",
+    "x-hubspot-ratelimit-max",
+    "x-hubspot-ratelimit-remaining",
+    "x-hubspot-ratelimit-daily",
+    "x-hubspot-ratelimit-daily-remaining",
+    "x-hubspot-ratelimit-secondly",
+    "x-hubspot-ratelimit-secondly-remaining",
+];
+
+/// How many times one status request is tried at most.
+const MAX_TRIES: u32 = 3;
+
+/// An answer as HubSpot sent it: status, the kept headers, and the body bytes untouched.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Who held an upstream call back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThrottleSource {
+    /// HubSpot answered 429; every call waits until its interval is over.
+    HubSpot429,
+    /// The gateway's own budget (`upstream.rate_limit`) is spent.
+    LocalBudget,
+}
+
+impl ThrottleSource {
+    pub fn label(self) -> &'static str {
+        match self {
+            ThrottleSource::HubSpot429 => "hubspot_429",
+            ThrottleSource::LocalBudget => "local_budget",
+        }
+    }
+}
+
+/// Why no answer came from HubSpot.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("HubSpot is unreachable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("HubSpot did not answer within the deadline")]
+    Timeout,
+    #[error("upstream calls are held back ({})", .by.label())]
+    Throttled {
+        retry_after: Duration,
+        by: ThrottleSource,
+    },
+}
+
+/// The pooled client every call to HubSpot goes through.
+pub struct HubSpot {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    scheme: hyper::http::uri::Scheme,
+    authority: hyper::http::uri::Authority,
+    base_path: String,
+    request_timeout: Duration,
+    user_agent: HeaderValue,
+    budget: RateBudget,
+    metrics: Metrics,
+}
+
+impl HubSpot {
+    /// Builds the client from validated config.
+    pub fn new(config: &UpstreamConfig, metrics: Metrics) -> Result<HubSpot, rustls::Error> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.connect_timeout));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build(https);
+        let uri: Uri = config.base_url.parse().expect("base_url validated by Config::validate");
+        let parts = uri.into_parts();
+        Ok(HubSpot {
+            client,
+            scheme: parts.scheme.expect("validated: base_url has a scheme"),
+            authority: parts.authority.expect("validated: base_url has a host"),
+            base_path: parts
+                .path_and_query
+                .map(|p| p.path().trim_end_matches('/').to_owned())
+                .unwrap_or_default(),
+            request_timeout: config.request_timeout,
+            user_agent: HeaderValue::from_static(concat!("hubspot-files-gateway/", env!("CARGO_PKG_VERSION"))),
+            budget: RateBudget::new(config.rate_limit.requests, config.rate_limit.per),
+            metrics,
+        })
+    }
+
+    /// Asks HubSpot for one task's status: within the outbound budget, retried on connect
+    /// errors and 502/503/504 while the deadline allows.
+    pub async fn get_status(&self, req: &StatusRequest, token: &Secret, request_id: &HeaderValue) -> Result<Answer, UpstreamError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let path = req.upstream_path();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            if let Err((retry_after, source)) = self.budget.acquire() {
+                self.metrics.upstream_throttled_total.with_label_values(&[source.label()]).inc();
+                return Err(UpstreamError::Throttled { retry_after, by: source });
+            }
+            let request = self.request(Method::GET, &path, Some(token), Some(request_id), None);
+            let result = self.send(request, deadline).await;
+            let retryable = match &result {
+                Ok(a) => matches!(a.status.as_u16(), 502..=504),
+                Err(UpstreamError::Unavailable(_)) => true,
+                Err(_) => false,
+            };
+            if let Ok(answer) = &result {
+                self.observe_rate_headers(answer);
+            }
+            let backoff = Duration::from_millis(50 << attempt) + Duration::from_millis(rand::rng().random_range(0..50));
+            if !retryable || attempt >= MAX_TRIES || Instant::now() + backoff >= deadline {
+                return result;
+            }
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    /// Posts a form (the OAuth endpoints); one try, no budget: token calls are not API calls.
+    pub async fn post_form(&self, path: &str, fields: &[(&str, &str)]) -> Result<Answer, UpstreamError> {
+        let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(fields).finish();
+        let request = self.request(Method::POST, path, None, None, Some(("application/x-www-form-urlencoded", body.into())));
+        self.send(request, Instant::now() + self.request_timeout).await
+    }
+
+    /// Posts JSON (the private-app token-info endpoint); one try.
+    pub async fn post_json(&self, path: &str, json: Vec<u8>) -> Result<Answer, UpstreamError> {
+        let request = self.request(Method::POST, path, None, None, Some(("application/json", json.into())));
+        self.send(request, Instant::now() + self.request_timeout).await
+    }
+
+    /// A plain GET without credentials (the v1 access-token info endpoint); one try.
+    pub async fn get(&self, path: &str) -> Result<Answer, UpstreamError> {
+        let request = self.request(Method::GET, path, None, None, None);
+        self.send(request, Instant::now() + self.request_timeout).await
+    }
+
+    fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&Secret>,
+        request_id: Option<&HeaderValue>,
+        body: Option<(&'static str, Bytes)>,
+    ) -> Request<Full<Bytes>> {
+        let uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.base_path, path))
+            .build();
+        let mut builder = Request::builder()
+            .method(method)
+            .header(header::ACCEPT, "application/json")
+            .header(header::USER_AGENT, self.user_agent.clone());
+        if let Ok(uri) = uri {
+            builder = builder.uri(uri);
+        }
+        if let Some(token) = token
+            && let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+        {
+            value.set_sensitive(true);
+            builder = builder.header(header::AUTHORIZATION, value);
+        }
+        if let Some(id) = request_id {
+            builder = builder.header(HeaderName::from_static("x-request-id"), id.clone());
+        }
+        let body = match body {
+            Some((content_type, bytes)) => {
+                builder = builder.header(header::CONTENT_TYPE, content_type);
+                bytes
+            }
+            None => Bytes::new(),
+        };
+        builder.body(Full::new(body)).unwrap_or_else(|_| {
+            // Only reachable with an invalid path, which route validation rules out.
+            Request::new(Full::new(Bytes::new()))
+        })
+    }
+
+    async fn send(&self, request: Request<Full<Bytes>>, deadline: Instant) -> Result<Answer, UpstreamError> {
+        let started = Instant::now();
+        let call = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| UpstreamError::Unavailable(Box::new(e)))?;
+            let (parts, body) = response.into_parts();
+            let body = body
+                .collect()
+                .await
+                .map_err(|e| UpstreamError::Unavailable(Box::new(e)))?
+                .to_bytes();
+            let mut headers = HeaderMap::new();
+            for name in KEPT_HEADERS {
+                for value in parts.headers.get_all(*name) {
+                    headers.append(HeaderName::from_static(name), value.clone());
+                }
+            }
+            Ok(Answer {
+                status: parts.status,
+                headers,
+                body,
+            })
+        };
+        let result = match tokio::time::timeout_at(deadline.into(), call).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Timeout),
+        };
+        let code = match &result {
+            Ok(a) => a.status.as_str().to_owned(),
+            Err(_) => "error".to_owned(),
+        };
+        self.metrics.upstream_requests_total.with_label_values(&[&code]).inc();
+        self.metrics
+            .upstream_request_duration_seconds
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// Follows HubSpot's own view of the budget: the remaining gauge, and a 429's hold.
+    fn observe_rate_headers(&self, answer: &Answer) {
+        let number = |name: &str| {
+            answer
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let Some(remaining) = number("x-hubspot-ratelimit-remaining") {
+            self.metrics.upstream_ratelimit_remaining.set(remaining as i64);
+        }
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            let wait = number("retry-after")
+                .map(Duration::from_secs)
+                .or_else(|| number("x-hubspot-ratelimit-interval-milliseconds").map(Duration::from_millis))
+                .unwrap_or(Duration::from_secs(10));
+            self.budget.hold_for(wait);
+        }
+    }
+}
+
+/// HubSpot counts calls in a rolling window; so does this, exactly: a call is allowed when
+/// fewer than `limit` calls were sent in the last `per`. After a HubSpot 429, every call is
+/// held until the time HubSpot named.
+struct RateBudget {
+    limit: usize,
+    per: Duration,
+    state: Mutex<BudgetState>,
+}
+
+struct BudgetState {
+    sent: VecDeque<Instant>,
+    hold_until: Option<Instant>,
+}
+
+impl RateBudget {
+    fn new(limit: u32, per: Duration) -> RateBudget {
+        RateBudget {
+            limit: limit as usize,
+            per,
+            state: Mutex::new(BudgetState {
+                sent: VecDeque::with_capacity(limit as usize),
+                hold_until: None,
+            }),
+        }
+    }
+
+    /// Takes one call from the budget, or says how long to wait and why not.
+    fn acquire(&self) -> Result<(), (Duration, ThrottleSource)> {
+        let now = Instant::now();
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(until) = s.hold_until {
+            if until > now {
+                return Err((until - now, ThrottleSource::HubSpot429));
+            }
+            s.hold_until = None;
+        }
+        while s.sent.front().is_some_and(|t| now.duration_since(*t) >= self.per) {
+            s.sent.pop_front();
+        }
+        if s.sent.len() >= self.limit {
+            let oldest = s.sent.front().copied().unwrap_or(now);
+            return Err((self.per.saturating_sub(now.duration_since(oldest)), ThrottleSource::LocalBudget));
+        }
+        s.sent.push_back(now);
+        Ok(())
+    }
+
+    fn hold_for(&self, wait: Duration) {
+        let until = Instant::now() + wait;
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.hold_until = Some(s.hold_until.map_or(until, |u| u.max(until)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_is_a_rolling_window() {
+        let b = RateBudget::new(3, Duration::from_millis(200));
+        for _ in 0..3 {
+            assert!(b.acquire().is_ok());
+        }
+        let (wait, source) = b.acquire().expect_err("spent");
+        assert_eq!(source, ThrottleSource::LocalBudget);
+        assert!(wait <= Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(210));
+        assert!(b.acquire().is_ok(), "window rolled over");
+    }
+
+    #[test]
+    fn a_429_holds_every_call() {
+        let b = RateBudget::new(100, Duration::from_secs(10));
+        b.hold_for(Duration::from_secs(2));
+        let (wait, source) = b.acquire().expect_err("held");
+        assert_eq!(source, ThrottleSource::HubSpot429);
+        assert!(wait > Duration::from_secs(1));
+    }
+}
