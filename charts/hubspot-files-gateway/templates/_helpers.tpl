@@ -71,7 +71,7 @@ it at a temporary directory and run `check-config` on the rendered file.
 */}}
 {{- define "hubspot-files-gateway.configDir" -}}/etc/hubspot-files-gateway{{- end }}
 {{- define "hubspot-files-gateway.configPath" -}}{{ include "hubspot-files-gateway.configDir" . }}/gateway.toml{{- end }}
-{{- define "hubspot-files-gateway.tlsDir" -}}{{ include "hubspot-files-gateway.configDir" . }}/tls{{- end }}
+{{- define "hubspot-files-gateway.tlsDir" -}}{{ .Values.tls.mountPath | trimSuffix "/" }}{{- end }}
 
 {{/*
 The credentials the token mode needs, as a list of {key, file, value}: `key` is the
