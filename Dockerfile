@@ -3,7 +3,8 @@
 # package manager), as the numeric non-root user the Helm chart expects (65532).
 #   docker build -t hubspot-files-gateway:0.1.0 .
 
-ARG RUST_VERSION=1.88
+# The toolchain the project is built and tested with.
+ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 COPY . .
