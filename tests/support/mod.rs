@@ -1,0 +1,209 @@
+//! Shared test helpers: start the simulator and a gateway on port 0, and make requests.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hubspot_files_gateway::auth::hash_key;
+use hubspot_files_gateway::config::{ClientConfig, Config, Credentials};
+use hubspot_files_gateway::secret::Secret;
+use hubspot_files_gateway::server::{self, Listeners};
+use hubspot_files_gateway::simulator::{self, RunningSimulator, SimConfig};
+use hyper::header::HeaderMap;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// The API key every test gateway accepts, as client `tests`.
+pub const KEY: &str = "test-key-0123456789";
+
+/// A gateway running in this process on loopback.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl TestGateway {
+    /// URL of the status route for `task` on API version `v3`.
+    pub fn status_url(&self, task: &str) -> String {
+        format!("http://{}/files/v3/files/import-from-url/async/tasks/{task}/status", self.addr)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    /// Asks for graceful shutdown and waits for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// A config pointing at `upstream`, with one client (`tests`, key [`KEY`]).
+pub fn config(upstream: &str) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".parse().expect("addr");
+    c.server.admin_listen = "127.0.0.1:0".parse().expect("addr");
+    c.server.shutdown_grace = Duration::from_secs(5);
+    c.upstream.base_url = upstream.to_owned();
+    c.upstream.request_timeout = Duration::from_secs(5);
+    c.upstream.rate_limit.requests = 10_000;
+    c.auth.clients = vec![ClientConfig {
+        name: "tests".into(),
+        key_sha256: Some(hash_key(KEY)),
+        cert_cn: None,
+    }];
+    c
+}
+
+/// OAuth credentials the simulator accepts by default.
+pub fn oauth() -> Credentials {
+    Credentials::Oauth {
+        client_id: Secret::new("test-client-id"),
+        client_secret: Secret::new("test-client-secret-SECRET"),
+        refresh_token: Secret::new("test-refresh-token-SECRET"),
+    }
+}
+
+/// Starts a simulator with `sim` settings.
+pub async fn simulator(sim: SimConfig) -> RunningSimulator {
+    simulator::start(sim).await.expect("simulator starts")
+}
+
+/// Starts a gateway with `config` (listen addresses are replaced by port 0).
+pub async fn gateway(config: Config, credentials: Credentials) -> TestGateway {
+    let service = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (addr, admin_addr) = (service.local_addr().expect("addr"), admin.local_addr().expect("addr"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        server::run(config, credentials, Listeners { service, admin }, shutdown)
+            .await
+            .expect("gateway runs");
+    });
+    TestGateway {
+        addr,
+        admin: admin_addr,
+        stop: Some(stop),
+        task,
+    }
+}
+
+/// A simulator with default settings and a ready gateway in front of it.
+pub async fn start() -> (RunningSimulator, TestGateway) {
+    let sim = simulator(SimConfig::default()).await;
+    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    wait_ready(&gw).await;
+    (sim, gw)
+}
+
+/// A response as a caller sees it.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// One plain-HTTP client shared by a test.
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// Sends `method url` with `headers` and reads the whole answer.
+pub async fn send(method: Method, url: &str, headers: &[(&str, &str)]) -> Reply {
+    send_with(&client(), method, url, headers).await
+}
+
+pub async fn send_with(client: &Client<HttpConnector, Full<Bytes>>, method: Method, url: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let response = client
+        .request(req.body(Full::new(Bytes::new())).expect("request"))
+        .await
+        .expect("request answered");
+    let (parts, body) = response.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("body").to_bytes(),
+    }
+}
+
+/// GET with the test API key.
+pub async fn get(url: &str) -> Reply {
+    send(Method::GET, url, &[("authorization", &format!("Bearer {KEY}"))]).await
+}
+
+/// The simulator's request counters.
+pub async fn stats(sim: &RunningSimulator) -> serde_json::Value {
+    send(Method::GET, &format!("{}/__sim/stats", sim.base_url()), &[]).await.json()
+}
+
+/// How many status requests the simulator has seen.
+pub async fn status_requests(sim: &RunningSimulator) -> u64 {
+    stats(sim).await["status_requests"].as_u64().expect("status_requests counter")
+}
+
+/// Changes the simulator's faults at run time.
+pub async fn faults(sim: &RunningSimulator, json: serde_json::Value) {
+    let client = client();
+    let req = Request::post(format!("{}/__sim/faults", sim.base_url()))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(json.to_string())))
+        .expect("request");
+    let status = client.request(req).await.expect("faults answered").status();
+    assert!(status.is_success(), "faults rejected: {status}");
+}
+
+/// Polls `/readyz` until it answers 200 (10 s at most).
+pub async fn wait_ready(gw: &TestGateway) {
+    wait_for(|| async { send(Method::GET, &gw.admin_url("/readyz"), &[]).await.status == StatusCode::OK }, "gateway ready").await;
+}
+
+/// Polls `check` every 20 ms until it holds, failing after 10 s.
+pub async fn wait_for<F, Fut>(mut check: F, what: &str)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The value of a metric line (exact name with labels) in the admin `/metrics` output.
+pub async fn metric(gw: &TestGateway, series: &str) -> Option<f64> {
+    let text = send(Method::GET, &gw.admin_url("/metrics"), &[]).await.body;
+    String::from_utf8_lossy(&text).lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}
