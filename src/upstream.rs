@@ -134,7 +134,16 @@ impl HubSpot {
                 return Err(UpstreamError::Throttled { retry_after, by: source });
             }
             let request = self.request(Method::GET, &path, Some(token), Some(request_id), None);
+            let started = Instant::now();
             let result = self.send(request, deadline).await;
+            let code = match &result {
+                Ok(a) => a.status.as_str().to_owned(),
+                Err(_) => "error".to_owned(),
+            };
+            self.metrics.upstream_requests_total.with_label_values(&[&code]).inc();
+            self.metrics
+                .upstream_request_duration_seconds
+                .observe(started.elapsed().as_secs_f64());
             let retryable = match &result {
                 Ok(a) => matches!(a.status.as_u16(), 502..=504),
                 Err(UpstreamError::Unavailable(_)) => true,
@@ -213,7 +222,6 @@ impl HubSpot {
     }
 
     async fn send(&self, request: Request<Full<Bytes>>, deadline: Instant) -> Result<Answer, UpstreamError> {
-        let started = Instant::now();
         let call = async {
             let response = self
                 .client
@@ -238,19 +246,10 @@ impl HubSpot {
                 body,
             })
         };
-        let result = match tokio::time::timeout_at(deadline.into(), call).await {
+        match tokio::time::timeout_at(deadline.into(), call).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::Timeout),
-        };
-        let code = match &result {
-            Ok(a) => a.status.as_str().to_owned(),
-            Err(_) => "error".to_owned(),
-        };
-        self.metrics.upstream_requests_total.with_label_values(&[&code]).inc();
-        self.metrics
-            .upstream_request_duration_seconds
-            .observe(started.elapsed().as_secs_f64());
-        result
+        }
     }
 
     /// Follows HubSpot's own view of the budget: the remaining gauge, and a 429's hold.

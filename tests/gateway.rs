@@ -161,6 +161,7 @@ async fn token_missing_a_scope_is_never_injected() {
 async fn short_lived_token_is_refreshed_ahead_of_expiry() {
     let sim = simulator(SimConfig {
         token_ttl: Duration::from_secs(4),
+        rate_limit: None,
         ..SimConfig::default()
     })
     .await;
