@@ -45,18 +45,7 @@ pub(crate) async fn status(
         let mut state = sim.lock();
         state.stats.status_requests += 1;
         state.record(request);
-        let overridden = state.faults.status_override.as_mut().and_then(|o| {
-            o.count = o.count.checked_sub(1)?;
-            Some(o.clone())
-        });
-        if state
-            .faults
-            .status_override
-            .as_ref()
-            .is_some_and(|o| o.count == 0)
-        {
-            state.faults.status_override = None;
-        }
+        let overridden = state.faults.take_override();
         (state.faults.clone(), overridden)
     };
     if faults.latency_ms > 0 {
