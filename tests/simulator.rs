@@ -411,6 +411,11 @@ async fn seeded_status_bodies_validate_on_both_versions() {
             );
         }
         let complete = sim.get(&status_path(base, "complete-abc"), &token).await;
+        let encoded = sim.get(&status_path(base, "complete%2Dabc"), &token).await;
+        assert_eq!(
+            encoded.body, complete.body,
+            "the id is percent-decoded once"
+        );
         assert!(
             (1000..=1300).contains(&complete.body.len()),
             "{} bytes: {}",
@@ -438,7 +443,7 @@ async fn seeded_status_bodies_validate_on_both_versions() {
             .await
             .json()["result"]["id"]
     );
-    assert_eq!(sim.stats().await["status_requests"], 26);
+    assert_eq!(sim.stats().await["status_requests"], 28);
 }
 
 /// HEAD on the status route answers GET's status and headers (length included), no body.
@@ -814,6 +819,18 @@ async fn recorded_requests_show_headers() {
     assert_eq!(request["headers"]["authorization"], "Bearer abc");
     assert_eq!(request["headers"]["x-request-id"], "req-1");
     assert_eq!(request["headers"]["accept"], "application/json");
+
+    for _ in 0..1000 {
+        sim.send(Method::HEAD, &status_path(V3, "later"), &[], "")
+            .await;
+    }
+    let recorded = sim
+        .send(Method::GET, "/__sim/requests", &[], "")
+        .await
+        .json();
+    let recorded = recorded.as_array().expect("array");
+    assert_eq!(recorded.len(), 1000, "only the last 1000 are kept");
+    assert_eq!(recorded[0]["method"], "HEAD");
 }
 
 /// With `rotate_refresh_token`, each token answer returns a new refresh token and the old
