@@ -147,6 +147,18 @@ impl FaultUpdate {
 }
 
 impl Faults {
+    /// Uses up one request of `status_override`: the override to answer with, if any is left.
+    pub(crate) fn take_override(&mut self) -> Option<StatusOverride> {
+        let current = self.status_override.take().filter(|o| o.count > 0)?;
+        if current.count > 1 {
+            self.status_override = Some(StatusOverride {
+                count: current.count - 1,
+                ..current.clone()
+            });
+        }
+        Some(current)
+    }
+
     /// Replaces every field the update names; `revoke_all` is not a stored fault and is
     /// handled by the caller.
     pub fn apply(&mut self, update: &FaultUpdate) {

@@ -45,18 +45,7 @@ pub(crate) async fn status(
         let mut state = sim.lock();
         state.stats.status_requests += 1;
         state.record(request);
-        let overridden = state.faults.status_override.as_mut().and_then(|o| {
-            o.count = o.count.checked_sub(1)?;
-            Some(o.clone())
-        });
-        if state
-            .faults
-            .status_override
-            .as_ref()
-            .is_some_and(|o| o.count == 0)
-        {
-            state.faults.status_override = None;
-        }
+        let overridden = state.faults.take_override();
         (state.faults.clone(), overridden)
     };
     if faults.latency_ms > 0 {
@@ -251,9 +240,10 @@ fn seeded(task_id: &str, hub_id: u64) -> Option<Value> {
     let started = requested + Duration::from_millis(150 + (seed >> 20) % 400);
     let completed = started + Duration::from_millis(1_200 + (seed >> 30) % 4_000);
     let (status, completed, extra) = if task_id.starts_with("complete-") {
+        let name = format!("product-photo-{task_id}");
         let file = FileSpec {
             seed,
-            name: task_id,
+            name: &name,
             extension: "png",
             access: "PUBLIC_NOT_INDEXABLE",
             created: completed,
@@ -261,7 +251,7 @@ fn seeded(task_id: &str, hub_id: u64) -> Option<Value> {
         (
             "COMPLETE",
             completed,
-            json!({ "result": file.to_json(hub_id) }),
+            json!({ "numErrors": 0, "result": file.to_json(hub_id) }),
         )
     } else if task_id.starts_with("canceled-") {
         ("CANCELED", completed, canceled_extra(task_id))
@@ -336,6 +326,7 @@ fn action_response(
         "requestedAt": timestamp(requested),
         "startedAt": timestamp(started),
         "completedAt": timestamp(completed),
+        "links": { "status": format!("https://api.hubapi.com/files/v3/files/import-from-url/async/tasks/{task_id}/status") },
     });
     if let (Some(target), Value::Object(fields)) = (value.as_object_mut(), extra) {
         target.extend(fields);
@@ -358,6 +349,9 @@ fn canceled_extra(task_id: &str) -> Value {
     })
 }
 
+/// The folder imported files land in.
+const FOLDER: &str = "/imports/from-url/product-catalogue";
+
 /// The `File` an import produced, with every field HubSpot usually fills.
 struct FileSpec<'a> {
     seed: u64,
@@ -376,13 +370,15 @@ impl FileSpec<'_> {
             access,
             created,
         } = *self;
-        let url = format!(
-            "https://{hub_id}.fs1.hubspotusercontent-na1.net/hubfs/{hub_id}/imports/{name}.{extension}"
-        );
+        // HubSpot's `url` uses the account's file domain, `defaultHostingUrl` its own CDN.
+        let file = format!("{FOLDER}/{name}.{extension}");
+        let default_url =
+            format!("https://{hub_id}.fs1.hubspotusercontent-na1.net/hubfs/{hub_id}{file}");
+        let url = format!("https://sim-{hub_id}.hs-sites.com/hubfs{file}");
         json!({
             "id": (100_000_000_000 + seed % 90_000_000_000).to_string(),
             "name": name,
-            "path": format!("/imports/{name}.{extension}"),
+            "path": file,
             "parentFolderId": (10_000_000_000 + (seed >> 8) % 9_000_000_000).to_string(),
             "size": 20_000 + seed % 2_000_000,
             "height": 400 + (seed >> 12) % 1_200,
@@ -395,7 +391,7 @@ impl FileSpec<'_> {
             "sourceGroup": "CONTENT",
             "fileMd5": format!("{:016x}{:016x}", seed, fnv1a(name.as_bytes()).rotate_left(17)),
             "url": url,
-            "defaultHostingUrl": url,
+            "defaultHostingUrl": default_url,
             "createdAt": timestamp(created),
             "updatedAt": timestamp(created),
             "archived": false,

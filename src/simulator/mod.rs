@@ -39,6 +39,8 @@ use body::{HubSpotError, SimResponse};
 use files::Outcome;
 use state::Sim;
 
+/// Prefix of the v1 token-info route; the rest of the path is the token.
+const ACCESS_TOKENS: &str = "/oauth/v1/access-tokens/";
 /// Largest request body the simulator reads (OAuth forms and import JSON are tiny).
 const MAX_BODY: usize = 64 * 1024;
 /// How long a client may take to send its request headers.
@@ -311,8 +313,8 @@ async fn route(
         (&Method::POST, "/oauth/v2/private-apps/get/access-token-info") => {
             oauth::private_app_info(sim, body, correlation).await
         }
-        (&Method::GET, _) if path.starts_with("/oauth/v1/access-tokens/") => {
-            let token = &path["/oauth/v1/access-tokens/".len()..];
+        (&Method::GET, _) if path.starts_with(ACCESS_TOKENS) => {
+            let token = path.strip_prefix(ACCESS_TOKENS).unwrap_or_default();
             oauth::access_token_info(sim, token, correlation).await
         }
         _ => match files_route(path) {

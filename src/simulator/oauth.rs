@@ -151,10 +151,11 @@ pub(crate) async fn introspect(sim: &Sim, body: &[u8], correlation: Uuid) -> Sim
         expires_at: now,
     };
     drop(state);
-    let expires_in = known
-        .as_ref()
-        .map_or(0, |t| t.expires_at.saturating_duration_since(now).as_secs());
-    let active = !inactive && expires_in > 0;
+    let remaining = known.as_ref().map_or(Duration::ZERO, |t| {
+        t.expires_at.saturating_duration_since(now)
+    });
+    let active = !inactive && !remaining.is_zero();
+    let expires_in = remaining.as_secs();
     let info = known.unwrap_or(fallback);
     json(
         StatusCode::OK,

@@ -175,8 +175,7 @@ pub(crate) struct ImportedTask {
 }
 
 /// Everything that changes while the simulator runs, behind one lock (never held across
-/// an await).
-#[derive(Debug)]
+/// an await). No `Debug`: it holds tokens.
 pub(crate) struct State {
     pub faults: Faults,
     pub stats: Stats,
@@ -192,7 +191,6 @@ pub(crate) struct State {
 }
 
 /// The simulator: its fixed config and its changing state.
-#[derive(Debug)]
 pub(crate) struct Sim {
     pub config: SimConfig,
     state: Mutex<State>,
