@@ -72,19 +72,31 @@ impl Authenticator {
     }
 
     /// The configured name of the caller, or why it is refused.
-    pub fn authenticate(&self, headers: &HeaderMap, peer: Option<&PeerCertName>) -> Result<Arc<str>, AuthError> {
+    pub fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        peer: Option<&PeerCertName>,
+    ) -> Result<Arc<str>, AuthError> {
         match self.mode {
             AuthMode::None => Ok(Arc::from(ANONYMOUS)),
             AuthMode::Mtls => {
-                let cn = peer.and_then(|p| p.0.as_deref()).ok_or(AuthError::Missing)?;
-                self.by_cert_cn.get(cn).cloned().ok_or(AuthError::UnknownCertificate)
+                let cn = peer
+                    .and_then(|p| p.0.as_deref())
+                    .ok_or(AuthError::Missing)?;
+                self.by_cert_cn
+                    .get(cn)
+                    .cloned()
+                    .ok_or(AuthError::UnknownCertificate)
             }
             AuthMode::ApiKeys => {
                 let value = headers.get(AUTHORIZATION).ok_or(AuthError::Missing)?;
                 let key = bearer(value.as_bytes()).ok_or(AuthError::Malformed)?;
                 // Looking up by hash keeps the comparison independent of the key's bytes.
                 let hash: [u8; 32] = Sha256::digest(key).into();
-                self.by_key_hash.get(&hash).cloned().ok_or(AuthError::UnknownKey)
+                self.by_key_hash
+                    .get(&hash)
+                    .cloned()
+                    .ok_or(AuthError::UnknownKey)
             }
         }
     }
@@ -146,17 +158,38 @@ mod tests {
     #[test]
     fn keys_map_to_names() {
         let a = auth();
-        assert_eq!(a.authenticate(&headers("Bearer k-123"), None).as_deref(), Ok("billing"));
-        assert_eq!(a.authenticate(&headers("bearer k-123"), None).as_deref(), Ok("billing"));
-        assert_eq!(a.authenticate(&headers("Bearer nope"), None), Err(AuthError::UnknownKey));
-        assert_eq!(a.authenticate(&headers("Basic azoxMjM="), None), Err(AuthError::Malformed));
-        assert_eq!(a.authenticate(&headers("Bearer "), None), Err(AuthError::Malformed));
-        assert_eq!(a.authenticate(&HeaderMap::new(), None), Err(AuthError::Missing));
+        assert_eq!(
+            a.authenticate(&headers("Bearer k-123"), None).as_deref(),
+            Ok("billing")
+        );
+        assert_eq!(
+            a.authenticate(&headers("bearer k-123"), None).as_deref(),
+            Ok("billing")
+        );
+        assert_eq!(
+            a.authenticate(&headers("Bearer nope"), None),
+            Err(AuthError::UnknownKey)
+        );
+        assert_eq!(
+            a.authenticate(&headers("Basic azoxMjM="), None),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            a.authenticate(&headers("Bearer "), None),
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            a.authenticate(&HeaderMap::new(), None),
+            Err(AuthError::Missing)
+        );
     }
 
     #[test]
     fn hash_key_matches_sha256sum() {
         // printf 'abc' | sha256sum
-        assert_eq!(hash_key("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            hash_key("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

@@ -62,7 +62,12 @@ pub struct AnswerCache<E> {
 struct PerEntryTtl;
 
 impl moka::Expiry<StatusRequest, Arc<Stored>> for PerEntryTtl {
-    fn expire_after_create(&self, _: &StatusRequest, value: &Arc<Stored>, _: Instant) -> Option<Duration> {
+    fn expire_after_create(
+        &self,
+        _: &StatusRequest,
+        value: &Arc<Stored>,
+        _: Instant,
+    ) -> Option<Duration> {
         Some(value.ttl)
     }
 }
@@ -100,7 +105,11 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
         }
         let (tx, rx) = watch::channel(None);
         flights.insert(key.clone(), rx.clone());
-        Flight::Lead(Leader { key: key.clone(), tx, rx })
+        Flight::Lead(Leader {
+            key: key.clone(),
+            tx,
+            rx,
+        })
     }
 
     /// Ends a flight: stores the answer if it may be stored, then tells every follower.
@@ -163,7 +172,11 @@ impl Stored {
 }
 
 fn weight(key: &StatusRequest, value: &Arc<Stored>) -> u32 {
-    let headers: usize = value.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum();
+    let headers: usize = value
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
+        .sum();
     let total = value.body.len() + headers + key.task_id.as_str().len() + ENTRY_OVERHEAD as usize;
     u32::try_from(total).unwrap_or(u32::MAX)
 }
@@ -192,13 +205,18 @@ mod tests {
     #[test]
     fn only_terminal_answers_are_kept_by_default() {
         let cache: AnswerCache<()> = AnswerCache::new(&CacheConfig::default());
-        let e = |body: &'static str| cache.entry(StatusCode::OK, HeaderMap::new(), Bytes::from(body));
+        let e =
+            |body: &'static str| cache.entry(StatusCode::OK, HeaderMap::new(), Bytes::from(body));
         assert!(e(r#"{"status":"COMPLETE","taskId":"a"}"#).is_stored());
         assert!(e(r#"{"taskId":"a","status":"CANCELED"}"#).is_stored());
         assert!(!e(r#"{"status":"PENDING"}"#).is_stored());
         assert!(!e(r#"{"status":"SOMETHING_NEW"}"#).is_stored());
         assert!(!e("not json").is_stored());
-        let not_ok = cache.entry(StatusCode::NOT_FOUND, HeaderMap::new(), Bytes::from(r#"{"status":"COMPLETE"}"#));
+        let not_ok = cache.entry(
+            StatusCode::NOT_FOUND,
+            HeaderMap::new(),
+            Bytes::from(r#"{"status":"COMPLETE"}"#),
+        );
         assert!(!not_ok.is_stored());
     }
 }

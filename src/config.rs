@@ -296,14 +296,17 @@ impl Config {
         for (name, d) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.request_timeout", self.upstream.request_timeout),
-            ("server.header_read_timeout", self.server.header_read_timeout),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
             ("cache.terminal_ttl", self.cache.terminal_ttl),
         ] {
             if d.is_zero() {
                 return invalid(format!("{name} must be > 0"));
             }
         }
-        if self.server.listen == self.server.admin_listen {
+        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             return invalid("server.admin_listen must differ from server.listen".into());
         }
         if self.token.required_scopes.is_empty() {
@@ -311,10 +314,26 @@ impl Config {
         }
         let t = &self.token;
         let sources = [
-            ("client_id", t.client_id_file.is_some(), t.client_id_env.is_some()),
-            ("client_secret", t.client_secret_file.is_some(), t.client_secret_env.is_some()),
-            ("refresh_token", t.refresh_token_file.is_some(), t.refresh_token_env.is_some()),
-            ("static_token", t.static_token_file.is_some(), t.static_token_env.is_some()),
+            (
+                "client_id",
+                t.client_id_file.is_some(),
+                t.client_id_env.is_some(),
+            ),
+            (
+                "client_secret",
+                t.client_secret_file.is_some(),
+                t.client_secret_env.is_some(),
+            ),
+            (
+                "refresh_token",
+                t.refresh_token_file.is_some(),
+                t.refresh_token_env.is_some(),
+            ),
+            (
+                "static_token",
+                t.static_token_file.is_some(),
+                t.static_token_env.is_some(),
+            ),
         ];
         let wanted: &[&str] = match t.mode {
             TokenMode::Oauth => &["client_id", "client_secret", "refresh_token"],
@@ -324,7 +343,9 @@ impl Config {
             let needed = wanted.contains(&name);
             match (needed, file, env) {
                 (true, true, true) => {
-                    return invalid(format!("token.{name}: set {name}_file or {name}_env, not both"));
+                    return invalid(format!(
+                        "token.{name}: set {name}_file or {name}_env, not both"
+                    ));
                 }
                 (true, false, false) => {
                     return invalid(format!("token.{name}_file or token.{name}_env is required"));
@@ -345,20 +366,29 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for c in &self.auth.clients {
             if c.name.is_empty() || c.name == "unauthenticated" || !names.insert(&c.name) {
-                return invalid(format!("auth.clients: name {:?} is empty, reserved or repeated", c.name));
+                return invalid(format!(
+                    "auth.clients: name {:?} is empty, reserved or repeated",
+                    c.name
+                ));
             }
         }
         match self.auth.mode {
             AuthMode::ApiKeys => {
                 if self.auth.clients.is_empty() {
-                    return invalid("auth.mode = \"api_keys\" needs at least one [[auth.clients]]".into());
+                    return invalid(
+                        "auth.mode = \"api_keys\" needs at least one [[auth.clients]]".into(),
+                    );
                 }
                 for c in &self.auth.clients {
-                    let ok = c.key_sha256.as_deref().is_some_and(|h| {
-                        h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit())
-                    });
+                    let ok = c
+                        .key_sha256
+                        .as_deref()
+                        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
                     if !ok {
-                        return invalid(format!("auth.clients {:?}: key_sha256 must be 64 hex digits", c.name));
+                        return invalid(format!(
+                            "auth.clients {:?}: key_sha256 must be 64 hex digits",
+                            c.name
+                        ));
                     }
                 }
             }
@@ -376,16 +406,34 @@ impl Config {
 
     /// Reads the HubSpot credentials; `env` looks up environment variables (a parameter so
     /// tests need not touch the process environment).
-    pub fn credentials(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Credentials, ConfigError> {
+    pub fn credentials(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Credentials, ConfigError> {
         let t = &self.token;
         Ok(match t.mode {
             TokenMode::Oauth => Credentials::Oauth {
                 client_id: read_secret("client_id", &t.client_id_file, &t.client_id_env, env)?,
-                client_secret: read_secret("client_secret", &t.client_secret_file, &t.client_secret_env, env)?,
-                refresh_token: read_secret("refresh_token", &t.refresh_token_file, &t.refresh_token_env, env)?,
+                client_secret: read_secret(
+                    "client_secret",
+                    &t.client_secret_file,
+                    &t.client_secret_env,
+                    env,
+                )?,
+                refresh_token: read_secret(
+                    "refresh_token",
+                    &t.refresh_token_file,
+                    &t.refresh_token_env,
+                    env,
+                )?,
             },
             TokenMode::Static => Credentials::Static {
-                token: read_secret("static_token", &t.static_token_file, &t.static_token_env, env)?,
+                token: read_secret(
+                    "static_token",
+                    &t.static_token_file,
+                    &t.static_token_env,
+                    env,
+                )?,
                 file: t.static_token_file.clone(),
             },
         })
@@ -407,11 +455,13 @@ pub fn read_secret(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Secret, ConfigError> {
     let raw = match (file, var) {
-        (Some(path), _) => std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
-            name,
-            path: path.clone(),
-            source,
-        })?,
+        (Some(path), _) => {
+            std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                name,
+                path: path.clone(),
+                source,
+            })?
+        }
         (None, Some(var)) => env(var).ok_or_else(|| ConfigError::Secret {
             name,
             reason: format!("environment variable {var} is not set"),
@@ -449,7 +499,8 @@ pub mod duration {
 
     /// Parses `"250ms"`, `"4s"`, `"1h 30m"`.
     pub fn parse(text: &str) -> Result<Duration, String> {
-        humantime::parse_duration(text.trim()).map_err(|e| format!("invalid duration {text:?}: {e}"))
+        humantime::parse_duration(text.trim())
+            .map_err(|e| format!("invalid duration {text:?}: {e}"))
     }
 }
 
@@ -486,7 +537,8 @@ pub mod bytesize {
             "GB" => 1_000_000_000,
             other => return Err(format!("invalid size unit {other:?} in {text:?}")),
         };
-        n.checked_mul(mult).ok_or_else(|| format!("size {text:?} is too large"))
+        n.checked_mul(mult)
+            .ok_or_else(|| format!("size {text:?} is too large"))
     }
 }
 

@@ -95,9 +95,15 @@ impl GatewayError {
 
 /// HubSpot's own 429 shape (`policyName` lets HubSpot's clients recognise it), plus
 /// `category` so it is a valid `Error`, and `Retry-After` in whole seconds.
-fn rate_limited(retry_after: Duration, source: ThrottleSource, correlation_id: &str) -> Response<Full<Bytes>> {
+fn rate_limited(
+    retry_after: Duration,
+    source: ThrottleSource,
+    correlation_id: &str,
+) -> Response<Full<Bytes>> {
     let message = match source {
-        ThrottleSource::HubSpot429 => "HubSpot rate limit reached; the gateway holds all calls until it resets.",
+        ThrottleSource::HubSpot429 => {
+            "HubSpot rate limit reached; the gateway holds all calls until it resets."
+        }
         ThrottleSource::LocalBudget => "You have reached your ten_secondly_rolling limit.",
     };
     let body = json!({
@@ -113,12 +119,19 @@ fn rate_limited(retry_after: Duration, source: ThrottleSource, correlation_id: &
     json_response(StatusCode::TOO_MANY_REQUESTS, &body, extra)
 }
 
-fn json_response(status: StatusCode, body: &serde_json::Value, extra: Vec<(header::HeaderName, HeaderValue)>) -> Response<Full<Bytes>> {
+fn json_response(
+    status: StatusCode,
+    body: &serde_json::Value,
+    extra: Vec<(header::HeaderName, HeaderValue)>,
+) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(bytes)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json;charset=utf-8"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json;charset=utf-8"),
+    );
     for (name, value) in extra {
         headers.insert(name, value);
     }

@@ -92,7 +92,10 @@ impl Gateway {
     }
 
     /// Serves one request. Every failure becomes a response here, so this never errs.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
         let started = Instant::now();
         let request_id = request_id(req.headers());
         let handled = self.clone().answer(&req, &request_id).await;
@@ -116,8 +119,12 @@ impl Gateway {
             .with_label_values(&[handled.cache.label()])
             .observe(elapsed.as_secs_f64());
         match &handled.result {
-            Ok(_) => tracing::info!(client = %handled.client, method = %req.method(), path = req.uri().path(), status = code.as_u16(), cache = handled.cache.label(), us = elapsed.as_micros() as u64, "request"),
-            Err(e) => tracing::info!(client = %handled.client, method = %req.method(), path = req.uri().path(), status = code.as_u16(), cache = handled.cache.label(), us = elapsed.as_micros() as u64, fault = ?e.fault(), error = %e, "request refused"),
+            Ok(_) => {
+                tracing::info!(client = %handled.client, method = %req.method(), path = req.uri().path(), status = code.as_u16(), cache = handled.cache.label(), us = elapsed.as_micros() as u64, "request")
+            }
+            Err(e) => {
+                tracing::info!(client = %handled.client, method = %req.method(), path = req.uri().path(), status = code.as_u16(), cache = handled.cache.label(), us = elapsed.as_micros() as u64, fault = ?e.fault(), error = %e, "request refused")
+            }
         }
         Ok(response)
     }
@@ -135,10 +142,16 @@ impl Gateway {
             Err(e) => return refused("unauthenticated", e.into()),
         };
         // 2. who is calling
-        let client = match self.auth.authenticate(req.headers(), req.extensions().get::<PeerCertName>()) {
+        let client = match self
+            .auth
+            .authenticate(req.headers(), req.extensions().get::<PeerCertName>())
+        {
             Ok(client) => client,
             Err(e) => {
-                self.metrics.inbound_auth_failures_total.with_label_values(&[e.label()]).inc();
+                self.metrics
+                    .inbound_auth_failures_total
+                    .with_label_values(&[e.label()])
+                    .inc();
                 return refused("unauthenticated", e.into());
             }
         };
@@ -173,20 +186,41 @@ impl Gateway {
             }
         };
         let result = wait(rx, self.request_timeout + Duration::from_secs(1)).await;
-        Handled { client, cache, result }
+        Handled {
+            client,
+            cache,
+            result,
+        }
     }
 
     /// Steps 5–7: token, upstream, classify.
-    async fn fetch(&self, key: StatusRequest, request_id: HeaderValue) -> Result<Stored, GatewayError> {
+    async fn fetch(
+        &self,
+        key: StatusRequest,
+        request_id: HeaderValue,
+    ) -> Result<Stored, GatewayError> {
         let mut token = self.tokens.current()?;
         self.cache.bind_hub(token.hub_id);
-        let mut answer = self.hubspot.get_status(&key, &token.access, &request_id).await?;
+        let mut answer = self
+            .hubspot
+            .get_status(&key, &token.access, &request_id)
+            .await?;
         if answer.status == StatusCode::UNAUTHORIZED {
             // HubSpot refused a token we believe valid: one forced refresh, one retry.
-            tracing::warn!(generation = token.generation, "HubSpot answered 401; forcing a token refresh");
-            if self.tokens.force_refresh(token.generation, self.request_timeout).await {
+            tracing::warn!(
+                generation = token.generation,
+                "HubSpot answered 401; forcing a token refresh"
+            );
+            if self
+                .tokens
+                .force_refresh(token.generation, self.request_timeout)
+                .await
+            {
                 token = self.tokens.current()?;
-                answer = self.hubspot.get_status(&key, &token.access, &request_id).await?;
+                answer = self
+                    .hubspot
+                    .get_status(&key, &token.access, &request_id)
+                    .await?;
             }
         }
         Ok(self.cache.entry(answer.status, answer.headers, answer.body))
@@ -245,9 +279,14 @@ impl Gateway {
 }
 
 /// Waits for a flight's outcome up to `limit`.
-async fn wait(mut rx: tokio::sync::watch::Receiver<Option<Outcome<GatewayError>>>, limit: Duration) -> Outcome<GatewayError> {
+async fn wait(
+    mut rx: tokio::sync::watch::Receiver<Option<Outcome<GatewayError>>>,
+    limit: Duration,
+) -> Outcome<GatewayError> {
     match tokio::time::timeout(limit, rx.wait_for(Option::is_some)).await {
-        Ok(Ok(outcome)) => outcome.clone().unwrap_or_else(|| Err(Arc::new(GatewayError::Internal))),
+        Ok(Ok(outcome)) => outcome
+            .clone()
+            .unwrap_or_else(|| Err(Arc::new(GatewayError::Internal))),
         Ok(Err(_)) => Err(Arc::new(GatewayError::Internal)),
         Err(_) => Err(Arc::new(GatewayError::WaitTimeout)),
     }
@@ -257,9 +296,12 @@ async fn wait(mut rx: tokio::sync::watch::Receiver<Option<Outcome<GatewayError>>
 fn request_id(headers: &hyper::HeaderMap) -> HeaderValue {
     headers
         .get(X_REQUEST_ID)
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic()))
+        .filter(|v| {
+            !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+        })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).expect("a uuid is a valid header value")
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .expect("a uuid is a valid header value")
         })
 }

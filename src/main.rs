@@ -1,9 +1,9 @@
 //! The `hubspot-files-gateway` binary: parses the command line, sets up logging, binds, runs,
 //! and turns the outcome into an exit code (0 clean, 64 bad config or usage, 1 runtime).
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -22,7 +22,11 @@ const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 const DEMO_API_KEY: &str = "demo-key-change-me";
 
 #[derive(Parser)]
-#[command(name = "hubspot-files-gateway", version, about = "A gateway in front of HubSpot's file-import status route.")]
+#[command(
+    name = "hubspot-files-gateway",
+    version,
+    about = "A gateway in front of HubSpot's file-import status route."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -38,7 +42,7 @@ enum Command {
     /// Run the HubSpot simulator and the gateway together on loopback.
     Demo,
     /// Run the HubSpot simulator alone.
-    Simulate(SimulateArgs),
+    Simulate(Box<SimulateArgs>),
     /// Validate a config file and print it as the gateway understands it.
     CheckConfig,
     /// Read an API key on stdin and print its sha256 for `key_sha256`.
@@ -50,7 +54,11 @@ struct SimulateArgs {
     #[arg(long, default_value = "127.0.0.1:8081")]
     listen: SocketAddr,
     /// Scopes granted to issued tokens, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "files,files.ui_hidden.read")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "files,files.ui_hidden.read"
+    )]
     scopes: Vec<String>,
     /// Lifetime of issued access tokens, in seconds.
     #[arg(long, default_value_t = 1800)]
@@ -83,7 +91,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(USAGE) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     tracing_subscriber::fmt()
@@ -92,11 +104,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal; log collectors get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.config),
         Command::Demo => demo(),
-        Command::Simulate(args) => simulate(args),
+        Command::Simulate(args) => simulate(*args),
         Command::CheckConfig => check_config(&cli.config),
         Command::HashKey => hash_key(),
     }
@@ -109,7 +123,7 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("the tokio runtime starts")
 }
 
-fn serve(path: &PathBuf) -> ExitCode {
+fn serve(path: &Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
@@ -140,10 +154,11 @@ fn demo() -> ExitCode {
     };
     // The simulator accepts any non-empty OAuth client, so the demo supplies its own values
     // instead of reading the environment.
-    let credentials = match config.credentials(&|name| Some(format!("demo-{}", name.to_lowercase()))) {
-        Ok(c) => c,
-        Err(e) => return usage_error(&e),
-    };
+    let credentials =
+        match config.credentials(&|name| Some(format!("demo-{}", name.to_lowercase()))) {
+            Ok(c) => c,
+            Err(e) => return usage_error(&e),
+        };
     runtime().block_on(async {
         let sim_addr: SocketAddr = ([127, 0, 0, 1], 8081).into();
         let sim = match simulator::start_on(sim_addr, simulator::SimConfig::default()).await {
@@ -158,14 +173,31 @@ fn demo() -> ExitCode {
             Err(code) => return code,
         };
         let base = format!("http://{}", config.server.listen);
-        let status = |id: &str| format!("{base}/files/v3/files/import-from-url/async/tasks/{id}/status");
-        println!("hubspot-files-gateway demo: gateway {base}, admin http://{}, HubSpot simulator {}", config.server.admin_listen, sim.base_url());
+        let status =
+            |id: &str| format!("{base}/files/v3/files/import-from-url/async/tasks/{id}/status");
+        println!(
+            "hubspot-files-gateway demo: gateway {base}, admin http://{}, HubSpot simulator {}",
+            config.server.admin_listen,
+            sim.base_url()
+        );
         println!("API key: {DEMO_API_KEY}\n");
-        println!("curl -i -H 'Authorization: Bearer {DEMO_API_KEY}' {}", status("complete-demo"));
-        println!("curl -i -H 'Authorization: Bearer {DEMO_API_KEY}' {}   # again: X-Cache: HIT", status("complete-demo"));
-        println!("curl -i -H 'Authorization: Bearer {DEMO_API_KEY}' {}", status("pending-demo"));
+        println!(
+            "curl -i -H 'Authorization: Bearer {DEMO_API_KEY}' {}",
+            status("complete-demo")
+        );
+        println!(
+            "curl -i -H 'Authorization: Bearer {DEMO_API_KEY}' {}   # again: X-Cache: HIT",
+            status("complete-demo")
+        );
+        println!(
+            "curl -i -H 'Authorization: Bearer {DEMO_API_KEY}' {}",
+            status("pending-demo")
+        );
         println!("curl -i {}   # no key: 401", status("complete-demo"));
-        println!("curl -s http://{}/metrics | grep hubspot_gateway_requests_total", config.server.admin_listen);
+        println!(
+            "curl -s http://{}/metrics | grep hubspot_gateway_requests_total",
+            config.server.admin_listen
+        );
         println!("\nCtrl-C stops both.");
         let result = server::run(config, credentials, listeners, signal()).await;
         sim.stop().await;
@@ -226,7 +258,7 @@ fn simulate(args: SimulateArgs) -> ExitCode {
     })
 }
 
-fn check_config(path: &PathBuf) -> ExitCode {
+fn check_config(path: &Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
@@ -234,7 +266,10 @@ fn check_config(path: &PathBuf) -> ExitCode {
     if let Err(e) = config.credentials(&|name| std::env::var(name).ok()) {
         return usage_error(&e);
     }
-    println!("# {}: valid; every secret it names is readable (values not shown: ***)", path.display());
+    println!(
+        "# {}: valid; every secret it names is readable (values not shown: ***)",
+        path.display()
+    );
     print!("{}", config.to_toml());
     ExitCode::SUCCESS
 }
@@ -242,7 +277,9 @@ fn check_config(path: &PathBuf) -> ExitCode {
 fn hash_key() -> ExitCode {
     let mut key = String::new();
     if std::io::stdin().read_to_string(&mut key).is_err() || key.trim().is_empty() {
-        eprintln!("hash-key: write the API key on stdin, e.g. `printf %s \"$KEY\" | hubspot-files-gateway hash-key`");
+        eprintln!(
+            "hash-key: write the API key on stdin, e.g. `printf %s \"$KEY\" | hubspot-files-gateway hash-key`"
+        );
         return ExitCode::from(USAGE);
     }
     println!("{}", auth::hash_key(&key));

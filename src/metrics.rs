@@ -38,13 +38,19 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help).namespace(PREFIX), labels).expect("static metric definition");
-            registry.register(Box::new(c.clone())).expect("each name registered once");
+            let c = IntCounterVec::new(Opts::new(name, help).namespace(PREFIX), labels)
+                .expect("static metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("each name registered once");
             c
         };
         let int_gauge = |name: &str, help: &str| {
-            let g = IntGauge::with_opts(Opts::new(name, help).namespace(PREFIX)).expect("static metric definition");
-            registry.register(Box::new(g.clone())).expect("each name registered once");
+            let g = IntGauge::with_opts(Opts::new(name, help).namespace(PREFIX))
+                .expect("static metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("each name registered once");
             g
         };
         let requests_total = counter(
@@ -53,7 +59,8 @@ impl Metrics {
             &["client", "code", "cache"],
         );
         let request_duration_seconds = HistogramVec::new(
-            HistogramOpts::new("request_duration_seconds", "Time to answer a request.").namespace(PREFIX)
+            HistogramOpts::new("request_duration_seconds", "Time to answer a request.")
+                .namespace(PREFIX)
                 .buckets(LATENCY_BUCKETS.to_vec()),
             &["cache"],
         )
@@ -67,8 +74,12 @@ impl Metrics {
             &["code"],
         );
         let upstream_request_duration_seconds = Histogram::with_opts(
-            HistogramOpts::new("upstream_request_duration_seconds", "Time HubSpot took to answer.").namespace(PREFIX)
-                .buckets(LATENCY_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "upstream_request_duration_seconds",
+                "Time HubSpot took to answer.",
+            )
+            .namespace(PREFIX)
+            .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("static metric definition");
         registry
@@ -85,7 +96,13 @@ impl Metrics {
         );
         let cache_entries = int_gauge("cache_entries", "Answers in the cache.");
         let cache_weight_bytes = int_gauge("cache_weight_bytes", "Weight of the cache in bytes.");
-        let coalesced_requests_total = IntCounter::with_opts(Opts::new("coalesced_requests_total", "Requests answered by another request's upstream call.").namespace(PREFIX))
+        let coalesced_requests_total = IntCounter::with_opts(
+            Opts::new(
+                "coalesced_requests_total",
+                "Requests answered by another request's upstream call.",
+            )
+            .namespace(PREFIX),
+        )
         .expect("static metric definition");
         registry
             .register(Box::new(coalesced_requests_total.clone()))
@@ -95,7 +112,13 @@ impl Metrics {
             "HubSpot token refreshes (with verification), by result.",
             &["result"],
         );
-        let token_expiry_timestamp_seconds = Gauge::with_opts(Opts::new("token_expiry_timestamp_seconds", "Unix time at which the current HubSpot token expires.").namespace(PREFIX))
+        let token_expiry_timestamp_seconds = Gauge::with_opts(
+            Opts::new(
+                "token_expiry_timestamp_seconds",
+                "Unix time at which the current HubSpot token expires.",
+            )
+            .namespace(PREFIX),
+        )
         .expect("static metric definition");
         registry
             .register(Box::new(token_expiry_timestamp_seconds.clone()))
@@ -109,13 +132,26 @@ impl Metrics {
             "Callers refused, by reason.",
             &["reason"],
         );
-        let build_info = IntGaugeVec::new(Opts::new("build_info", "Always 1; the version label says which build.").namespace(PREFIX), &["version"])
-            .expect("static metric definition");
-        registry.register(Box::new(build_info.clone())).expect("each name registered once");
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "build_info",
+                "Always 1; the version label says which build.",
+            )
+            .namespace(PREFIX),
+            &["version"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("each name registered once");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
             .expect("process collector registered once");
         Metrics {
             registry,

@@ -79,7 +79,9 @@ pub enum RouteError {
 
 /// Matches a method and raw (still percent-encoded) path against the status route.
 pub fn match_route(method: &hyper::Method, raw_path: &str) -> Result<StatusRequest, RouteError> {
-    let rest = raw_path.strip_prefix("/files/").ok_or(RouteError::NotFound)?;
+    let rest = raw_path
+        .strip_prefix("/files/")
+        .ok_or(RouteError::NotFound)?;
     let (version, rest) = rest.split_once('/').ok_or(RouteError::NotFound)?;
     let version = match version {
         "v3" => ApiVersion::V3,
@@ -117,7 +119,10 @@ mod tests {
     #[test]
     fn both_versions_match() {
         let r = match_route(&Method::GET, &path("AAAAEZ6whGI")).expect("route");
-        assert_eq!((r.version, r.task_id.as_str()), (ApiVersion::V3, "AAAAEZ6whGI"));
+        assert_eq!(
+            (r.version, r.task_id.as_str()),
+            (ApiVersion::V3, "AAAAEZ6whGI")
+        );
         let p = "/files/2026-03/files/import-from-url/async/tasks/a.b~c_d-e/status";
         let r = match_route(&Method::HEAD, p).expect("route");
         assert_eq!(r.version, ApiVersion::V2026_03);
@@ -127,19 +132,53 @@ mod tests {
     #[test]
     fn hostile_ids_are_rejected_after_one_decode() {
         let long = "a".repeat(129);
-        for id in ["..", "%2e%2e", ".", "a%2Fb", "%00x", long.as_str(), "a%20b", "%252e%252e", "", "%ff", "%zz"] {
-            assert_eq!(match_route(&Method::GET, &path(id)), Err(RouteError::InvalidTaskId), "{id}");
+        for id in [
+            "..",
+            "%2e%2e",
+            ".",
+            "a%2Fb",
+            "%00x",
+            long.as_str(),
+            "a%20b",
+            "%252e%252e",
+            "",
+            "%ff",
+            "%zz",
+        ] {
+            assert_eq!(
+                match_route(&Method::GET, &path(id)),
+                Err(RouteError::InvalidTaskId),
+                "{id}"
+            );
         }
         assert!(match_route(&Method::GET, &path(&"a".repeat(128))).is_ok());
-        assert!(match_route(&Method::GET, &path("%41bc")).is_ok(), "one decode is allowed");
+        assert!(
+            match_route(&Method::GET, &path("%41bc")).is_ok(),
+            "one decode is allowed"
+        );
     }
 
     #[test]
     fn other_paths_and_methods() {
         assert_eq!(match_route(&Method::GET, "/"), Err(RouteError::NotFound));
-        assert_eq!(match_route(&Method::GET, &path("a/b")), Err(RouteError::NotFound));
-        assert_eq!(match_route(&Method::GET, "/files/v4/files/import-from-url/async/tasks/a/status"), Err(RouteError::NotFound));
-        assert_eq!(match_route(&Method::GET, &format!("{}/", path("a"))), Err(RouteError::NotFound));
-        assert_eq!(match_route(&Method::POST, &path("a")), Err(RouteError::MethodNotAllowed));
+        assert_eq!(
+            match_route(&Method::GET, &path("a/b")),
+            Err(RouteError::NotFound)
+        );
+        assert_eq!(
+            match_route(
+                &Method::GET,
+                "/files/v4/files/import-from-url/async/tasks/a/status"
+            ),
+            Err(RouteError::NotFound)
+        );
+        assert_eq!(
+            match_route(&Method::GET, &format!("{}/", path("a"))),
+            Err(RouteError::NotFound)
+        );
+        assert_eq!(
+            match_route(&Method::POST, &path("a")),
+            Err(RouteError::MethodNotAllowed)
+        );
     }
 }

@@ -58,7 +58,10 @@ pub async fn run(
         _ => None,
     };
     let metrics = Metrics::new();
-    let hubspot = Arc::new(HubSpot::new(&config.upstream, metrics.clone()).map_err(|e| RunError::Tls(e.to_string()))?);
+    let hubspot = Arc::new(
+        HubSpot::new(&config.upstream, metrics.clone())
+            .map_err(|e| RunError::Tls(e.to_string()))?,
+    );
     let (tokens, refresher) = TokenManager::new(
         credentials,
         config.token.api,
@@ -101,7 +104,15 @@ pub async fn run(
         tracing::info!("shutdown requested: readiness off, no new connections, draining");
         gateway_for_shutdown.begin_shutdown();
     };
-    accept_loop(listeners.service, tls, service, header_timeout, grace, shutdown).await;
+    accept_loop(
+        listeners.service,
+        tls,
+        service,
+        header_timeout,
+        grace,
+        shutdown,
+    )
+    .await;
     let _ = stop_tx.send(true);
     let _ = refresh.await;
     let _ = admin.await;
@@ -126,7 +137,10 @@ async fn accept_loop<S, F>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1024);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -151,11 +165,28 @@ async fn accept_loop<S, F>(
         tokio::spawn(async move {
             let svc = service_fn(service);
             let result = match tls {
-                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned()).await,
+                None => {
+                    watcher
+                        .watch(
+                            builder
+                                .serve_connection(TokioIo::new(stream), svc)
+                                .into_owned(),
+                        )
+                        .await
+                }
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(header_timeout, acceptor.accept(stream)).await;
+                    let handshake =
+                        tokio::time::timeout(header_timeout, acceptor.accept(stream)).await;
                     match handshake {
-                        Ok(Ok(stream)) => watcher.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned()).await,
+                        Ok(Ok(stream)) => {
+                            watcher
+                                .watch(
+                                    builder
+                                        .serve_connection(TokioIo::new(stream), svc)
+                                        .into_owned(),
+                                )
+                                .await
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "TLS handshake failed");
                             return;
@@ -177,27 +208,57 @@ async fn accept_loop<S, F>(
 }
 
 /// The admin port: `/metrics`, `/healthz`, `/readyz`. Never the service port.
-async fn serve_admin(listener: TcpListener, gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
+async fn serve_admin(
+    listener: TcpListener,
+    gateway: Arc<Gateway>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listening");
     let service = move |req: Request<Incoming>| {
         let gateway = gateway.clone();
         async move { Ok::<_, Infallible>(admin(&gateway, &req)) }
     };
-    accept_loop(listener, None, service, Duration::from_secs(10), Duration::from_secs(1), shutdown).await;
+    accept_loop(
+        listener,
+        None,
+        service,
+        Duration::from_secs(10),
+        Duration::from_secs(1),
+        shutdown,
+    )
+    .await;
 }
 
 fn admin(gateway: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET, "/metrics") => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", gateway.render_metrics()),
-        (&Method::GET, "/healthz") => (StatusCode::OK, "application/json", br#"{"status":"ok"}"#.to_vec()),
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            gateway.render_metrics(),
+        ),
+        (&Method::GET, "/healthz") => (
+            StatusCode::OK,
+            "application/json",
+            br#"{"status":"ok"}"#.to_vec(),
+        ),
         (&Method::GET, "/readyz") => match gateway.readiness() {
-            Ok(()) => (StatusCode::OK, "application/json", br#"{"ready":true}"#.to_vec()),
+            Ok(()) => (
+                StatusCode::OK,
+                "application/json",
+                br#"{"ready":true}"#.to_vec(),
+            ),
             Err(reason) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "application/json",
-                serde_json::to_vec(&serde_json::json!({ "ready": false, "reason": reason })).unwrap_or_default(),
+                serde_json::to_vec(&serde_json::json!({ "ready": false, "reason": reason }))
+                    .unwrap_or_default(),
             ),
         },
-        _ => (StatusCode::NOT_FOUND, "text/plain", b"not found: try /metrics, /healthz, /readyz\n".to_vec()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            b"not found: try /metrics, /healthz, /readyz\n".to_vec(),
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
@@ -207,7 +268,11 @@ fn admin(gateway: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     response
 }
 
-fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path, server: &ServerConfig) -> Result<TlsAcceptor, RunError> {
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    server: &ServerConfig,
+) -> Result<TlsAcceptor, RunError> {
     let read = |path: &std::path::Path| {
         std::fs::read(path).map_err(|source| RunError::Read {
             path: path.to_owned(),
@@ -232,9 +297,12 @@ fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path, server: &ServerCo
                 let c = c.map_err(|e| RunError::Tls(format!("{}: {e}", ca.display())))?;
                 roots.add(c).map_err(|e| RunError::Tls(e.to_string()))?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| RunError::Tls(e.to_string()))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| RunError::Tls(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
     };

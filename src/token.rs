@@ -95,7 +95,11 @@ impl TokenManager {
     /// and at most one forced refresh runs per 30 s. Returns whether a newer token exists.
     pub async fn force_refresh(&self, stale_generation: u64, wait: Duration) -> bool {
         let mut rx = self.status.clone();
-        let newer = |s: &TokenStatus| s.token.as_ref().is_some_and(|t| t.generation > stale_generation);
+        let newer = |s: &TokenStatus| {
+            s.token
+                .as_ref()
+                .is_some_and(|t| t.generation > stale_generation)
+        };
         if newer(&rx.borrow()) {
             return true;
         }
@@ -108,7 +112,10 @@ impl TokenManager {
                 self.force.notify_one();
             }
         }
-        matches!(tokio::time::timeout(wait, rx.wait_for(newer)).await, Ok(Ok(_)))
+        matches!(
+            tokio::time::timeout(wait, rx.wait_for(newer)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Subscribes to every change of token or problem.
@@ -118,7 +125,13 @@ impl TokenManager {
 
     /// Creates the manager and the refresh loop to spawn; nothing is fetched until the loop
     /// runs.
-    pub fn new(credentials: Credentials, api: OauthApi, required_scopes: Vec<String>, hubspot: Arc<HubSpot>, metrics: Metrics) -> (TokenManager, Refresher) {
+    pub fn new(
+        credentials: Credentials,
+        api: OauthApi,
+        required_scopes: Vec<String>,
+        hubspot: Arc<HubSpot>,
+        metrics: Metrics,
+    ) -> (TokenManager, Refresher) {
         let (tx, rx) = watch::channel(TokenStatus::default());
         let force = Arc::new(Notify::new());
         let manager = TokenManager {
@@ -137,7 +150,10 @@ impl TokenManager {
                 refresh_token,
                 api,
             },
-            Credentials::Static { token, file } => Source::Static { initial: token, file },
+            Credentials::Static { token, file } => Source::Static {
+                initial: token,
+                file,
+            },
         };
         let refresher = Refresher {
             source,
@@ -234,10 +250,18 @@ impl Refresher {
                 }
                 Err(Skip::Unchanged) => STATIC_POLL,
                 Err(Skip::Failed(problem)) => {
-                    self.metrics.token_refreshes_total.with_label_values(&["failure"]).inc();
+                    self.metrics
+                        .token_refreshes_total
+                        .with_label_values(&["failure"])
+                        .inc();
                     tracing::warn!(error = %problem, source = ?std::error::Error::source(&problem).map(|s| s.to_string()), retry_in_ms = backoff.as_millis() as u64, "HubSpot token refresh failed");
                     self.tx.send_modify(|s| s.problem = Some(problem));
-                    let still_usable = self.tx.borrow().token.as_ref().is_some_and(|t| t.usable(Instant::now()));
+                    let still_usable = self
+                        .tx
+                        .borrow()
+                        .token
+                        .as_ref()
+                        .is_some_and(|t| t.usable(Instant::now()));
                     self.metrics.token_scopes_verified.set(still_usable as i64);
                     let wait = jitter(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -255,10 +279,15 @@ impl Refresher {
     fn publish(&mut self, fetched: Fetched) {
         self.generation += 1;
         self.verified_at = Some(Instant::now());
-        let usable_until = fetched.lifetime.map(|l| fetched.started + l - (l / 4).min(Duration::from_secs(5)));
-        let expiry_unix = fetched
+        let usable_until = fetched
             .lifetime
-            .map(|l| (SystemTime::now() + l).duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0));
+            .map(|l| fetched.started + l - (l / 4).min(Duration::from_secs(5)));
+        let expiry_unix = fetched.lifetime.map(|l| {
+            (SystemTime::now() + l)
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0)
+        });
         tracing::info!(
             hub_id = fetched.hub_id,
             scopes = %fetched.scopes.join(","),
@@ -273,9 +302,14 @@ impl Refresher {
             scopes: fetched.scopes,
             generation: self.generation,
         });
-        self.metrics.token_refreshes_total.with_label_values(&["success"]).inc();
+        self.metrics
+            .token_refreshes_total
+            .with_label_values(&["success"])
+            .inc();
         self.metrics.token_scopes_verified.set(1);
-        self.metrics.token_expiry_timestamp_seconds.set(expiry_unix.unwrap_or(0.0));
+        self.metrics
+            .token_expiry_timestamp_seconds
+            .set(expiry_unix.unwrap_or(0.0));
         self.tx.send_replace(TokenStatus {
             token: Some(token),
             problem: None,
@@ -309,7 +343,10 @@ impl Refresher {
                     .await
                     .map_err(unreachable)?;
                 let grant: TokenResponse = json(&answer)?;
-                if let Some(new) = grant.refresh_token.filter(|r| !r.is_empty() && r != refresh_token.expose()) {
+                if let Some(new) = grant
+                    .refresh_token
+                    .filter(|r| !r.is_empty() && r != refresh_token.expose())
+                {
                     tracing::info!("HubSpot returned a new refresh token; using it from now on");
                     *refresh_token = Secret::new(new);
                 }
@@ -335,7 +372,8 @@ impl Refresher {
                         json(&answer)?
                     }
                     OauthApi::V1 => {
-                        let path = format!("/oauth/v1/access-tokens/{}", utf8_percent(access.expose()));
+                        let path =
+                            format!("/oauth/v1/access-tokens/{}", utf8_percent(access.expose()));
                         let answer = self.hubspot.get(&path).await.map_err(unreachable)?;
                         let mut info: Introspection = json(&answer)?;
                         // v1 has no `active`: a 200 with the token's details means it is live.
@@ -365,14 +403,17 @@ impl Refresher {
                     }
                     None => initial.expose().to_owned(),
                 };
-                let due = self.verified_at.is_none_or(|t| t.elapsed() >= STATIC_REVERIFY);
+                let due = self
+                    .verified_at
+                    .is_none_or(|t| t.elapsed() >= STATIC_REVERIFY);
                 if static_seen.as_deref() == Some(value.as_str()) && !due {
                     return Err(Skip::Unchanged);
                 }
                 // Remember what was tried, so an unchanged rejected file is not retried every
                 // second; the backoff of a failure still retries it.
                 *static_seen = Some(value.clone());
-                let body = serde_json::to_vec(&serde_json::json!({ "tokenKey": value })).unwrap_or_default();
+                let body = serde_json::to_vec(&serde_json::json!({ "tokenKey": value }))
+                    .unwrap_or_default();
                 let answer = self
                     .hubspot
                     .post_json("/oauth/v2/private-apps/get/access-token-info", body)
@@ -418,8 +459,16 @@ fn json<T: serde::de::DeserializeOwned>(answer: &crate::upstream::Answer) -> Res
 }
 
 fn missing(required: &[String], granted: &[String]) -> Result<(), TokenError> {
-    let absent: Vec<String> = required.iter().filter(|r| !granted.contains(r)).cloned().collect();
-    if absent.is_empty() { Ok(()) } else { Err(TokenError::MissingScopes(absent)) }
+    let absent: Vec<String> = required
+        .iter()
+        .filter(|r| !granted.contains(r))
+        .cloned()
+        .collect();
+    if absent.is_empty() {
+        Ok(())
+    } else {
+        Err(TokenError::MissingScopes(absent))
+    }
 }
 
 fn utf8_percent(s: &str) -> String {
@@ -447,9 +496,15 @@ mod tests {
     #[test]
     fn refresh_margin_follows_the_design_rule() {
         let d = refresh_delay(Duration::from_secs(1800));
-        assert!(d <= Duration::from_secs(1620) && d >= Duration::from_secs(1602), "{d:?}");
+        assert!(
+            d <= Duration::from_secs(1620) && d >= Duration::from_secs(1602),
+            "{d:?}"
+        );
         let d = refresh_delay(Duration::from_secs(4));
-        assert!(d <= Duration::from_secs(2) && d >= Duration::from_millis(1800), "{d:?}");
+        assert!(
+            d <= Duration::from_secs(2) && d >= Duration::from_millis(1800),
+            "{d:?}"
+        );
         let d = refresh_delay(Duration::from_secs(300));
         assert!(d <= Duration::from_secs(240), "{d:?}");
     }

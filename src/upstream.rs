@@ -104,7 +104,10 @@ impl HubSpot {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(https);
-        let uri: Uri = config.base_url.parse().expect("base_url validated by Config::validate");
+        let uri: Uri = config
+            .base_url
+            .parse()
+            .expect("base_url validated by Config::validate");
         let parts = uri.into_parts();
         Ok(HubSpot {
             client,
@@ -115,7 +118,10 @@ impl HubSpot {
                 .map(|p| p.path().trim_end_matches('/').to_owned())
                 .unwrap_or_default(),
             request_timeout: config.request_timeout,
-            user_agent: HeaderValue::from_static(concat!("hubspot-files-gateway/", env!("CARGO_PKG_VERSION"))),
+            user_agent: HeaderValue::from_static(concat!(
+                "hubspot-files-gateway/",
+                env!("CARGO_PKG_VERSION")
+            )),
             budget: RateBudget::new(config.rate_limit.requests, config.rate_limit.per),
             metrics,
         })
@@ -123,15 +129,26 @@ impl HubSpot {
 
     /// Asks HubSpot for one task's status: within the outbound budget, retried on connect
     /// errors and 502/503/504 while the deadline allows.
-    pub async fn get_status(&self, req: &StatusRequest, token: &Secret, request_id: &HeaderValue) -> Result<Answer, UpstreamError> {
+    pub async fn get_status(
+        &self,
+        req: &StatusRequest,
+        token: &Secret,
+        request_id: &HeaderValue,
+    ) -> Result<Answer, UpstreamError> {
         let deadline = Instant::now() + self.request_timeout;
         let path = req.upstream_path();
         let mut attempt = 0;
         loop {
             attempt += 1;
             if let Err((retry_after, source)) = self.budget.acquire() {
-                self.metrics.upstream_throttled_total.with_label_values(&[source.label()]).inc();
-                return Err(UpstreamError::Throttled { retry_after, by: source });
+                self.metrics
+                    .upstream_throttled_total
+                    .with_label_values(&[source.label()])
+                    .inc();
+                return Err(UpstreamError::Throttled {
+                    retry_after,
+                    by: source,
+                });
             }
             let request = self.request(Method::GET, &path, Some(token), Some(request_id), None);
             let started = Instant::now();
@@ -140,7 +157,10 @@ impl HubSpot {
                 Ok(a) => a.status.as_str().to_owned(),
                 Err(_) => "error".to_owned(),
             };
-            self.metrics.upstream_requests_total.with_label_values(&[&code]).inc();
+            self.metrics
+                .upstream_requests_total
+                .with_label_values(&[&code])
+                .inc();
             self.metrics
                 .upstream_request_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -152,7 +172,8 @@ impl HubSpot {
             if let Ok(answer) = &result {
                 self.observe_rate_headers(answer);
             }
-            let backoff = Duration::from_millis(50 << attempt) + Duration::from_millis(rand::rng().random_range(0..50));
+            let backoff = Duration::from_millis(50 << attempt)
+                + Duration::from_millis(rand::rng().random_range(0..50));
             if !retryable || attempt >= MAX_TRIES || Instant::now() + backoff >= deadline {
                 return result;
             }
@@ -161,22 +182,43 @@ impl HubSpot {
     }
 
     /// Posts a form (the OAuth endpoints); one try, no budget: token calls are not API calls.
-    pub async fn post_form(&self, path: &str, fields: &[(&str, &str)]) -> Result<Answer, UpstreamError> {
-        let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(fields).finish();
-        let request = self.request(Method::POST, path, None, None, Some(("application/x-www-form-urlencoded", body.into())));
-        self.send(request, Instant::now() + self.request_timeout).await
+    pub async fn post_form(
+        &self,
+        path: &str,
+        fields: &[(&str, &str)],
+    ) -> Result<Answer, UpstreamError> {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(fields)
+            .finish();
+        let request = self.request(
+            Method::POST,
+            path,
+            None,
+            None,
+            Some(("application/x-www-form-urlencoded", body.into())),
+        );
+        self.send(request, Instant::now() + self.request_timeout)
+            .await
     }
 
     /// Posts JSON (the private-app token-info endpoint); one try.
     pub async fn post_json(&self, path: &str, json: Vec<u8>) -> Result<Answer, UpstreamError> {
-        let request = self.request(Method::POST, path, None, None, Some(("application/json", json.into())));
-        self.send(request, Instant::now() + self.request_timeout).await
+        let request = self.request(
+            Method::POST,
+            path,
+            None,
+            None,
+            Some(("application/json", json.into())),
+        );
+        self.send(request, Instant::now() + self.request_timeout)
+            .await
     }
 
     /// A plain GET without credentials (the v1 access-token info endpoint); one try.
     pub async fn get(&self, path: &str) -> Result<Answer, UpstreamError> {
         let request = self.request(Method::GET, path, None, None, None);
-        self.send(request, Instant::now() + self.request_timeout).await
+        self.send(request, Instant::now() + self.request_timeout)
+            .await
     }
 
     fn request(
@@ -221,7 +263,11 @@ impl HubSpot {
         })
     }
 
-    async fn send(&self, request: Request<Full<Bytes>>, deadline: Instant) -> Result<Answer, UpstreamError> {
+    async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+        deadline: Instant,
+    ) -> Result<Answer, UpstreamError> {
         let call = async {
             let response = self
                 .client
@@ -262,12 +308,16 @@ impl HubSpot {
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
         if let Some(remaining) = number("x-hubspot-ratelimit-remaining") {
-            self.metrics.upstream_ratelimit_remaining.set(remaining as i64);
+            self.metrics
+                .upstream_ratelimit_remaining
+                .set(remaining as i64);
         }
         if answer.status == StatusCode::TOO_MANY_REQUESTS {
             let wait = number("retry-after")
                 .map(Duration::from_secs)
-                .or_else(|| number("x-hubspot-ratelimit-interval-milliseconds").map(Duration::from_millis))
+                .or_else(|| {
+                    number("x-hubspot-ratelimit-interval-milliseconds").map(Duration::from_millis)
+                })
                 .unwrap_or(Duration::from_secs(10));
             self.budget.hold_for(wait);
         }
@@ -310,12 +360,19 @@ impl RateBudget {
             }
             s.hold_until = None;
         }
-        while s.sent.front().is_some_and(|t| now.duration_since(*t) >= self.per) {
+        while s
+            .sent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.per)
+        {
             s.sent.pop_front();
         }
         if s.sent.len() >= self.limit {
             let oldest = s.sent.front().copied().unwrap_or(now);
-            return Err((self.per.saturating_sub(now.duration_since(oldest)), ThrottleSource::LocalBudget));
+            return Err((
+                self.per.saturating_sub(now.duration_since(oldest)),
+                ThrottleSource::LocalBudget,
+            ));
         }
         s.sent.push_back(now);
         Ok(())

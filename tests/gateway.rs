@@ -17,19 +17,32 @@ async fn terminal_answer_is_served_from_memory() {
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(first.header("x-cache"), "MISS");
     assert_eq!(first.json()["status"], "COMPLETE");
-    assert!(first.header("cache-status").contains("stored"), "{}", first.header("cache-status"));
+    assert!(
+        first.header("cache-status").contains("stored"),
+        "{}",
+        first.header("cache-status")
+    );
     assert!(!first.header("x-hubspot-correlation-id").is_empty());
     let second = get(&gw.status_url("complete-abc")).await;
     assert_eq!(second.status, StatusCode::OK);
     assert_eq!(second.header("x-cache"), "HIT");
     assert_eq!(second.header("cache-status"), "hubspot-files-gateway; hit");
     assert!(second.headers.contains_key("age"));
-    assert!(!second.headers.contains_key("x-hubspot-ratelimit-remaining"), "rate headers only on fresh answers");
-    assert_eq!(first.body, second.body, "cached bytes are the upstream's bytes");
+    assert!(
+        !second.headers.contains_key("x-hubspot-ratelimit-remaining"),
+        "rate headers only on fresh answers"
+    );
+    assert_eq!(
+        first.body, second.body,
+        "cached bytes are the upstream's bytes"
+    );
     assert_eq!(status_requests(&sim).await, 1);
     // CANCELED is terminal too.
     get(&gw.status_url("canceled-x")).await;
-    assert_eq!(get(&gw.status_url("canceled-x")).await.header("x-cache"), "HIT");
+    assert_eq!(
+        get(&gw.status_url("canceled-x")).await.header("x-cache"),
+        "HIT"
+    );
     assert_eq!(status_requests(&sim).await, 2);
 }
 
@@ -50,16 +63,38 @@ async fn pending_answer_is_asked_every_time() {
 #[tokio::test]
 async fn versioned_route_and_head() {
     let (sim, gw) = start().await;
-    let url = format!("http://{}/files/2026-03/files/import-from-url/async/tasks/processing-1/status", gw.addr);
+    let url = format!(
+        "http://{}/files/2026-03/files/import-from-url/async/tasks/processing-1/status",
+        gw.addr
+    );
     let r = get(&url).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["status"], "PROCESSING");
-    let head = send(Method::HEAD, &gw.status_url("complete-h"), &[("authorization", &format!("Bearer {KEY}"))]).await;
+    let head = send(
+        Method::HEAD,
+        &gw.status_url("complete-h"),
+        &[("authorization", &format!("Bearer {KEY}"))],
+    )
+    .await;
     assert_eq!(head.status, StatusCode::OK);
     assert!(head.body.is_empty(), "HEAD has no body");
-    let seen = send(Method::GET, &format!("{}/__sim/requests", sim.base_url()), &[]).await.json();
-    let paths: Vec<&str> = seen.as_array().expect("list").iter().filter_map(|r| r["path"].as_str()).collect();
-    assert!(paths.contains(&"/files/2026-03/files/import-from-url/async/tasks/processing-1/status"), "{paths:?}");
+    let seen = send(
+        Method::GET,
+        &format!("{}/__sim/requests", sim.base_url()),
+        &[],
+    )
+    .await
+    .json();
+    let paths: Vec<&str> = seen
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|r| r["path"].as_str())
+        .collect();
+    assert!(
+        paths.contains(&"/files/2026-03/files/import-from-url/async/tasks/processing-1/status"),
+        "{paths:?}"
+    );
 }
 
 /// No key, an unknown key, or another scheme: 401 in HubSpot's shape, nothing forwarded.
@@ -67,17 +102,32 @@ async fn versioned_route_and_head() {
 async fn unauthenticated_callers_are_refused() {
     let (sim, gw) = start().await;
     let url = gw.status_url("complete-abc");
-    for headers in [vec![], vec![("authorization", "Bearer wrong-key")], vec![("authorization", "Basic dGVzdDp0ZXN0")]] {
+    for headers in [
+        vec![],
+        vec![("authorization", "Bearer wrong-key")],
+        vec![("authorization", "Basic dGVzdDp0ZXN0")],
+    ] {
         let r = send(Method::GET, &url, &headers).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{headers:?}");
         let body = r.json();
         assert_eq!(body["status"], "error");
         assert_eq!(body["category"], "INVALID_AUTHENTICATION");
-        assert!(body["correlationId"].as_str().is_some_and(|c| c.len() == 36));
+        assert!(
+            body["correlationId"]
+                .as_str()
+                .is_some_and(|c| c.len() == 36)
+        );
         assert!(body["message"].as_str().is_some());
     }
     assert_eq!(status_requests(&sim).await, 0);
-    assert_eq!(metric(&gw, r#"hubspot_gateway_inbound_auth_failures_total{reason="missing"}"#).await, Some(1.0));
+    assert_eq!(
+        metric(
+            &gw,
+            r#"hubspot_gateway_inbound_auth_failures_total{reason="missing"}"#
+        )
+        .await,
+        Some(1.0)
+    );
 }
 
 /// Hostile or malformed taskIds get 400 VALIDATION_ERROR; other paths 404; POST 405 with
@@ -86,7 +136,16 @@ async fn unauthenticated_callers_are_refused() {
 async fn bad_requests_are_answered_and_not_forwarded() {
     let (sim, gw) = start().await;
     let long = "a".repeat(129);
-    for id in ["..", "%2e%2e", "a%2Fb", "%00x", long.as_str(), "a%20b", "%252e%252e", ""] {
+    for id in [
+        "..",
+        "%2e%2e",
+        "a%2Fb",
+        "%00x",
+        long.as_str(),
+        "a%20b",
+        "%252e%252e",
+        "",
+    ] {
         let r = get(&gw.status_url(id)).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "taskId {id:?}");
         assert_eq!(r.json()["category"], "VALIDATION_ERROR", "taskId {id:?}");
@@ -94,7 +153,12 @@ async fn bad_requests_are_answered_and_not_forwarded() {
     let r = get(&format!("http://{}/files/v3/files/abc", gw.addr)).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert_eq!(r.json()["status"], "error");
-    let r = send(Method::POST, &gw.status_url("complete-abc"), &[("authorization", &format!("Bearer {KEY}"))]).await;
+    let r = send(
+        Method::POST,
+        &gw.status_url("complete-abc"),
+        &[("authorization", &format!("Bearer {KEY}"))],
+    )
+    .await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(r.header("allow"), "GET, HEAD");
     assert_eq!(status_requests(&sim).await, 0);
@@ -119,16 +183,35 @@ async fn caller_credentials_never_reach_hubspot() {
     .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("x-request-id"), "req-123");
-    let seen = send(Method::GET, &format!("{}/__sim/requests", sim.base_url()), &[]).await.json();
+    let seen = send(
+        Method::GET,
+        &format!("{}/__sim/requests", sim.base_url()),
+        &[],
+    )
+    .await
+    .json();
     let req = &seen.as_array().expect("list")[0];
     let text = req.to_string();
     assert!(!text.contains(KEY), "caller's key forwarded: {text}");
-    assert!(!text.contains("leak"), "caller's cookie, query or proxy credentials forwarded: {text}");
+    assert!(
+        !text.contains("leak"),
+        "caller's cookie, query or proxy credentials forwarded: {text}"
+    );
     let headers = &req["headers"];
-    let auth = headers["authorization"].as_str().expect("managed token sent");
-    assert!(auth.starts_with("Bearer ") && auth.len() > 200, "managed token: {} chars", auth.len());
+    let auth = headers["authorization"]
+        .as_str()
+        .expect("managed token sent");
+    assert!(
+        auth.starts_with("Bearer ") && auth.len() > 200,
+        "managed token: {} chars",
+        auth.len()
+    );
     assert_eq!(headers["x-request-id"], "req-123");
-    assert!(headers["user-agent"].as_str().is_some_and(|u| u.starts_with("hubspot-files-gateway/")));
+    assert!(
+        headers["user-agent"]
+            .as_str()
+            .is_some_and(|u| u.starts_with("hubspot-files-gateway/"))
+    );
     assert_eq!(headers["accept"], "application/json");
 }
 
@@ -142,17 +225,33 @@ async fn token_missing_a_scope_is_never_injected() {
     })
     .await;
     let gw = gateway(config(&sim.base_url()), oauth()).await;
-    wait_for(|| async { stats(&sim).await["token_requests"].as_u64() >= Some(1) }, "a token request").await;
+    wait_for(
+        || async { stats(&sim).await["token_requests"].as_u64() >= Some(1) },
+        "a token request",
+    )
+    .await;
     let ready = send(Method::GET, &gw.admin_url("/readyz"), &[]).await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(ready.json()["reason"].as_str().is_some_and(|r| r.contains("scope")), "{:?}", ready.body);
+    assert!(
+        ready.json()["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("scope")),
+        "{:?}",
+        ready.body
+    );
     let r = get(&gw.status_url("complete-abc")).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     let body = r.json();
     assert_eq!(body["category"], "MISSING_SCOPES");
-    assert_eq!(body["context"]["missingScopes"], serde_json::json!(["files.ui_hidden.read"]));
+    assert_eq!(
+        body["context"]["missingScopes"],
+        serde_json::json!(["files.ui_hidden.read"])
+    );
     assert_eq!(status_requests(&sim).await, 0);
-    assert_eq!(metric(&gw, "hubspot_gateway_token_scopes_verified").await, Some(0.0));
+    assert_eq!(
+        metric(&gw, "hubspot_gateway_token_scopes_verified").await,
+        Some(0.0)
+    );
 }
 
 /// A 4-second token polled for 10 seconds: every answer is 200, and the token is refreshed
@@ -172,16 +271,37 @@ async fn short_lived_token_is_refreshed_ahead_of_expiry() {
     let started = Instant::now();
     let mut answered = 0;
     while started.elapsed() < Duration::from_secs(10) {
-        let r = send_with(&client, Method::GET, &gw.status_url("pending-poll"), &[("authorization", &auth)]).await;
-        assert_eq!(r.status, StatusCode::OK, "after {:?}: {:?}", started.elapsed(), r.body);
+        let r = send_with(
+            &client,
+            Method::GET,
+            &gw.status_url("pending-poll"),
+            &[("authorization", &auth)],
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "after {:?}: {:?}",
+            started.elapsed(),
+            r.body
+        );
         answered += 1;
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    let tokens = stats(&sim).await["token_requests"].as_u64().expect("counter");
+    let tokens = stats(&sim).await["token_requests"]
+        .as_u64()
+        .expect("counter");
     assert!(answered > 100, "{answered}");
     // Refreshed about every 2 s: 1 at start + ~5; never one per request.
-    assert!((4..=8).contains(&tokens), "token requests in 10 s: {tokens}");
-    assert_eq!(stats(&sim).await["unauthorized"].as_u64(), Some(0), "no request went out with an expired token");
+    assert!(
+        (4..=8).contains(&tokens),
+        "token requests in 10 s: {tokens}"
+    );
+    assert_eq!(
+        stats(&sim).await["unauthorized"].as_u64(),
+        Some(0),
+        "no request went out with an expired token"
+    );
 }
 
 /// The admin port exports the documented metric families.
@@ -190,14 +310,53 @@ async fn metrics_are_exported() {
     let (_sim, gw) = start().await;
     get(&gw.status_url("complete-m")).await;
     get(&gw.status_url("complete-m")).await;
-    assert_eq!(metric(&gw, r#"hubspot_gateway_requests_total{cache="miss",client="tests",code="200"}"#).await, Some(1.0));
-    assert_eq!(metric(&gw, r#"hubspot_gateway_requests_total{cache="hit",client="tests",code="200"}"#).await, Some(1.0));
-    assert_eq!(metric(&gw, r#"hubspot_gateway_upstream_requests_total{code="200"}"#).await, Some(1.0));
-    assert_eq!(metric(&gw, "hubspot_gateway_token_scopes_verified").await, Some(1.0));
-    assert!(metric(&gw, "hubspot_gateway_token_expiry_timestamp_seconds").await.is_some_and(|t| t > 1.7e9));
-    assert_eq!(metric(&gw, r#"hubspot_gateway_build_info{version="0.1.0"}"#).await, Some(1.0));
-    assert_eq!(metric(&gw, "hubspot_gateway_cache_entries").await, Some(1.0));
+    assert_eq!(
+        metric(
+            &gw,
+            r#"hubspot_gateway_requests_total{cache="miss",client="tests",code="200"}"#
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            r#"hubspot_gateway_requests_total{cache="hit",client="tests",code="200"}"#
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            r#"hubspot_gateway_upstream_requests_total{code="200"}"#
+        )
+        .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&gw, "hubspot_gateway_token_scopes_verified").await,
+        Some(1.0)
+    );
+    assert!(
+        metric(&gw, "hubspot_gateway_token_expiry_timestamp_seconds")
+            .await
+            .is_some_and(|t| t > 1.7e9)
+    );
+    assert_eq!(
+        metric(&gw, r#"hubspot_gateway_build_info{version="0.1.0"}"#).await,
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&gw, "hubspot_gateway_cache_entries").await,
+        Some(1.0)
+    );
     let text = send(Method::GET, &gw.admin_url("/metrics"), &[]).await.body;
     assert!(String::from_utf8_lossy(&text).contains("\nprocess_resident_memory_bytes "));
-    assert_eq!(send(Method::GET, &gw.admin_url("/healthz"), &[]).await.status, StatusCode::OK);
+    assert_eq!(
+        send(Method::GET, &gw.admin_url("/healthz"), &[])
+            .await
+            .status,
+        StatusCode::OK
+    );
 }

@@ -34,7 +34,10 @@ pub struct TestGateway {
 impl TestGateway {
     /// URL of the status route for `task` on API version `v3`.
     pub fn status_url(&self, task: &str) -> String {
-        format!("http://{}/files/v3/files/import-from-url/async/tasks/{task}/status", self.addr)
+        format!(
+            "http://{}/files/v3/files/import-from-url/async/tasks/{task}/status",
+            self.addr
+        )
     }
 
     pub fn admin_url(&self, path: &str) -> String {
@@ -85,7 +88,10 @@ pub async fn simulator(sim: SimConfig) -> RunningSimulator {
 pub async fn gateway(config: Config, credentials: Credentials) -> TestGateway {
     let service = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let admin = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (addr, admin_addr) = (service.local_addr().expect("addr"), admin.local_addr().expect("addr"));
+    let (addr, admin_addr) = (
+        service.local_addr().expect("addr"),
+        admin.local_addr().expect("addr"),
+    );
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         let shutdown = async move {
@@ -120,11 +126,15 @@ pub struct Reply {
 
 impl Reply {
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
     }
 }
 
@@ -138,7 +148,12 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)]) -> Reply 
     send_with(&client(), method, url, headers).await
 }
 
-pub async fn send_with(client: &Client<HttpConnector, Full<Bytes>>, method: Method, url: &str, headers: &[(&str, &str)]) -> Reply {
+pub async fn send_with(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Reply {
     let mut req = Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
@@ -157,17 +172,26 @@ pub async fn send_with(client: &Client<HttpConnector, Full<Bytes>>, method: Meth
 
 /// GET with the test API key.
 pub async fn get(url: &str) -> Reply {
-    send(Method::GET, url, &[("authorization", &format!("Bearer {KEY}"))]).await
+    send(
+        Method::GET,
+        url,
+        &[("authorization", &format!("Bearer {KEY}"))],
+    )
+    .await
 }
 
 /// The simulator's request counters.
 pub async fn stats(sim: &RunningSimulator) -> serde_json::Value {
-    send(Method::GET, &format!("{}/__sim/stats", sim.base_url()), &[]).await.json()
+    send(Method::GET, &format!("{}/__sim/stats", sim.base_url()), &[])
+        .await
+        .json()
 }
 
 /// How many status requests the simulator has seen.
 pub async fn status_requests(sim: &RunningSimulator) -> u64 {
-    stats(sim).await["status_requests"].as_u64().expect("status_requests counter")
+    stats(sim).await["status_requests"]
+        .as_u64()
+        .expect("status_requests counter")
 }
 
 /// Changes the simulator's faults at run time.
@@ -183,7 +207,16 @@ pub async fn faults(sim: &RunningSimulator, json: serde_json::Value) {
 
 /// Polls `/readyz` until it answers 200 (10 s at most).
 pub async fn wait_ready(gw: &TestGateway) {
-    wait_for(|| async { send(Method::GET, &gw.admin_url("/readyz"), &[]).await.status == StatusCode::OK }, "gateway ready").await;
+    wait_for(
+        || async {
+            send(Method::GET, &gw.admin_url("/readyz"), &[])
+                .await
+                .status
+                == StatusCode::OK
+        },
+        "gateway ready",
+    )
+    .await;
 }
 
 /// Polls `check` every 20 ms until it holds, failing after 10 s.
