@@ -140,10 +140,7 @@ fn status_path(base: &str, task: &str) -> String {
 /// Validates `body` against `#/components/schemas/{schema}` of a HubSpot spec file, with the
 /// spec's components embedded so internal `$ref`s resolve; formats (uuid, date-time) checked.
 fn assert_valid(spec_file: &str, schema: &str, body: &Value) {
-    let path = format!(
-        "{}/../shared/hubspot-spec/{spec_file}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/spec/{spec_file}", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let spec: Value = serde_json::from_str(&text).expect("spec is JSON");
     let schema_doc = json!({
