@@ -79,6 +79,9 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
             .max_capacity(config.max_bytes)
             .weigher(|k: &StatusRequest, v: &Arc<Stored>| weight(k, v))
             .expire_after(PerEntryTtl)
+            // LRU rather than moka's default TinyLFU: a task that just finished is the one its
+            // pollers ask about next, and TinyLFU would refuse to admit it into a full cache.
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
         AnswerCache {
             store,

@@ -1,0 +1,285 @@
+//! Cache and single-flight: one HubSpot call per question, a store bounded by bytes.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hubspot_files_gateway::simulator::SimConfig;
+use hyper::{Method, StatusCode};
+use support::*;
+use tokio::io::AsyncWriteExt;
+
+/// A simulator without HubSpot's rate limit (these tests count calls, not budgets) and with
+/// `latency` on every status answer, so concurrent callers overlap.
+async fn slow_simulator(latency: Duration) -> hubspot_files_gateway::simulator::RunningSimulator {
+    simulator(SimConfig {
+        latency,
+        rate_limit: None,
+        ..SimConfig::default()
+    })
+    .await
+}
+
+/// `n` callers ask for `task` at once; returns every answer.
+async fn crowd(gw: &TestGateway, task: &str, n: usize) -> Vec<Reply> {
+    let client = Arc::new(client());
+    let url = Arc::new(gw.status_url(task));
+    let auth = Arc::new(format!("Bearer {KEY}"));
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let (client, url, auth) = (client.clone(), url.clone(), auth.clone());
+            tokio::spawn(async move {
+                send_with(&client, Method::GET, &url, &[("authorization", &auth)]).await
+            })
+        })
+        .collect();
+    let mut replies = Vec::with_capacity(n);
+    for call in calls {
+        replies.push(call.await.expect("caller task"));
+    }
+    replies
+}
+
+fn count(replies: &[Reply], x_cache: &str) -> usize {
+    replies
+        .iter()
+        .filter(|r| r.header("x-cache") == x_cache)
+        .count()
+}
+
+/// 1,000 concurrent callers of one PENDING task: one upstream request, 1,000 answers of 200,
+/// one MISS and the rest COALESCED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_callers_of_a_pending_task_make_one_call() {
+    let sim = slow_simulator(Duration::from_millis(1500)).await;
+    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    wait_ready(&gw).await;
+    let replies = crowd(&gw, "pending-crowd", 1000).await;
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == StatusCode::OK && r.json()["status"] == "PENDING")
+    );
+    assert_eq!(status_requests(&sim).await, 1);
+    assert_eq!(count(&replies, "MISS"), 1);
+    assert_eq!(count(&replies, "COALESCED"), 999);
+    assert_eq!(
+        metric(&gw, "hubspot_gateway_coalesced_requests_total").await,
+        Some(999.0)
+    );
+}
+
+/// The same for a COMPLETE task, and afterwards everyone gets a HIT without HubSpot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_callers_of_a_complete_task_make_one_call_then_hit() {
+    let sim = slow_simulator(Duration::from_millis(1500)).await;
+    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    wait_ready(&gw).await;
+    let replies = crowd(&gw, "complete-crowd", 1000).await;
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == StatusCode::OK && r.body == replies[0].body)
+    );
+    assert_eq!(status_requests(&sim).await, 1);
+    let again = crowd(&gw, "complete-crowd", 200).await;
+    assert_eq!(count(&again, "HIT"), 200);
+    assert_eq!(status_requests(&sim).await, 1);
+}
+
+/// HubSpot answering 503 to a crowd: the crowd costs what one caller costs (the gateway's
+/// own retries of a 503, MAX_TRIES = 3), and every caller gets the 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crowd_of_a_failing_task_shares_one_upstream_attempt() {
+    let sim = slow_simulator(Duration::from_millis(300)).await;
+    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    wait_ready(&gw).await;
+    faults(
+        &sim,
+        serde_json::json!({ "status_override": { "status": 503, "count": 1000 } }),
+    )
+    .await;
+    let replies = crowd(&gw, "pending-fail", 500).await;
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == StatusCode::SERVICE_UNAVAILABLE),
+        "every caller gets HubSpot's 503"
+    );
+    assert_eq!(
+        status_requests(&sim).await,
+        3,
+        "one call, retried twice on 503, for the whole crowd"
+    );
+    // Not stored: the next caller asks again.
+    faults(&sim, serde_json::json!({ "status_override": null })).await;
+    assert_eq!(
+        get(&gw.status_url("pending-fail")).await.status,
+        StatusCode::OK
+    );
+}
+
+/// HubSpot too slow for the deadline: one upstream request, and every caller gets a 504
+/// within its own deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crowd_of_a_timed_out_task_gets_504_from_one_call() {
+    let sim = slow_simulator(Duration::from_secs(6)).await;
+    let mut cfg = config(&sim.base_url());
+    // Long enough for all 300 callers to connect while the one call is in flight.
+    cfg.upstream.request_timeout = Duration::from_secs(2);
+    let gw = gateway(cfg, oauth()).await;
+    wait_ready(&gw).await;
+    let started = std::time::Instant::now();
+    let replies = crowd(&gw, "pending-slow", 300).await;
+    assert!(
+        started.elapsed() < Duration::from_millis(4500),
+        "answered within the deadline: {:?}",
+        started.elapsed()
+    );
+    for r in &replies {
+        assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(r.json()["category"], "UPSTREAM_TIMEOUT");
+    }
+    assert_eq!(status_requests(&sim).await, 1);
+}
+
+/// The first caller hangs up while its call is in flight: the fetch goes on, and the callers
+/// that joined it still get the answer, from that one call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_hanging_up_does_not_cancel_the_fetch() {
+    let sim = slow_simulator(Duration::from_millis(800)).await;
+    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    wait_ready(&gw).await;
+    let mut leader = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /files/v3/files/import-from-url/async/tasks/complete-hangup/status HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {KEY}\r\n\r\n"
+    );
+    leader.write_all(request.as_bytes()).await.expect("write");
+    wait_for(
+        || async { status_requests(&sim).await == 1 },
+        "leader's call reached HubSpot",
+    )
+    .await;
+    let followers = tokio::spawn({
+        let url = gw.status_url("complete-hangup");
+        async move { futures_join(&url, 20).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(leader);
+    let replies = followers.await.expect("followers");
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == StatusCode::OK && r.json()["status"] == "COMPLETE")
+    );
+    assert_eq!(count(&replies, "COALESCED"), 20);
+    assert_eq!(status_requests(&sim).await, 1);
+    assert_eq!(
+        get(&gw.status_url("complete-hangup"))
+            .await
+            .header("x-cache"),
+        "HIT",
+        "the orphaned fetch was stored"
+    );
+}
+
+async fn futures_join(url: &str, n: usize) -> Vec<Reply> {
+    let client = Arc::new(client());
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.to_owned());
+            tokio::spawn(async move {
+                send_with(
+                    &client,
+                    Method::GET,
+                    &url,
+                    &[("authorization", &format!("Bearer {KEY}"))],
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for c in calls {
+        out.push(c.await.expect("task"));
+    }
+    out
+}
+
+/// Three times `max_bytes` of distinct terminal answers: the cache's weight stays within
+/// `max_bytes`, and the newest answers are still HITs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_is_bounded_by_bytes() {
+    let sim = slow_simulator(Duration::ZERO).await;
+    let mut cfg = config(&sim.base_url());
+    cfg.cache.max_bytes = 256 * 1024;
+    let gw = gateway(cfg, oauth()).await;
+    wait_ready(&gw).await;
+    let client = client();
+    let auth = format!("Bearer {KEY}");
+    let mut stored = 0usize;
+    let mut i = 0;
+    while stored < 3 * 256 * 1024 {
+        let r = send_with(
+            &client,
+            Method::GET,
+            &gw.status_url(&format!("complete-fill-{i}")),
+            &[("authorization", &auth)],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        stored += r.body.len();
+        i += 1;
+    }
+    let weight = metric(&gw, "hubspot_gateway_cache_weight_bytes")
+        .await
+        .expect("gauge");
+    let entries = metric(&gw, "hubspot_gateway_cache_entries")
+        .await
+        .expect("gauge");
+    assert!(weight <= 256.0 * 1024.0, "weight {weight} > max_bytes");
+    assert!(
+        weight >= 0.5 * 256.0 * 1024.0,
+        "the cache is used: {weight}"
+    );
+    assert!(entries < i as f64 / 2.0, "{entries} of {i} kept");
+    let before = status_requests(&sim).await;
+    for j in (i - 10)..i {
+        let r = send_with(
+            &client,
+            Method::GET,
+            &gw.status_url(&format!("complete-fill-{j}")),
+            &[("authorization", &auth)],
+        )
+        .await;
+        assert_eq!(r.header("x-cache"), "HIT", "newest entry {j} of {i}");
+    }
+    assert_eq!(status_requests(&sim).await, before);
+}
+
+/// With `pending_ttl = "1s"`, a second poll within the second is a HIT; after it, a MISS.
+#[tokio::test]
+async fn pending_micro_cache() {
+    let sim = slow_simulator(Duration::ZERO).await;
+    let mut cfg = config(&sim.base_url());
+    cfg.cache.pending_ttl = Duration::from_secs(1);
+    let gw = gateway(cfg, oauth()).await;
+    wait_ready(&gw).await;
+    assert_eq!(
+        get(&gw.status_url("pending-micro")).await.header("x-cache"),
+        "MISS"
+    );
+    assert_eq!(
+        get(&gw.status_url("pending-micro")).await.header("x-cache"),
+        "HIT"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        get(&gw.status_url("pending-micro")).await.header("x-cache"),
+        "MISS"
+    );
+    assert_eq!(status_requests(&sim).await, 2);
+}
