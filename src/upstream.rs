@@ -169,7 +169,8 @@ impl HubSpot {
                 Err(UpstreamError::Unavailable(_)) => true,
                 Err(_) => false,
             };
-            if let Ok(answer) = &result {
+            let mut result = result;
+            if let Ok(answer) = &mut result {
                 self.observe_rate_headers(answer);
             }
             let backoff = Duration::from_millis(50 << attempt)
@@ -298,8 +299,9 @@ impl HubSpot {
         }
     }
 
-    /// Follows HubSpot's own view of the budget: the remaining gauge, and a 429's hold.
-    fn observe_rate_headers(&self, answer: &Answer) {
+    /// Follows HubSpot's own view of the budget: the remaining gauge, and a 429's hold. A 429
+    /// without `Retry-After` gets one, so callers learn how long the gateway will hold.
+    fn observe_rate_headers(&self, answer: &mut Answer) {
         let number = |name: &str| {
             answer
                 .headers
@@ -320,6 +322,12 @@ impl HubSpot {
                 })
                 .unwrap_or(Duration::from_secs(10));
             self.budget.hold_for(wait);
+            if !answer.headers.contains_key(header::RETRY_AFTER) {
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                answer
+                    .headers
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
         }
     }
 }

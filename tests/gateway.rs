@@ -360,3 +360,83 @@ async fn metrics_are_exported() {
         StatusCode::OK
     );
 }
+
+/// The gateway's own budget: once `rate_limit` calls went out in the window, the next miss
+/// gets HubSpot's 429 shape with Retry-After, and HubSpot is not called.
+#[tokio::test]
+async fn local_budget_refuses_before_hubspot_has_to() {
+    let sim = simulator(SimConfig::default()).await;
+    let mut cfg = config(&sim.base_url());
+    cfg.upstream.rate_limit.requests = 2;
+    cfg.upstream.rate_limit.per = Duration::from_secs(10);
+    let gw = gateway(cfg, oauth()).await;
+    wait_ready(&gw).await;
+    assert_eq!(
+        get(&gw.status_url("pending-1")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&gw.status_url("pending-2")).await.status,
+        StatusCode::OK
+    );
+    let r = get(&gw.status_url("pending-3")).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    let secs: u64 = r
+        .header("retry-after")
+        .parse()
+        .expect("Retry-After in seconds");
+    assert!((1..=10).contains(&secs), "{secs}");
+    let body = r.json();
+    assert_eq!(body["policyName"], "TEN_SECONDLY_ROLLING");
+    assert_eq!(body["errorType"], "RATE_LIMIT");
+    assert_eq!(body["status"], "error");
+    assert_eq!(status_requests(&sim).await, 2);
+    assert_eq!(
+        metric(
+            &gw,
+            r#"hubspot_gateway_upstream_throttled_total{source="local_budget"}"#
+        )
+        .await,
+        Some(1.0)
+    );
+    // Cached answers do not spend the budget.
+    get(&gw.status_url("complete-x")).await;
+}
+
+/// HubSpot's 429 (without Retry-After) reaches the caller with a Retry-After, and every
+/// further call is held by the gateway until the interval is over, without asking HubSpot.
+#[tokio::test]
+async fn hubspot_429_holds_all_calls() {
+    let sim = simulator(SimConfig::default()).await;
+    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    wait_ready(&gw).await;
+    faults(
+        &sim,
+        serde_json::json!({ "status_override": { "status": 429, "count": 1 } }),
+    )
+    .await;
+    let r = get(&gw.status_url("pending-a")).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        r.json()["policyName"],
+        "TEN_SECONDLY_ROLLING",
+        "HubSpot's own 429 body passes through"
+    );
+    assert!(!r.header("retry-after").is_empty());
+    let held = get(&gw.status_url("pending-b")).await;
+    assert_eq!(held.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(!held.header("retry-after").is_empty());
+    assert_eq!(
+        status_requests(&sim).await,
+        1,
+        "the held call never reached HubSpot"
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            r#"hubspot_gateway_upstream_throttled_total{source="hubspot_429"}"#
+        )
+        .await,
+        Some(1.0)
+    );
+}
