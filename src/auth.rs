@@ -39,6 +39,22 @@ impl AuthError {
 #[derive(Debug, Clone)]
 pub struct PeerCertName(pub Option<String>);
 
+impl PeerCertName {
+    /// The subject common name of a DER certificate (rustls has already verified it).
+    pub fn from_der(der: &[u8]) -> PeerCertName {
+        let cn = x509_parser::parse_x509_certificate(der)
+            .ok()
+            .and_then(|(_, cert)| {
+                cert.subject()
+                    .iter_common_name()
+                    .next()
+                    .and_then(|cn| cn.as_str().ok())
+                    .map(str::to_owned)
+            });
+        PeerCertName(cn)
+    }
+}
+
 /// Decides who a request comes from.
 #[derive(Debug)]
 pub struct Authenticator {

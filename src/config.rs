@@ -393,11 +393,23 @@ impl Config {
                 }
             }
             AuthMode::Mtls => {
-                // Naming callers by certificate is not built yet; refusing the mode is more
-                // honest than accepting a config that would refuse every caller.
-                return invalid(
-                    "auth.mode = \"mtls\" is not implemented yet; use \"api_keys\" (server.client_ca_file still makes TLS require a client certificate)".into(),
-                );
+                if self.server.client_ca_file.is_none() {
+                    return invalid(
+                        "auth.mode = \"mtls\" needs server.client_ca_file (and TLS)".into(),
+                    );
+                }
+                if self.auth.clients.is_empty()
+                    || self
+                        .auth
+                        .clients
+                        .iter()
+                        .any(|c| c.cert_cn.as_deref().is_none_or(str::is_empty))
+                {
+                    return invalid(
+                        "auth.mode = \"mtls\": list the callers as [[auth.clients]] with cert_cn"
+                            .into(),
+                    );
+                }
             }
             AuthMode::None => {}
         }
@@ -592,6 +604,26 @@ key_sha256 = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
         assert!(!printed.contains("value-of"), "{printed}");
         let missing = c.credentials(&|_| None).unwrap_err();
         assert!(missing.to_string().contains("ID"), "{missing}");
+    }
+
+    #[test]
+    fn mtls_needs_a_client_ca_and_certificate_names() {
+        let base = MINIMAL.replace(
+            "[[auth.clients]]",
+            "[auth]\nmode = \"mtls\"\n[[auth.clients]]",
+        );
+        let err = Config::parse(&base).unwrap_err();
+        assert!(err.to_string().contains("client_ca_file"), "{err}");
+        let with_ca = format!(
+            "[server]\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\nclient_ca_file = \"ca\"\n{base}"
+        );
+        let err = Config::parse(&with_ca).unwrap_err();
+        assert!(err.to_string().contains("cert_cn"), "{err}");
+        let named = with_ca.replace(
+            "name = \"billing\"",
+            "name = \"billing\"\ncert_cn = \"billing.svc\"",
+        );
+        Config::parse(&named).expect("mtls with CA and names is valid");
     }
 
     #[test]

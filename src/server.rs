@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, PeerCertName};
 use crate::cache::AnswerCache;
 use crate::config::{Config, Credentials, ServerConfig};
 use crate::gateway::Gateway;
@@ -163,9 +163,39 @@ async fn accept_loop<S, F>(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         tokio::spawn(async move {
-            let svc = service_fn(service);
             let result = match tls {
                 None => {
+                    watcher
+                        .watch(
+                            builder
+                                .serve_connection(TokioIo::new(stream), service_fn(service))
+                                .into_owned(),
+                        )
+                        .await
+                }
+                Some(acceptor) => {
+                    let stream =
+                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        };
+                    // The verified client certificate names the caller for every request
+                    // on this connection.
+                    let peer = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .map(|der| PeerCertName::from_der(der))
+                        .unwrap_or(PeerCertName(None));
+                    let svc = service_fn(move |mut req: Request<Incoming>| {
+                        req.extensions_mut().insert(peer.clone());
+                        service(req)
+                    });
                     watcher
                         .watch(
                             builder
@@ -173,26 +203,6 @@ async fn accept_loop<S, F>(
                                 .into_owned(),
                         )
                         .await
-                }
-                Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(header_timeout, acceptor.accept(stream)).await;
-                    match handshake {
-                        Ok(Ok(stream)) => {
-                            watcher
-                                .watch(
-                                    builder
-                                        .serve_connection(TokioIo::new(stream), svc)
-                                        .into_owned(),
-                                )
-                                .await
-                        }
-                        Ok(Err(e)) => {
-                            tracing::debug!(error = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => return,
-                    }
                 }
             };
             if let Err(e) = result {
