@@ -23,8 +23,13 @@ async fn slow_simulator(latency: Duration) -> hubspot_files_gateway::simulator::
 
 /// `n` callers ask for `task` at once; returns every answer.
 async fn crowd(gw: &TestGateway, task: &str, n: usize) -> Vec<Reply> {
+    crowd_at(&gw.status_url(task), n).await
+}
+
+/// `n` callers GET `url` at once, each with the test key; returns every answer.
+async fn crowd_at(url: &str, n: usize) -> Vec<Reply> {
     let client = Arc::new(client());
-    let url = Arc::new(gw.status_url(task));
+    let url = Arc::new(url.to_owned());
     let auth = Arc::new(format!("Bearer {KEY}"));
     let calls: Vec<_> = (0..n)
         .map(|_| {
@@ -52,8 +57,11 @@ fn count(replies: &[Reply], x_cache: &str) -> usize {
 /// one MISS and the rest COALESCED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_callers_of_a_pending_task_make_one_call() {
-    let sim = slow_simulator(Duration::from_millis(1500)).await;
-    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    // Long enough for 1,000 connections to open on a loaded 2-core machine.
+    let sim = slow_simulator(Duration::from_secs(4)).await;
+    let mut cfg = config(&sim.base_url());
+    cfg.upstream.request_timeout = Duration::from_secs(10);
+    let gw = gateway(cfg, oauth()).await;
     wait_ready(&gw).await;
     let replies = crowd(&gw, "pending-crowd", 1000).await;
     assert!(
@@ -73,8 +81,10 @@ async fn thousand_callers_of_a_pending_task_make_one_call() {
 /// The same for a COMPLETE task, and afterwards everyone gets a HIT without HubSpot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_callers_of_a_complete_task_make_one_call_then_hit() {
-    let sim = slow_simulator(Duration::from_millis(1500)).await;
-    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    let sim = slow_simulator(Duration::from_secs(4)).await;
+    let mut cfg = config(&sim.base_url());
+    cfg.upstream.request_timeout = Duration::from_secs(10);
+    let gw = gateway(cfg, oauth()).await;
     wait_ready(&gw).await;
     let replies = crowd(&gw, "complete-crowd", 1000).await;
     assert!(
@@ -165,7 +175,7 @@ async fn leader_hanging_up_does_not_cancel_the_fetch() {
     .await;
     let followers = tokio::spawn({
         let url = gw.status_url("complete-hangup");
-        async move { futures_join(&url, 20).await }
+        async move { crowd_at(&url, 20).await }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     drop(leader);
@@ -184,29 +194,6 @@ async fn leader_hanging_up_does_not_cancel_the_fetch() {
         "HIT",
         "the orphaned fetch was stored"
     );
-}
-
-async fn futures_join(url: &str, n: usize) -> Vec<Reply> {
-    let client = Arc::new(client());
-    let calls: Vec<_> = (0..n)
-        .map(|_| {
-            let (client, url) = (client.clone(), url.to_owned());
-            tokio::spawn(async move {
-                send_with(
-                    &client,
-                    Method::GET,
-                    &url,
-                    &[("authorization", &format!("Bearer {KEY}"))],
-                )
-                .await
-            })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for c in calls {
-        out.push(c.await.expect("task"));
-    }
-    out
 }
 
 /// Three times `max_bytes` of distinct terminal answers: the cache's weight stays within
