@@ -440,3 +440,21 @@ async fn hubspot_429_holds_all_calls() {
         Some(1.0)
     );
 }
+
+/// HTTP/2 without TLS (prior knowledge) is served on the same port as HTTP/1.1.
+#[tokio::test]
+async fn http2_prior_knowledge_is_served() {
+    let (_sim, gw) = start().await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let r = send_with(
+        &h2,
+        Method::GET,
+        &gw.status_url("complete-h2"),
+        &[("authorization", &format!("Bearer {KEY}"))],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["status"], "COMPLETE");
+}
