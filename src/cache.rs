@@ -141,6 +141,11 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
             (StatusCode::OK, Some(_)) => self.pending_ttl,
             _ => Duration::ZERO,
         };
+        let (headers, body) = if ttl.is_zero() {
+            (headers, body)
+        } else {
+            detach(headers, body)
+        };
         Stored {
             status,
             headers,
@@ -172,6 +177,22 @@ impl Stored {
     pub fn is_stored(&self) -> bool {
         !self.ttl.is_zero()
     }
+}
+
+/// Copies an answer out of the connection's read buffer. hyper hands out body and header
+/// bytes as slices of that buffer, so an entry kept for hours would otherwise pin a buffer
+/// many times its size, and the byte bound would not bound memory.
+fn detach(headers: HeaderMap, body: Bytes) -> (HeaderMap, Bytes) {
+    let mut own = HeaderMap::with_capacity(headers.len());
+    for (name, value) in &headers {
+        let name = hyper::header::HeaderName::from_bytes(name.as_str().as_bytes());
+        let copy = hyper::header::HeaderValue::from_bytes(value.as_bytes());
+        if let (Ok(name), Ok(mut copy)) = (name, copy) {
+            copy.set_sensitive(value.is_sensitive());
+            own.append(name, copy);
+        }
+    }
+    (own, Bytes::copy_from_slice(&body))
 }
 
 fn weight(key: &StatusRequest, value: &Arc<Stored>) -> u32 {
