@@ -377,6 +377,12 @@ impl Refresher {
             let is_static = matches!(self.source, Source::Static { .. });
             if reverify || (refresh && is_static) {
                 self.reverify_current().await;
+                // A 403 whose token passed again needs no new token before the usual time.
+                let serving = self.tx.borrow().token.is_some();
+                if !refresh && serving && Instant::now() < due {
+                    self.finish_round(round);
+                    continue;
+                }
             }
             let wait = match self.obtain(refresh || reverify).await {
                 Ok(fetched) => {
@@ -421,9 +427,14 @@ impl Refresher {
                 }
             };
             due = Instant::now() + wait;
-            if round > self.tx.borrow().forced_done {
-                self.tx.send_modify(|s| s.forced_done = round);
-            }
+            self.finish_round(round);
+        }
+    }
+
+    /// Tells callers waiting on forced round `round` (or earlier) that it is over.
+    fn finish_round(&self, round: u64) {
+        if round > self.tx.borrow().forced_done {
+            self.tx.send_modify(|s| s.forced_done = round);
         }
     }
 
@@ -737,8 +748,15 @@ fn missing(required: &[String], granted: &[String]) -> Result<(), TokenError> {
     }
 }
 
+/// Everything but RFC 3986's unreserved characters, so a token is one path segment.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 fn utf8_percent(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    percent_encoding::utf8_percent_encode(s, PATH_SEGMENT).to_string()
 }
 
 /// When to refresh a token of this lifetime: at `lifetime - margin`, margin =
