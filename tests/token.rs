@@ -802,3 +802,218 @@ async fn static_token_replaced_by_one_lacking_scopes_is_not_used() {
     assert_eq!(last_bearer(&sim).await, "pat-na1-GOOD-0004");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+const BIN: &str = env!("CARGO_BIN_EXE_hubspot-files-gateway");
+
+/// Waits until the log file names both listen addresses.
+async fn listen_addrs(log: &Path) -> (String, String) {
+    let (mut service, mut admin) = (None, None);
+    wait_for(
+        || {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let addr = |marker: &str| {
+                text.lines()
+                    .find(|l| l.contains(marker))
+                    .and_then(|l| l.split("addr=").nth(1))
+                    .and_then(|r| r.split_whitespace().next())
+                    .map(str::to_owned)
+            };
+            service = addr("gateway listening");
+            admin = addr("admin listening");
+            let found = service.is_some() && admin.is_some();
+            async move { found }
+        },
+        "listen addresses in the log",
+    )
+    .await;
+    (service.expect("service"), admin.expect("admin"))
+}
+
+/// The binary at log level trace through a full scenario (requests, a bad key, a forced 401
+/// refresh, a 403 re-verification, a token-endpoint outage, rotated refresh tokens): no
+/// client secret, refresh token (configured or rotated), access token or API key appears in
+/// its logs, its metrics or any body it answered; the refresh log line says hub, scopes and
+/// expiry.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_logs_metrics_or_bodies_at_trace_level() {
+    const CLIENT_SECRET: &str = "cs-MARKER-4b1d0c2e9f";
+    const REFRESH_TOKEN: &str = "rt-MARKER-8e77a1c3d5";
+    let sim = simulator(SimConfig {
+        token_ttl: Duration::from_secs(4),
+        rate_limit: None,
+        client_secret: Some(CLIENT_SECRET.into()),
+        refresh_token: Some(REFRESH_TOKEN.into()),
+        ..SimConfig::default()
+    })
+    .await;
+    faults(&sim, json!({ "rotate_refresh_token": true })).await;
+    let dir = temp_dir("trace");
+    for (name, value) in [
+        ("client_id", "cid-plain"),
+        ("client_secret", CLIENT_SECRET),
+        ("refresh_token", REFRESH_TOKEN),
+    ] {
+        std::fs::write(dir.join(name), format!("{value}\n")).expect("secret file");
+    }
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "5s"
+[upstream]
+base_url = "{}"
+request_timeout = "3s"
+rate_limit = {{ requests = 10000, per = "10s" }}
+[token]
+client_id_file = "{d}/client_id"
+client_secret_file = "{d}/client_secret"
+refresh_token_file = "{d}/refresh_token"
+[[auth.clients]]
+name = "tests"
+key_sha256 = "{}"
+"#,
+            sim.base_url(),
+            hubspot_files_gateway::auth::hash_key(KEY),
+            d = dir.display(),
+        ),
+    )
+    .expect("config");
+    let log = dir.join("gateway.log");
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "trace")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("gateway starts");
+    let (service, admin) = listen_addrs(&log).await;
+    let url = |task: &str| {
+        format!("http://{service}/files/v3/files/import-from-url/async/tasks/{task}/status")
+    };
+    let admin_url = |path: &str| format!("http://{admin}{path}");
+    let mut bodies: Vec<bytes::Bytes> = Vec::new();
+    let ready =
+        || async { send(Method::GET, &admin_url("/readyz"), &[]).await.status == StatusCode::OK };
+    wait_for(ready, "ready").await;
+
+    for task in ["complete-t", "complete-t", "pending-t"] {
+        let r = get(&url(task)).await;
+        assert_eq!(r.status, StatusCode::OK);
+        bodies.push(r.body);
+    }
+    let r = send(
+        Method::GET,
+        &url("pending-t"),
+        &[("authorization", "Bearer not-a-key")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    bodies.push(r.body);
+    // A forced refresh: HubSpot revokes every token.
+    faults(&sim, json!({ "revoke_all": true })).await;
+    let r = get(&url("pending-401")).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    bodies.push(r.body);
+    // A re-verification.
+    faults(
+        &sim,
+        json!({ "status_override": { "status": 403, "count": 1 } }),
+    )
+    .await;
+    let r = get(&url("pending-403")).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    bodies.push(r.body);
+    // The token endpoint fails until the token expires.
+    faults(&sim, json!({ "token_down": true })).await;
+    wait_for(
+        || async {
+            let r = get(&url("pending-down")).await;
+            r.status == StatusCode::SERVICE_UNAVAILABLE
+        },
+        "the token expires",
+    )
+    .await;
+    let r = get(&url("pending-down")).await;
+    bodies.push(r.body);
+    bodies.push(send(Method::GET, &admin_url("/readyz"), &[]).await.body);
+    faults(&sim, json!({ "token_down": false })).await;
+    wait_for(ready, "ready again").await;
+    let r = get(&url("pending-back")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    bodies.push(r.body);
+    bodies.push(send(Method::GET, &admin_url("/readyz"), &[]).await.body);
+    bodies.push(send(Method::GET, &admin_url("/healthz"), &[]).await.body);
+    let metrics = send(Method::GET, &admin_url("/metrics"), &[]).await.body;
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    assert!(
+        metrics
+            .contains(r#"hubspot_gateway_token_forced_refreshes_total{reason="upstream_401"} 1"#)
+    );
+    assert!(
+        metrics
+            .contains(r#"hubspot_gateway_token_forced_refreshes_total{reason="upstream_403"} 1"#)
+    );
+    bodies.push(metrics.into());
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(exit.success(), "{exit:?}");
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert!(text.contains("TRACE"), "the log is at trace level");
+    let refresh_line = text
+        .lines()
+        .find(|l| l.contains("HubSpot token verified and in service"))
+        .expect("a refresh log line");
+    for field in [
+        "hub_id=21557345",
+        "scopes=files,files.ui_hidden.read",
+        "expires_in_s=4",
+    ] {
+        assert!(refresh_line.contains(field), "{refresh_line}");
+    }
+    assert!(text.contains("forcing a token refresh"));
+    assert!(text.contains("HubSpot token refresh failed"));
+
+    let mut secrets: Vec<String> = vec![CLIENT_SECRET.into(), REFRESH_TOKEN.into(), KEY.into()];
+    let access: std::collections::BTreeSet<String> = bearers(&sim).await.into_iter().collect();
+    assert!(
+        access.len() >= 2,
+        "a refreshed token was used: {}",
+        access.len()
+    );
+    secrets.extend(access);
+    // Rotated refresh tokens are `na1-<uuid>`; none was ever known to this test, so look for
+    // the shape.
+    secrets.push("na1-".into());
+    let mut places: Vec<(String, String)> = vec![("log".into(), text)];
+    for (i, body) in bodies.iter().enumerate() {
+        places.push((
+            format!("body {i}"),
+            String::from_utf8_lossy(body).into_owned(),
+        ));
+    }
+    for (place, content) in &places {
+        for secret in &secrets {
+            assert!(
+                !content.contains(secret.as_str()),
+                "a secret ({} chars, starting {:?}) appears in the {place}",
+                secret.len(),
+                &secret[..4]
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
