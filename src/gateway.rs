@@ -206,11 +206,8 @@ impl Gateway {
             .get_status(&key, &token.access, &request_id)
             .await?;
         if answer.status == StatusCode::UNAUTHORIZED {
-            // HubSpot refused a token we believe valid: one forced refresh, one retry.
-            tracing::warn!(
-                generation = token.generation,
-                "HubSpot answered 401; forcing a token refresh"
-            );
+            // HubSpot refused a token we believe valid: one forced refresh (single-flight,
+            // rate-limited in the token manager), one retry, and whatever that answers.
             if self
                 .tokens
                 .force_refresh(token.generation, self.request_timeout)
@@ -222,6 +219,10 @@ impl Gateway {
                     .get_status(&key, &token.access, &request_id)
                     .await?;
             }
+        } else if answer.status == StatusCode::FORBIDDEN && missing_scopes(&answer.body) {
+            // HubSpot says the token lacks a scope we verified: have it verified again, so a
+            // token that really lost a scope is withdrawn. The caller gets HubSpot's answer.
+            self.tokens.reverify();
         }
         Ok(self.cache.entry(answer.status, answer.headers, answer.body))
     }
@@ -251,12 +252,21 @@ impl Gateway {
         response
     }
 
-    /// Why the gateway is not ready, if it is not.
-    pub fn readiness(&self) -> Result<(), String> {
+    /// Why the gateway is not ready, if it is not. When ready, the token problem worth
+    /// reporting, if any: a failed refresh or static rotation while the last verified token
+    /// still serves (the gateway stays ready: callers are served correctly).
+    pub fn readiness(&self) -> Result<Option<String>, String> {
         if self.shutting_down.load(Ordering::Relaxed) {
             return Err("shutting down".into());
         }
-        self.tokens.current().map(|_| ()).map_err(|e| e.to_string())
+        self.tokens.current().map_err(|e| e.to_string())?;
+        Ok(self.tokens.problem().map(|e| e.to_string()))
+    }
+
+    /// Empties the cache when the token in service belongs to another HubSpot account
+    /// (called for every token change, so a cached answer of the old account is never a HIT).
+    pub fn token_changed(&self, hub_id: Option<u64>) {
+        self.cache.bind_hub(hub_id);
     }
 
     /// Turns readiness off ahead of shutdown.
@@ -276,6 +286,14 @@ impl Gateway {
     pub fn tokens(&self) -> &TokenManager {
         &self.tokens
     }
+}
+
+/// Whether a 403 body is HubSpot's `MISSING_SCOPES` error.
+fn missing_scopes(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("category")?.as_str().map(|c| c == "MISSING_SCOPES"))
+        .unwrap_or(false)
 }
 
 /// Waits for a flight's outcome up to `limit`.

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub token_scopes_verified: IntGauge,
     pub inbound_auth_failures_total: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub token_forced_refreshes_total: IntCounterVec,
+    pub token_rotation_failed: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -147,6 +149,15 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let token_forced_refreshes_total = counter(
+            "token_forced_refreshes_total",
+            "Token refreshes or re-verifications forced by HubSpot's answer: `upstream_401` (token refused) or `upstream_403` (MISSING_SCOPES).",
+            &["reason"],
+        );
+        let token_rotation_failed = int_gauge(
+            "token_rotation_failed",
+            "1 while the static token file holds a token that could not be read or verified; the last verified token stays in service.",
+        );
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
@@ -169,6 +180,8 @@ impl Metrics {
             token_scopes_verified,
             inbound_auth_failures_total,
             build_info,
+            token_forced_refreshes_total,
+            token_rotation_failed,
         }
     }
 

@@ -90,6 +90,7 @@ pub async fn run(
     };
     let refresh = tokio::spawn(refresher.run(stopped()));
     let admin = tokio::spawn(serve_admin(listeners.admin, gateway.clone(), stopped()));
+    let hub = tokio::spawn(follow_token_hub(gateway.clone(), stopped()));
 
     tracing::info!(addr = %listeners.service.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = tls.is_some(), "gateway listening");
     let service = {
@@ -116,6 +117,7 @@ pub async fn run(
     let _ = stop_tx.send(true);
     let _ = refresh.await;
     let _ = admin.await;
+    let _ = hub.await;
     tracing::info!("gateway stopped");
     Ok(())
 }
@@ -217,6 +219,25 @@ async fn accept_loop<S, F>(
     }
 }
 
+/// Tells the gateway about every new token, so the cache follows the token's HubSpot account
+/// the moment it changes, not at the next cache miss.
+async fn follow_token_hub(gateway: Arc<Gateway>, shutdown: impl Future<Output = ()>) {
+    let mut status = gateway.tokens().subscribe();
+    tokio::pin!(shutdown);
+    loop {
+        let hub = status
+            .borrow_and_update()
+            .token
+            .as_ref()
+            .and_then(|t| t.hub_id);
+        gateway.token_changed(hub);
+        tokio::select! {
+            _ = &mut shutdown => return,
+            changed = status.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// The admin port: `/metrics`, `/healthz`, `/readyz`. Never the service port.
 async fn serve_admin(
     listener: TcpListener,
@@ -252,10 +273,16 @@ fn admin(gateway: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             br#"{"status":"ok"}"#.to_vec(),
         ),
         (&Method::GET, "/readyz") => match gateway.readiness() {
-            Ok(()) => (
+            Ok(None) => (
                 StatusCode::OK,
                 "application/json",
                 br#"{"ready":true}"#.to_vec(),
+            ),
+            Ok(Some(problem)) => (
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec(&serde_json::json!({ "ready": true, "token_problem": problem }))
+                    .unwrap_or_default(),
             ),
             Err(reason) => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -50,5 +50,8 @@ fn set_faults(sim: &Sim, body: &[u8], correlation: Uuid) -> SimResponse {
     if update.revoke_all == Some(true) {
         state.revoke_all();
     }
+    if let Some(added) = update.add_static_token {
+        state.add_static_token(added.token, added.scopes);
+    }
     json(StatusCode::OK, &state.faults)
 }

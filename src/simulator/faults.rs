@@ -69,6 +69,9 @@ pub struct StatusOverride {
 /// - `revoke_all` (bool, one-shot): every access token issued so far becomes invalid (401).
 /// - `status_override` (`{"status", "count", "retry_after"?}` or null): the next `count`
 ///   status requests answer `status`.
+/// - `add_static_token` (`{"token", "scopes"?}`, one-shot): one more private-app token is
+///   accepted (as a bearer and by private-app info), with these scopes for good, or without
+///   `scopes` the current `scopes` like the configured static token. For rotation tests.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FaultUpdate {
@@ -102,6 +105,19 @@ pub struct FaultUpdate {
     /// See the struct doc; `null` clears it.
     #[serde(default, deserialize_with = "present")]
     pub status_override: Option<Option<StatusOverride>>,
+    /// See the struct doc.
+    pub add_static_token: Option<StaticToken>,
+}
+
+/// A private-app token added at run time (`add_static_token`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticToken {
+    /// The token value.
+    pub token: String,
+    /// Its scopes, fixed; absent = the account's current scopes.
+    #[serde(default)]
+    pub scopes: Option<Vec<String>>,
 }
 
 /// Tells "field absent" (outer `None`, via `default`) from "field is null" (`Some(None)`).
@@ -159,8 +175,8 @@ impl Faults {
         Some(current)
     }
 
-    /// Replaces every field the update names; `revoke_all` is not a stored fault and is
-    /// handled by the caller.
+    /// Replaces every field the update names; `revoke_all` and `add_static_token` are not
+    /// stored faults and are handled by the caller.
     pub fn apply(&mut self, update: &FaultUpdate) {
         let u = update.clone();
         if let Some(v) = u.latency_ms {

@@ -314,8 +314,10 @@ async fn route(
             oauth::private_app_info(sim, body, correlation).await
         }
         (&Method::GET, _) if path.starts_with(ACCESS_TOKENS) => {
-            let token = path.strip_prefix(ACCESS_TOKENS).unwrap_or_default();
-            oauth::access_token_info(sim, token, correlation).await
+            // A path segment arrives percent-encoded; HubSpot looks up the decoded token.
+            let raw = path.strip_prefix(ACCESS_TOKENS).unwrap_or_default();
+            let token = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+            oauth::access_token_info(sim, &token, correlation).await
         }
         _ => match files_route(path) {
             Some((version, FilesRoute::Import)) if method == Method::POST => {

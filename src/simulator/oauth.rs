@@ -228,17 +228,17 @@ pub(crate) async fn private_app_info(sim: &Sim, body: &[u8], correlation: Uuid) 
             .into_response(correlation);
     };
     let state = sim.lock();
-    if !state.is_static_token(&key) {
+    let Some(scopes) = state.static_token_scopes(&key) else {
         return HubSpotError::unauthenticated("The private app token is invalid.")
             .into_response(correlation);
-    }
+    };
     json(
         StatusCode::OK,
         &json!({
             "hubId": state.faults.hub_id,
             "appId": APP_ID,
             "userId": USER_ID,
-            "scopes": state.faults.scopes,
+            "scopes": scopes,
         }),
     )
 }

@@ -188,6 +188,8 @@ pub(crate) struct State {
     /// Refresh tokens retired by rotation.
     retired_refresh: HashSet<String>,
     static_token: Option<String>,
+    /// Private-app tokens added at run time, with fixed scopes (or `None`: the current ones).
+    added_static: HashMap<String, Option<Vec<String>>>,
 }
 
 /// The simulator: its fixed config and its changing state.
@@ -223,6 +225,7 @@ impl Sim {
             allowed_refresh: config.refresh_token.clone().map(|t| HashSet::from([t])),
             retired_refresh: HashSet::new(),
             static_token: config.static_token.clone(),
+            added_static: HashMap::new(),
         };
         Self {
             config,
@@ -311,13 +314,25 @@ impl State {
         self.tokens.clear();
     }
 
-    /// Whether `token` is the configured private-app token.
-    pub fn is_static_token(&self, token: &str) -> bool {
-        self.static_token.as_deref() == Some(token)
+    /// One-shot fault: one more private-app token is accepted from now on.
+    pub fn add_static_token(&mut self, token: String, scopes: Option<Vec<String>>) {
+        if !token.is_empty() {
+            self.added_static.insert(token, scopes);
+        }
     }
 
-    /// Checks an `Authorization` header value. The static token always has the current
-    /// scopes and hub and never expires; `revoke_all` does not touch it.
+    /// The scopes of `token` if it is a private-app token (configured or added), else `None`.
+    pub fn static_token_scopes(&self, token: &str) -> Option<Vec<String>> {
+        if self.static_token.as_deref() == Some(token) {
+            return Some(self.faults.scopes.clone());
+        }
+        self.added_static
+            .get(token)
+            .map(|fixed| fixed.clone().unwrap_or_else(|| self.faults.scopes.clone()))
+    }
+
+    /// Checks an `Authorization` header value. A static token has its scopes (the configured
+    /// one: the current scopes) and hub and never expires; `revoke_all` does not touch it.
     pub fn authenticate(
         &self,
         authorization: Option<&str>,
@@ -330,9 +345,9 @@ impl State {
             })
             .filter(|t| !t.is_empty())
             .ok_or(AuthFailure::Missing)?;
-        if self.is_static_token(token) {
+        if let Some(scopes) = self.static_token_scopes(token) {
             return Ok(Caller {
-                scopes: self.faults.scopes.clone(),
+                scopes,
                 hub_id: self.faults.hub_id,
             });
         }
