@@ -16,7 +16,7 @@ use crate::cache::{AnswerCache, Flight, Outcome, Stored};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::route::{StatusRequest, match_route};
-use crate::token::TokenManager;
+use crate::token::{TokenError, TokenManager};
 use crate::upstream::HubSpot;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -218,6 +218,11 @@ impl Gateway {
                     .hubspot
                     .get_status(&key, &token.access, &request_id)
                     .await?;
+            }
+            // Still refused: the gateway's credential is at fault, not the caller's, so the
+            // caller must not see a 401 it would take for a problem with its own key.
+            if answer.status == StatusCode::UNAUTHORIZED {
+                return Err(TokenError::RefusedUpstream.into());
             }
         } else if answer.status == StatusCode::FORBIDDEN && missing_scopes(&answer.body) {
             // HubSpot says the token lacks a scope we verified: have it verified again, so a

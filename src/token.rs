@@ -65,6 +65,9 @@ pub enum TokenError {
     File(#[source] Arc<std::io::Error>),
     #[error("the static token file is empty")]
     EmptyFile,
+    /// HubSpot answered 401 to the token in service, even after the forced refresh allowed.
+    #[error("HubSpot refused the gateway's token (401)")]
+    RefusedUpstream,
 }
 
 impl TokenError {
@@ -72,7 +75,9 @@ impl TokenError {
     /// token again cannot help, unlike a timeout or a 5xx.
     fn is_verdict(&self) -> bool {
         match self {
-            TokenError::Inactive | TokenError::MissingScopes(_) => true,
+            TokenError::Inactive | TokenError::MissingScopes(_) | TokenError::RefusedUpstream => {
+                true
+            }
             TokenError::Rejected(status) => {
                 status.is_client_error() && *status != StatusCode::TOO_MANY_REQUESTS
             }

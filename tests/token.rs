@@ -421,7 +421,8 @@ async fn hub_change_empties_the_cache() {
 
 /// HubSpot answers 401 to a token that looks valid (all tokens revoked): 500 concurrent
 /// callers cause one forced refresh and one retry each, and all get 200. A second 401 within
-/// 30 s does not loop: one try, one retry at most, HubSpot's 401 returned.
+/// 30 s does not loop: one try, no retry, and the caller gets 503 TOKEN_UNAVAILABLE (the
+/// gateway's credential failed, not the caller's key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_401_forces_one_refresh_and_one_retry() {
     let sim = sim_with_ttl(1800).await;
@@ -467,11 +468,8 @@ async fn upstream_401_forces_one_refresh_and_one_retry() {
     faults(&sim, json!({ "revoke_all": true })).await;
     let before = count(&sim, "status_requests").await;
     let r = get(&gw.status_url("pending-loop")).await;
-    assert_eq!(
-        r.status,
-        StatusCode::UNAUTHORIZED,
-        "HubSpot's answer is passed on"
-    );
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    assert_eq!(r.json()["category"], "TOKEN_UNAVAILABLE");
     assert_eq!(
         count(&sim, "status_requests").await,
         before + 1,
