@@ -26,6 +26,8 @@ pub struct Stored {
     pub body: Bytes,
     pub stored_at: Instant,
     ttl: Duration,
+    /// The HubSpot account whose token fetched it; an answer is never served to another.
+    hub_id: Option<u64>,
 }
 
 /// The outcome of a fetch, shared with every caller that waited for it. The error side is
@@ -94,7 +96,7 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
 
     /// Looks the key up; on a miss, joins the fetch in flight or becomes its leader.
     pub fn lookup(&self, key: &StatusRequest) -> Flight<E> {
-        if let Some(hit) = self.store.get(key) {
+        if let Some(hit) = self.get(key) {
             return Flight::Hit(hit);
         }
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
@@ -103,7 +105,7 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
         }
         // A leader that finished between the lookup above and taking the lock stored its
         // answer before leaving the table: look once more so no second fetch starts.
-        if let Some(hit) = self.store.get(key) {
+        if let Some(hit) = self.get(key) {
             return Flight::Hit(hit);
         }
         let (tx, rx) = watch::channel(None);
@@ -120,7 +122,9 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
         let outcome = match outcome {
             Ok(stored) => {
                 let stored = Arc::new(stored);
-                if !stored.ttl.is_zero() {
+                // A fetch that started with the previous account's token finishes after the
+                // account changed: its answer goes to its callers but is not kept.
+                if !stored.ttl.is_zero() && self.same_hub(&stored) {
                     self.store.insert(leader.key.clone(), stored.clone());
                 }
                 Ok(stored)
@@ -135,7 +139,13 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
     }
 
     /// Wraps an upstream answer for storing; its TTL says whether and how long it is kept.
-    pub fn entry(&self, status: StatusCode, headers: HeaderMap, body: Bytes) -> Stored {
+    pub fn entry(
+        &self,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        hub_id: Option<u64>,
+    ) -> Stored {
         let ttl = match (status, task_status(&body)) {
             (StatusCode::OK, Some("COMPLETE" | "CANCELED")) => self.terminal_ttl,
             (StatusCode::OK, Some(_)) => self.pending_ttl,
@@ -152,7 +162,25 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
             body,
             stored_at: Instant::now(),
             ttl,
+            hub_id,
         }
+    }
+
+    /// A stored answer, unless it belongs to another HubSpot account than the current one.
+    fn get(&self, key: &StatusRequest) -> Option<Arc<Stored>> {
+        let hit = self.store.get(key)?;
+        if self.same_hub(&hit) {
+            Some(hit)
+        } else {
+            self.store.invalidate(key);
+            None
+        }
+    }
+
+    /// Whether `stored` was fetched for the account now in service (0: not known yet).
+    fn same_hub(&self, stored: &Stored) -> bool {
+        let current = self.hub_id.load(Ordering::Relaxed);
+        current == 0 || stored.hub_id.is_none_or(|h| h == current)
     }
 
     /// Forgets every answer if the token now belongs to another HubSpot account.
@@ -229,8 +257,9 @@ mod tests {
     #[test]
     fn only_terminal_answers_are_kept_by_default() {
         let cache: AnswerCache<()> = AnswerCache::new(&CacheConfig::default());
-        let e =
-            |body: &'static str| cache.entry(StatusCode::OK, HeaderMap::new(), Bytes::from(body));
+        let e = |body: &'static str| {
+            cache.entry(StatusCode::OK, HeaderMap::new(), Bytes::from(body), None)
+        };
         assert!(e(r#"{"status":"COMPLETE","taskId":"a"}"#).is_stored());
         assert!(e(r#"{"taskId":"a","status":"CANCELED"}"#).is_stored());
         assert!(!e(r#"{"status":"PENDING"}"#).is_stored());
@@ -240,6 +269,7 @@ mod tests {
             StatusCode::NOT_FOUND,
             HeaderMap::new(),
             Bytes::from(r#"{"status":"COMPLETE"}"#),
+            None,
         );
         assert!(!not_ok.is_stored());
     }

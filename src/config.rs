@@ -17,8 +17,14 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid config: {0}")]
-    Parse(#[from] toml::de::Error),
+    /// The position and TOML's message, never the offending line: it could hold a secret
+    /// pasted where it does not belong.
+    #[error("invalid config at line {line}, column {column}: {message}")]
+    Parse {
+        message: String,
+        line: usize,
+        column: usize,
+    },
     #[error("invalid config: {0}")]
     Invalid(String),
     #[error("secret {name}: cannot read {path}: {source}")]
@@ -270,7 +276,22 @@ impl Config {
 
     /// Parses and validates TOML text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)?;
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start).min(text.len());
+            let before = &text.as_bytes()[..offset];
+            let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+            let column = offset
+                - before
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(0, |p| p + 1)
+                + 1;
+            ConfigError::Parse {
+                message: e.message().to_owned(),
+                line,
+                column,
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -335,6 +356,27 @@ impl Config {
                 t.static_token_env.is_some(),
             ),
         ];
+        for var in [
+            &t.client_id_env,
+            &t.client_secret_env,
+            &t.refresh_token_env,
+            &t.static_token_env,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let mut bytes = var.bytes();
+            let ok = bytes
+                .next()
+                .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                // Not echoed: a value that is not a variable name may be the secret itself.
+                return invalid(
+                    "token.*_env must name an environment variable (letters, digits, _)".into(),
+                );
+            }
+        }
         let wanted: &[&str] = match t.mode {
             TokenMode::Oauth => &["client_id", "client_secret", "refresh_token"],
             TokenMode::Static => &["static_token"],
@@ -582,6 +624,25 @@ key_sha256 = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
     fn unknown_keys_are_rejected() {
         let err = Config::parse(&format!("{MINIMAL}\n[cache]\nmax_byte = \"1MiB\"\n")).unwrap_err();
         assert!(err.to_string().contains("max_byte"), "{err}");
+    }
+
+    #[test]
+    fn errors_never_echo_what_could_be_a_secret() {
+        let pasted = MINIMAL.replace(
+            "refresh_token_env = \"RT\"",
+            "refresh_token = \"na1-SECRET\"",
+        );
+        let err = Config::parse(&pasted).unwrap_err().to_string();
+        assert!(
+            err.contains("refresh_token") && !err.contains("SECRET"),
+            "{err}"
+        );
+        let as_env = MINIMAL.replace(
+            "refresh_token_env = \"RT\"",
+            "refresh_token_env = \"na1-SECRET\"",
+        );
+        let err = Config::parse(&as_env).unwrap_err().to_string();
+        assert!(err.contains("_env") && !err.contains("SECRET"), "{err}");
     }
 
     #[test]

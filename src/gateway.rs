@@ -103,6 +103,17 @@ impl Gateway {
             Ok(stored) => self.reply(stored, handled.cache),
             Err(e) => e.to_response(&uuid::Uuid::new_v4().to_string()),
         };
+        if req.method() == hyper::Method::HEAD {
+            // hyper drops a HEAD body on HTTP/1 but sends it on HTTP/2, which is a protocol
+            // error there: answer with the length and no body on both.
+            let length = hyper::body::Body::size_hint(response.body())
+                .exact()
+                .unwrap_or(0);
+            *response.body_mut() = Full::new(Bytes::new());
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
         let headers = response.headers_mut();
         headers.insert(X_REQUEST_ID, request_id);
         if let Some(x_cache) = handled.cache.header() {
@@ -199,24 +210,23 @@ impl Gateway {
         key: StatusRequest,
         request_id: HeaderValue,
     ) -> Result<Stored, GatewayError> {
+        // One deadline for the whole fetch, the 401 refresh and retry included, so the fetch
+        // never outlives the callers waiting for it.
+        let deadline = Instant::now() + self.request_timeout;
         let mut token = self.tokens.current()?;
-        self.cache.bind_hub(token.hub_id);
         let mut answer = self
             .hubspot
-            .get_status(&key, &token.access, &request_id)
+            .get_status(&key, &token, &request_id, deadline)
             .await?;
         if answer.status == StatusCode::UNAUTHORIZED {
             // HubSpot refused a token we believe valid: one forced refresh (single-flight,
             // rate-limited in the token manager), one retry, and whatever that answers.
-            if self
-                .tokens
-                .force_refresh(token.generation, self.request_timeout)
-                .await
-            {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if self.tokens.force_refresh(token.generation, wait).await {
                 token = self.tokens.current()?;
                 answer = self
                     .hubspot
-                    .get_status(&key, &token.access, &request_id)
+                    .get_status(&key, &token, &request_id, deadline)
                     .await?;
             }
             // Still refused: the gateway's credential is at fault, not the caller's, so the
@@ -229,7 +239,9 @@ impl Gateway {
             // token that really lost a scope is withdrawn. The caller gets HubSpot's answer.
             self.tokens.reverify();
         }
-        Ok(self.cache.entry(answer.status, answer.headers, answer.body))
+        Ok(self
+            .cache
+            .entry(answer.status, answer.headers, answer.body, token.hub_id))
     }
 
     /// Step 8: the stored answer as a response, with the gateway's cache headers.
@@ -250,8 +262,10 @@ impl Gateway {
                 "hubspot-files-gateway; hit"
             }
             CacheOutcome::Coalesced => "hubspot-files-gateway; fwd=miss; collapsed",
-            _ if stored.is_stored() => "hubspot-files-gateway; fwd=miss; stored",
-            _ => "hubspot-files-gateway; fwd=miss",
+            CacheOutcome::Miss | CacheOutcome::None if stored.is_stored() => {
+                "hubspot-files-gateway; fwd=miss; stored"
+            }
+            CacheOutcome::Miss | CacheOutcome::None => "hubspot-files-gateway; fwd=miss",
         };
         headers.insert(CACHE_STATUS, HeaderValue::from_static(cache_status));
         response

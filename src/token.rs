@@ -19,6 +19,8 @@ use crate::upstream::{HubSpot, UpstreamError};
 /// quarter of the token's lifetime, so a short-lived token recovers within a short step).
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest lifetime believed from a token response.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// A token that never expires (static mode) is verified again this often.
 const STATIC_REVERIFY: Duration = Duration::from_secs(600);
 /// How often the static token file is checked for a new token.
@@ -39,7 +41,8 @@ pub struct ActiveToken {
 }
 
 impl ActiveToken {
-    fn usable(&self, now: Instant) -> bool {
+    /// Whether the token may still be sent at `now`.
+    pub fn usable(&self, now: Instant) -> bool {
         self.usable_until.is_none_or(|t| now < t)
     }
 }
@@ -640,7 +643,11 @@ impl Refresher {
         let info = self.verify(&access).await?;
         Ok(Fetched {
             access,
-            lifetime: Some(Duration::from_secs(grant.expires_in)),
+            // HubSpot's tokens live 30 minutes; an absurd `expires_in` is capped rather than
+            // trusted into an overflow.
+            lifetime: Some(Duration::from_secs(
+                grant.expires_in.min(MAX_LIFETIME.as_secs()),
+            )),
             hub_id: info.hub_id.or(grant.hub_id),
             scopes: info.scopes,
             started,
@@ -770,7 +777,10 @@ fn utf8_percent(s: &str) -> String {
 pub fn refresh_delay(lifetime: Duration) -> Duration {
     let margin = Duration::from_secs(60).max(lifetime / 10).min(lifetime / 2);
     let early = rand::rng().random_range(0.0..0.1) * margin.as_secs_f64();
-    (lifetime - margin).saturating_sub(Duration::from_secs_f64(early))
+    // Never back to back, even for a token that claims to expire at once.
+    (lifetime - margin)
+        .saturating_sub(Duration::from_secs_f64(early))
+        .max(MIN_BACKOFF)
 }
 
 /// A wait of `base` ± 20 %, so failing replicas spread their retries.

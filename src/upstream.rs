@@ -18,6 +18,7 @@ use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::route::StatusRequest;
 use crate::secret::Secret;
+use crate::token::ActiveToken;
 
 /// Headers of HubSpot's answer that reach the caller; everything else stays here.
 const KEPT_HEADERS: &[&str] = &[
@@ -32,6 +33,11 @@ const KEPT_HEADERS: &[&str] = &[
     "x-hubspot-ratelimit-secondly",
     "x-hubspot-ratelimit-secondly-remaining",
 ];
+
+/// The largest answer body read from HubSpot.
+const MAX_BODY: usize = 1 << 20;
+/// The longest hold a 429 can impose; a larger `Retry-After` is taken as this.
+const MAX_HOLD: Duration = Duration::from_secs(3600);
 
 /// How many times one status request is tried at most.
 const MAX_TRIES: u32 = 3;
@@ -127,17 +133,21 @@ impl HubSpot {
         })
     }
 
-    /// Asks HubSpot for one task's status: within the outbound budget, retried on connect
-    /// errors and 502/503/504 while the deadline allows.
+    /// Asks HubSpot for one task's status by `deadline`: within the outbound budget, each try
+    /// bounded by half the request timeout (so a hung connection leaves time for one more),
+    /// retried on connect errors, timed-out tries and 502/503/504 while the deadline and the
+    /// token's validity allow.
     pub async fn get_status(
         &self,
         req: &StatusRequest,
-        token: &Secret,
+        token: &ActiveToken,
         request_id: &HeaderValue,
+        deadline: Instant,
     ) -> Result<Answer, UpstreamError> {
-        let deadline = Instant::now() + self.request_timeout;
         let path = req.upstream_path();
+        let per_try = self.request_timeout / 2;
         let mut attempt = 0;
+        let mut last: Option<Result<Answer, UpstreamError>> = None;
         loop {
             attempt += 1;
             if let Err((retry_after, source)) = self.budget.acquire() {
@@ -145,14 +155,21 @@ impl HubSpot {
                     .upstream_throttled_total
                     .with_label_values(&[source.label()])
                     .inc();
-                return Err(UpstreamError::Throttled {
+                // A retry that finds the budget spent returns what HubSpot last said.
+                return last.unwrap_or(Err(UpstreamError::Throttled {
                     retry_after,
                     by: source,
-                });
+                }));
             }
-            let request = self.request(Method::GET, &path, Some(token), Some(request_id), None);
+            let request = self.request(
+                Method::GET,
+                &path,
+                Some(&token.access),
+                Some(request_id),
+                None,
+            );
             let started = Instant::now();
-            let result = self.send(request, deadline).await;
+            let result = self.send(request, deadline.min(started + per_try)).await;
             let code = match &result {
                 Ok(a) => a.status.as_str().to_owned(),
                 Err(_) => "error".to_owned(),
@@ -166,8 +183,8 @@ impl HubSpot {
                 .observe(started.elapsed().as_secs_f64());
             let retryable = match &result {
                 Ok(a) => matches!(a.status.as_u16(), 502..=504),
-                Err(UpstreamError::Unavailable(_)) => true,
-                Err(_) => false,
+                Err(UpstreamError::Unavailable(_) | UpstreamError::Timeout) => true,
+                Err(UpstreamError::Throttled { .. }) => false,
             };
             let mut result = result;
             if let Ok(answer) = &mut result {
@@ -175,9 +192,13 @@ impl HubSpot {
             }
             let backoff = Duration::from_millis(50 << attempt)
                 + Duration::from_millis(rand::rng().random_range(0..50));
-            if !retryable || attempt >= MAX_TRIES || Instant::now() + backoff >= deadline {
+            let retry_at = Instant::now() + backoff;
+            // Never send the token after it stops being usable, even on a retry.
+            if !retryable || attempt >= MAX_TRIES || retry_at >= deadline || !token.usable(retry_at)
+            {
                 return result;
             }
+            last = Some(result);
             tokio::time::sleep(backoff).await;
         }
     }
@@ -276,10 +297,11 @@ impl HubSpot {
                 .await
                 .map_err(|e| UpstreamError::Unavailable(Box::new(e)))?;
             let (parts, body) = response.into_parts();
-            let body = body
+            // A status answer is about a kilobyte; anything far larger is not one.
+            let body = http_body_util::Limited::new(body, MAX_BODY)
                 .collect()
                 .await
-                .map_err(|e| UpstreamError::Unavailable(Box::new(e)))?
+                .map_err(UpstreamError::Unavailable)?
                 .to_bytes();
             let mut headers = HeaderMap::new();
             for name in KEPT_HEADERS {
@@ -320,7 +342,8 @@ impl HubSpot {
                 .or_else(|| {
                     number("x-hubspot-ratelimit-interval-milliseconds").map(Duration::from_millis)
                 })
-                .unwrap_or(Duration::from_secs(10));
+                .unwrap_or(Duration::from_secs(10))
+                .min(MAX_HOLD);
             self.budget.hold_for(wait);
             if !answer.headers.contains_key(header::RETRY_AFTER) {
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);

@@ -130,8 +130,9 @@ async fn crowd_of_a_failing_task_shares_one_upstream_attempt() {
     );
 }
 
-/// HubSpot too slow for the deadline: one upstream request, and every caller gets a 504
-/// within its own deadline.
+/// HubSpot too slow for the deadline: the crowd costs what one caller costs (one try cut at
+/// half the deadline, one retry cut at the deadline), and every caller gets a 504 within its
+/// own deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crowd_of_a_timed_out_task_gets_504_from_one_call() {
     let sim = slow_simulator(Duration::from_secs(6)).await;
@@ -151,7 +152,11 @@ async fn crowd_of_a_timed_out_task_gets_504_from_one_call() {
         assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(r.json()["category"], "UPSTREAM_TIMEOUT");
     }
-    assert_eq!(status_requests(&sim).await, 1);
+    assert_eq!(
+        status_requests(&sim).await,
+        2,
+        "one try and its retry, for all 300 callers"
+    );
 }
 
 /// The first caller hangs up while its call is in flight: the fetch goes on, and the callers
@@ -269,4 +274,45 @@ async fn pending_micro_cache() {
         "MISS"
     );
     assert_eq!(status_requests(&sim).await, 2);
+}
+
+/// A fetch that started with the old account's token and finishes after the token of
+/// another HubSpot account was published: its callers get the answer, but it is not kept,
+/// so the new account never gets a HIT of the old account's answer.
+#[tokio::test]
+async fn answer_fetched_for_the_old_account_is_not_kept() {
+    let sim = simulator(SimConfig {
+        token_ttl: Duration::from_secs(4),
+        rate_limit: None,
+        ..SimConfig::default()
+    })
+    .await;
+    let mut cfg = config(&sim.base_url());
+    cfg.upstream.request_timeout = Duration::from_secs(10);
+    let gw = gateway(cfg, oauth()).await;
+    wait_ready(&gw).await;
+    // Tokens issued from now on belong to hub 999; the refresh comes ~2 s after start, while
+    // this 3 s call is still in flight with the old token.
+    faults(
+        &sim,
+        serde_json::json!({ "hub_id": 999, "latency_ms": 3000 }),
+    )
+    .await;
+    let first = get(&gw.status_url("complete-race")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert!(
+        stats(&sim).await["token_requests"].as_u64() >= Some(2),
+        "the refresh happened during the call"
+    );
+    faults(&sim, serde_json::json!({ "latency_ms": 0 })).await;
+    let second = get(&gw.status_url("complete-race")).await;
+    assert_eq!(
+        second.header("x-cache"),
+        "MISS",
+        "the old account's answer was not served"
+    );
+    assert_eq!(
+        get(&gw.status_url("complete-race")).await.header("x-cache"),
+        "HIT"
+    );
 }

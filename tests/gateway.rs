@@ -457,4 +457,15 @@ async fn http2_prior_knowledge_is_served() {
     .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["status"], "COMPLETE");
+    // HEAD over HTTP/2: headers and length, no body (a body would be a protocol error).
+    let head = send_with(
+        &h2,
+        Method::HEAD,
+        &gw.status_url("complete-h2"),
+        &[("authorization", &format!("Bearer {KEY}"))],
+    )
+    .await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert!(head.body.is_empty());
+    assert_eq!(head.header("content-length"), r.body.len().to_string());
 }
