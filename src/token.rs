@@ -700,7 +700,15 @@ impl Refresher {
                 match in_service {
                     // The token in service itself failed its periodic check.
                     Some(generation) if e.is_verdict() => self.withdraw(generation, e.clone()),
-                    Some(_) => {}
+                    Some(_) => {
+                        // HubSpot could not be asked (timeout, 5xx): the token stays, and the
+                        // check is due again after a backoff, not at every one-second poll.
+                        let wait = jitter(self.static_backoff).min(STATIC_REVERIFY);
+                        self.static_backoff = (self.static_backoff * 2).min(MAX_BACKOFF);
+                        self.verified_at = Instant::now()
+                            .checked_sub(STATIC_REVERIFY - wait)
+                            .or(self.verified_at);
+                    }
                     None => {
                         // Remember the rejected value so it is not asked about every second.
                         let retry_at = Instant::now() + jitter(self.static_backoff);
