@@ -15,8 +15,11 @@ use tokio::sync::watch;
 use crate::config::CacheConfig;
 use crate::route::StatusRequest;
 
-/// Bytes an entry costs beyond its body and headers: key, `Arc`s, moka's bookkeeping.
-const ENTRY_OVERHEAD: u32 = 256;
+/// Bytes an entry costs beyond its body and headers: the key (twice), `Arc`s, the
+/// `HeaderMap`'s table, moka's entry, deque and timer-wheel nodes, allocator rounding.
+/// Measured (bench/run --only memory, docs/benchmarks.md), not guessed: with it, resident
+/// memory stays within 1.3 x max_bytes + 30 MiB.
+const ENTRY_OVERHEAD: u32 = 1536;
 
 /// One answer, shared by everyone it is given to.
 #[derive(Debug)]
@@ -125,7 +128,8 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
                 // A fetch that started with the previous account's token finishes after the
                 // account changed: its answer goes to its callers but is not kept.
                 if !stored.ttl.is_zero() && self.same_hub(&stored) {
-                    self.store.insert(leader.key.clone(), stored.clone());
+                    self.store
+                        .insert(leader.key.clone(), Arc::new(stored.for_keeping()));
                 }
                 Ok(stored)
             }
@@ -150,11 +154,6 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
             (StatusCode::OK, Some("COMPLETE" | "CANCELED")) => self.terminal_ttl,
             (StatusCode::OK, Some(_)) => self.pending_ttl,
             _ => Duration::ZERO,
-        };
-        let (headers, body) = if ttl.is_zero() {
-            (headers, body)
-        } else {
-            detach(headers, body)
         };
         Stored {
             status,
@@ -205,22 +204,35 @@ impl Stored {
     pub fn is_stored(&self) -> bool {
         !self.ttl.is_zero()
     }
-}
 
-/// Copies an answer out of the connection's read buffer. hyper hands out body and header
-/// bytes as slices of that buffer, so an entry kept for hours would otherwise pin a buffer
-/// many times its size, and the byte bound would not bound memory.
-fn detach(headers: HeaderMap, body: Bytes) -> (HeaderMap, Bytes) {
-    let mut own = HeaderMap::with_capacity(headers.len());
-    for (name, value) in &headers {
-        let name = hyper::header::HeaderName::from_bytes(name.as_str().as_bytes());
-        let copy = hyper::header::HeaderValue::from_bytes(value.as_bytes());
-        if let (Ok(name), Ok(mut copy)) = (name, copy) {
-            copy.set_sensitive(value.is_sensitive());
-            own.append(name, copy);
+    /// The copy the cache keeps: its own bytes, and only the headers a HIT sends.
+    ///
+    /// hyper hands out body and header bytes as slices of the connection's read buffer, so
+    /// an entry kept for hours would otherwise pin a buffer many times its size (measured:
+    /// 4.5x the cache's weight in RSS), and `max_bytes` would not bound memory. Rate-limit
+    /// headers describe the moment of the call and are only sent with fresh answers.
+    fn for_keeping(&self) -> Stored {
+        let kept = self
+            .headers
+            .iter()
+            .filter(|(name, _)| !name.as_str().starts_with("x-hubspot-ratelimit-"));
+        let mut headers = HeaderMap::with_capacity(2);
+        for (name, value) in kept {
+            let name = hyper::header::HeaderName::from_bytes(name.as_str().as_bytes());
+            let copy = hyper::header::HeaderValue::from_bytes(value.as_bytes());
+            if let (Ok(name), Ok(copy)) = (name, copy) {
+                headers.append(name, copy);
+            }
+        }
+        Stored {
+            status: self.status,
+            headers,
+            body: Bytes::copy_from_slice(&self.body),
+            stored_at: self.stored_at,
+            ttl: self.ttl,
+            hub_id: self.hub_id,
         }
     }
-    (own, Bytes::copy_from_slice(&body))
 }
 
 fn weight(key: &StatusRequest, value: &Arc<Stored>) -> u32 {

@@ -23,6 +23,10 @@ async fn terminal_answer_is_served_from_memory() {
         first.header("cache-status")
     );
     assert!(!first.header("x-hubspot-correlation-id").is_empty());
+    assert!(
+        !first.header("x-hubspot-ratelimit-remaining").is_empty(),
+        "fresh answers carry HubSpot's rate headers"
+    );
     let second = get(&gw.status_url("complete-abc")).await;
     assert_eq!(second.status, StatusCode::OK);
     assert_eq!(second.header("x-cache"), "HIT");
