@@ -23,7 +23,8 @@ import uuid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.join(ROOT, "target")
-GATEWAY_BIN = os.path.join(TARGET, "release", "hubspot-files-gateway")
+GATEWAY_BIN = os.environ.get("BENCH_GATEWAY_BIN") or os.path.join(TARGET, "release",
+                                                                  "hubspot-files-gateway")
 BARE_BIN = os.path.join(TARGET, "release", "examples", "bare_hyper")
 CLIENT_BIN = os.path.join(TARGET, "release", "examples", "bench_client")
 
@@ -326,7 +327,7 @@ class Bench:
         self.work = os.path.join(TARGET, "bench", "work")
         shutil.rmtree(self.work, ignore_errors=True)
         os.makedirs(self.work)
-        self.results_dir = os.path.join(TARGET, "bench", "smoke" if self.smoke else "results")
+        self.results_dir = args.results_dir
         os.makedirs(self.results_dir, exist_ok=True)
         self.procs = Procs(self.work)
         self.nginx_pid = None
@@ -868,6 +869,7 @@ def report(results_dir, out_md, chart_png, notes_file):
         with open(notes_file) as f:
             add(f.read().rstrip())
         add("")
+    os.makedirs(os.path.dirname(out_md), exist_ok=True)
     with open(out_md, "w") as f:
         f.write("\n".join(lines))
     log(f"wrote {out_md}")
@@ -915,14 +917,21 @@ def main():
     ap.add_argument("--storm-seconds", type=int, default=30)
     ap.add_argument("--memory-sizes", type=lambda s: s.split(","), default=["64MiB", "1GiB"])
     ap.add_argument("--memory-limit-s", type=int, default=900)
+    ap.add_argument("--results-dir", help="where workload results are stored (default "
+                    "target/bench/results, or target/bench/smoke); another directory keeps an "
+                    "experiment (e.g. BENCH_GATEWAY_BIN=a patched build) apart from the report")
     args = ap.parse_args()
-    results = os.path.join(TARGET, "bench", "smoke" if args.smoke else "results")
+    results = args.results_dir or os.path.join(TARGET, "bench",
+                                               "smoke" if args.smoke else "results")
+    args.results_dir = results
     if args.smoke:
         out_md, chart = os.path.join(TARGET, "bench", "benchmarks-smoke.md"), None
     else:
         out_md = os.path.join(ROOT, "docs", "benchmarks.md")
         chart = os.path.join(ROOT, "docs", "benchmarks-cache-hit.png")
     notes = os.path.join(ROOT, "bench", "notes.md")
+    if args.results_dir != os.path.join(TARGET, "bench", "results") and not args.smoke:
+        out_md, chart = os.path.join(results, "benchmarks.md"), None
     if args.report_only:
         report(results, out_md, chart, notes)
         return 0
