@@ -36,7 +36,11 @@ PORTS = dict(
     sim=18081, gateway=18080, admin=19090, bare=18082,
     tuned=18083, tuned_h2=18086, stock=18084, nocache=18085, micro=18087,
     gw_micro=18088, gw_micro_admin=19088, gw_mem=18089, gw_mem_admin=19089,
+    gateway_b=18090, gateway_b_admin=19091,
 )
+# A second gateway build to compare with (before/after a proposed fix): its cache-hit rows
+# appear beside the gateway's, measured in the same run, alternated like every server.
+GATEWAY_B_BIN = os.environ.get("BENCH_GATEWAY_B_BIN")
 
 WORKLOADS = ["cache_hit", "http2", "miss", "coalescing", "storm", "memory"]
 
@@ -64,6 +68,31 @@ def machine_state():
         if comm in ("rustc", "cargo", "cc", "ld", "cc1", "cc1plus", "clippy-driver", "rust-lld"):
             busy.append(comm)
     return {"loadavg": load, "compilers": len(busy), "compiler_names": sorted(set(busy))}
+
+
+class Sampler:
+    """Samples the machine every second while a workload runs: load average, and whether any
+    compiler (someone else's cargo/rustc) was running at any moment of it."""
+
+    def __init__(self):
+        import threading
+        self.samples = []
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop_event.wait(1.0):
+            self.samples.append(machine_state())
+
+    def summary(self):
+        self.stop_event.set()
+        self.thread.join()
+        busy = [s for s in self.samples if s["compilers"]]
+        names = sorted({n for s in busy for n in s["compiler_names"]})
+        loads = [float(s["loadavg"].split()[0]) for s in self.samples] or [0.0]
+        return {"samples": len(self.samples), "busy_samples": len(busy), "busy_names": names,
+                "load1_max": max(loads), "load1_min": min(loads)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,9 +324,9 @@ key_sha256 = "{key_hash}"
     return path
 
 
-def start_gateway(procs, work, name, port, admin, **kw):
+def start_gateway(procs, work, name, port, admin, binary=None, **kw):
     cfg = gateway_config(work, name, port, admin, **kw)
-    procs.start(name, [GATEWAY_BIN, "serve", "--config", cfg],
+    procs.start(name, [binary or GATEWAY_BIN, "serve", "--config", cfg],
                 env={"RUST_LOG": "warn", "BENCH_STATIC_TOKEN": TOKEN})
     wait_http(f"http://127.0.0.1:{admin}/readyz")
 
@@ -343,6 +372,9 @@ class Bench:
                 env={"RUST_LOG": "warn"})
         wait_http(f"http://127.0.0.1:{PORTS['sim']}/__sim/stats")
         start_gateway(p, self.work, "gateway", PORTS["gateway"], PORTS["admin"])
+        if GATEWAY_B_BIN:
+            start_gateway(p, self.work, "gateway_b", PORTS["gateway_b"], PORTS["gateway_b_admin"],
+                          binary=GATEWAY_B_BIN)
         # The bytes every server answers: the gateway's own answer for the bench task.
         body = wait_http(self.url("gateway", "complete-bench"), self.auth_headers())
         self.body_len = len(body)
@@ -386,7 +418,7 @@ class Bench:
         return f"http://127.0.0.1:{port}" + ROUTE.format(task)
 
     def auth_headers(self, server="gateway"):
-        if server in ("gateway", "gw_micro", "gw_mem"):
+        if server in ("gateway", "gw_micro", "gw_mem", "gateway_b"):
             return {"Authorization": f"Bearer {KEY}"}
         if server == "direct":
             return {"Authorization": f"Bearer {TOKEN}"}
@@ -411,6 +443,9 @@ class Bench:
 
     def save(self, name, data):
         data["machine_after"] = machine_state()
+        if getattr(self, "sampler", None):
+            data["during"] = self.sampler.summary()
+            self.sampler = None
         data["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         data["smoke"] = self.smoke
         with open(os.path.join(self.results_dir, f"{name}.json"), "w") as f:
@@ -436,7 +471,13 @@ class Bench:
         conns_list = [16] if self.smoke else [16, 64]
         modes = ["pinned"] if self.smoke else ["pinned", "unpinned"]
         data = {"machine_before": machine_state(), "seconds": secs, "reps": reps, "runs": []}
-        for name, _ in self.SERVERS_H1:  # warm every cache
+        servers = list(self.SERVERS_H1)
+        if GATEWAY_B_BIN:
+            servers.insert(1, ("gateway_b", "gateway, patched build (BENCH_GATEWAY_B_BIN)"))
+        if self.args.servers:
+            servers = [x for x in servers if x[0] in self.args.servers.split(",")]
+        data["servers"] = servers
+        for name, _ in servers:  # warm every cache
             wait_http(self.url(name, "complete-bench"), self.auth_headers(name))
         for mode in modes:
             if mode == "pinned":
@@ -446,7 +487,7 @@ class Bench:
             for conns in conns_list:
                 for rep in range(reps):
                     # alternate the order each repetition so drift hits all servers alike
-                    order = self.SERVERS_H1 if rep % 2 == 0 else list(reversed(self.SERVERS_H1))
+                    order = servers if rep % 2 == 0 else list(reversed(servers))
                     for name, _ in order:
                         r = wrk(self.url(name, "complete-bench"), conns, secs,
                                 1 if mode == "pinned" else 2, self.wrk_headers(name),
@@ -654,6 +695,15 @@ def load_line(d):
     c = max(b["compilers"], a["compilers"])
     who = ", ".join(sorted(set(b["compiler_names"]) | set(a["compiler_names"])))
     flag = f" — **contended: {c} compiler processes ({who}) seen**" if c else ""
+    du = d.get("during")
+    if du:
+        flag = (f"; during it, 1-min load {du['load1_min']:.2f}–{du['load1_max']:.2f}, "
+                f"other compilers running in {du['busy_samples']} of {du['samples']} one-second "
+                f"samples")
+        if du["busy_samples"]:
+            flag += f" ({', '.join(du['busy_names'])}) — **contended: not clean figures**"
+        else:
+            flag += " (clean)"
     return (f"_Run {d['finished']}{' (smoke)' if d.get('smoke') else ''}; load average before "
             f"{b['loadavg']}, after {a['loadavg']}{flag}._")
 
@@ -705,7 +755,7 @@ def report(results_dir, out_md, chart_png, notes_file):
         chart = {}
         for mode, conns in combos:
             bare = med(x["rps"] for x in agg.get((mode, conns, "bare"), []))
-            for server, label in Bench.SERVERS_H1:
+            for server, label in d.get("servers", Bench.SERVERS_H1):
                 rs = agg.get((mode, conns, server))
                 if not rs:
                     continue
@@ -912,6 +962,8 @@ def main():
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite docs/benchmarks.md from stored results, run nothing")
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--servers", help="cache_hit only: a subset of gateway,gateway_b,bare,tuned,"
+                    "stock,nocache,direct")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--waves", type=int, default=3)
     ap.add_argument("--storm-seconds", type=int, default=30)
@@ -949,6 +1001,7 @@ def main():
         for w in WORKLOADS:
             if w in only:
                 log(f"== {w}")
+                bench.sampler = Sampler()
                 getattr(bench, w)()
     finally:
         bench.stop()
