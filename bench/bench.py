@@ -489,10 +489,12 @@ class Bench:
                     # alternate the order each repetition so drift hits all servers alike
                     order = servers if rep % 2 == 0 else list(reversed(servers))
                     for name, _ in order:
+                        busy_before = machine_state()["compilers"]
                         r = wrk(self.url(name, "complete-bench"), conns, secs,
                                 1 if mode == "pinned" else 2, self.wrk_headers(name),
                                 cpus="1" if mode == "pinned" else None)
                         r.pop("raw")
+                        r["contended"] = bool(busy_before or machine_state()["compilers"])
                         r.update(server=name, conns=conns, mode=mode, rep=rep,
                                  rss_kib=rss_kib(self.server_pids(name)))
                         log(f"cache_hit {mode} c{conns} rep{rep} {name}: {r['rps']:.0f} req/s "
@@ -746,8 +748,11 @@ def report(results_dir, out_md, chart_png, notes_file):
             "(nginx: master + workers, one nginx serves all nginx rows; simulator for the direct "
             "row).")
         add("")
-        add("| server | mode | conns | req/s | p50 | p99 | RSS | vs bare hyper |")
-        add("|---|---|---:|---:|---:|---:|---:|---:|")
+        add("The last column counts the runs of that row that began or ended while another "
+            "compiler was running (not clean).")
+        add("")
+        add("| server | mode | conns | req/s | p50 | p99 | RSS | vs bare hyper | contended runs |")
+        add("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         agg = {}
         for r in d["runs"]:
             agg.setdefault((r["mode"], r["conns"], r["server"]), []).append(r)
@@ -762,10 +767,12 @@ def report(results_dir, out_md, chart_png, notes_file):
                 rps = med(x["rps"] for x in rs)
                 ratio = f"{rps / bare:.2f}" if bare else "–"
                 chart.setdefault((mode, conns), []).append((label, rps))
+                busy = (f"{sum(1 for x in rs if x['contended'])} of {len(rs)}"
+                        if all("contended" in x for x in rs) else "not recorded")
                 add(f"| {label} | {mode} | {conns} | {rps:,.0f} | "
                     f"{fmt_us(med(x['p50_us'] for x in rs))} | "
                     f"{fmt_us(med(x['p99_us'] for x in rs))} | "
-                    f"{med(x['rss_kib'] for x in rs) / 1024:.1f} MiB | {ratio} |")
+                    f"{med(x['rss_kib'] for x in rs) / 1024:.1f} MiB | {ratio} | {busy} |")
                 if server == "gateway" and bare:
                     goals.append((f"cache hit ≥ 0.9 × bare hyper ({mode}, {conns} conns)",
                                   f"{rps / bare:.2f} × ({rps:,.0f} vs {bare:,.0f} req/s)",
