@@ -557,7 +557,10 @@ class Bench:
         latency = 200
         sim_latency(latency)
         data = {"machine_before": machine_state(), "latency_ms": latency, "runs": []}
-        cases = [("gateway", "pending"), ("gateway", "complete"), ("tuned", "complete")]
+        # bare hyper answers at once (no upstream): the machine's floor for answering N
+        # simultaneous callers, i.e. what the fan-out alone costs here.
+        cases = [("gateway", "pending"), ("gateway", "complete"), ("tuned", "complete"),
+                 ("bare", "floor")]
         try:
             for n in sizes:
                 for wave in range(waves):
@@ -757,7 +760,7 @@ def report(results_dir, out_md, chart_png, notes_file):
         for r in d["runs"]:
             agg.setdefault((r["mode"], r["conns"], r["server"]), []).append(r)
         combos = sorted({(m, c) for m, c, _ in agg}, key=lambda x: (x[0] != "pinned", x[1]))
-        chart = {}
+        chart, chart_busy = {}, set()
         for mode, conns in combos:
             bare = med(x["rps"] for x in agg.get((mode, conns, "bare"), []))
             for server, label in d.get("servers", Bench.SERVERS_H1):
@@ -767,6 +770,8 @@ def report(results_dir, out_md, chart_png, notes_file):
                 rps = med(x["rps"] for x in rs)
                 ratio = f"{rps / bare:.2f}" if bare else "–"
                 chart.setdefault((mode, conns), []).append((label, rps))
+                if any(x.get("contended") for x in rs):
+                    chart_busy.add((mode, conns))
                 busy = (f"{sum(1 for x in rs if x['contended'])} of {len(rs)}"
                         if all("contended" in x for x in rs) else "not recorded")
                 add(f"| {label} | {mode} | {conns} | {rps:,.0f} | "
@@ -781,7 +786,7 @@ def report(results_dir, out_md, chart_png, notes_file):
         add("![cache-hit req/s per server](benchmarks-cache-hit.png)")
         add("")
         if chart_png:
-            draw_chart(chart, chart_png)
+            draw_chart(chart, chart_png, chart_busy)
 
     d = load("http2")
     if d:
@@ -845,7 +850,9 @@ def report(results_dir, out_md, chart_png, notes_file):
             "`pending-wave-*` is a PENDING task (not cached by anyone: only coalescing can "
             "help); `complete-wave-*` is the first request of a new cacheable task, the only "
             "case nginx's proxy_cache_lock applies to, so the nginx comparison uses it. "
-            "Upstream calls counted by the simulator per wave. Figures: median over waves.")
+            "Upstream calls counted by the simulator per wave. Figures: median over waves. "
+            "The bare hyper row answers from memory at once: the time this machine needs to "
+            "answer N simultaneous callers at all (client and server share the 2 cores).")
         add("")
         add("| N | server | task | upstream calls per wave | p50 | p99 | max | send spread |")
         add("|---:|---|---|---:|---:|---:|---:|---:|")
@@ -853,9 +860,12 @@ def report(results_dir, out_md, chart_png, notes_file):
         groups = {}
         for r in d["runs"]:
             groups.setdefault(keyf(r), []).append(r)
-        for (n, server, kind), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "gateway", kv[0][2] != "pending")):
+        order = {"gateway": 0, "tuned": 1, "bare": 2}
+        for (n, server, kind), rs in sorted(groups.items(), key=lambda kv: (
+                kv[0][0], order[kv[0][1]], kv[0][2] != "pending")):
             calls = [r["upstream_calls"] for r in rs]
-            name = "gateway" if server == "gateway" else "nginx proxy_cache_lock"
+            name = {"gateway": "gateway", "tuned": "nginx proxy_cache_lock",
+                    "bare": "bare hyper, no upstream (fan-out floor)"}[server]
             add(f"| {n:,} | {name} | {kind} | {', '.join(map(str, calls))} | "
                 f"{fmt_us(med(r['p50_us'] for r in rs))} | {fmt_us(med(r['p99_us'] for r in rs))}"
                 f" | {fmt_us(med(r['max_us'] for r in rs))} | "
@@ -932,7 +942,7 @@ def report(results_dir, out_md, chart_png, notes_file):
     log(f"wrote {out_md}")
 
 
-def draw_chart(chart, path):
+def draw_chart(chart, path, busy=()):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -946,11 +956,13 @@ def draw_chart(chart, path):
     width = 0.8 / len(combos)
     for i, combo in enumerate(combos):
         vals = dict(chart[combo])
+        note = " (some runs contended)" if combo in busy else ""
         xs = [j + i * width for j in range(len(servers))]
         ax.bar(xs, [vals.get(s, 0) / 1000 for s in servers], width,
-               label=f"{combo[0]}, {combo[1]} conns")
+               label=f"{combo[0]}, {combo[1]} conns{note}")
     ax.set_xticks([j + width * (len(combos) - 1) / 2 for j in range(len(servers))])
-    ax.set_xticklabels([s.replace(", ", ",\n", 1) for s in servers], fontsize=8)
+    import textwrap
+    ax.set_xticklabels(["\n".join(textwrap.wrap(s, 22)) for s in servers], fontsize=8)
     ax.set_ylabel("thousand requests / s (median)")
     ax.set_title("Cache hit, ~1.1 KB terminal status body, HTTP/1.1 keep-alive, wrk, 2 cores")
     ax.legend(fontsize=8)
