@@ -87,6 +87,18 @@ impl Authenticator {
         }
     }
 
+    /// Every name `authenticate` can return.
+    pub fn names(&self) -> Vec<Arc<str>> {
+        let mut names: Vec<Arc<str>> = match self.mode {
+            AuthMode::None => vec![Arc::from(ANONYMOUS)],
+            AuthMode::ApiKeys => self.by_key_hash.values().cloned().collect(),
+            AuthMode::Mtls => self.by_cert_cn.values().cloned().collect(),
+        };
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// The configured name of the caller, or why it is refused.
     pub fn authenticate(
         &self,

@@ -1,5 +1,6 @@
 //! The request handler: one request from route to response, in the order of design §1.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::route::{StatusRequest, match_route};
 use crate::token::{TokenError, TokenManager};
 use crate::upstream::HubSpot;
+use prometheus::{Histogram, IntCounter};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -26,11 +28,52 @@ const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 /// How an answer was obtained; the `X-Cache` header and the `cache` metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheOutcome {
-    Hit,
-    Miss,
-    Coalesced,
+    /// Served from memory.
+    Hit = 0,
+    /// This request's own upstream call.
+    Miss = 1,
+    /// Another request's upstream call, shared.
+    Coalesced = 2,
     /// The request never reached the cache (refused before it).
-    None,
+    None = 3,
+}
+
+const OUTCOMES: [CacheOutcome; 4] = [
+    CacheOutcome::Hit,
+    CacheOutcome::Miss,
+    CacheOutcome::Coalesced,
+    CacheOutcome::None,
+];
+
+/// The metric series of the common answers, resolved once: looking a series up by its
+/// labels costs more than the rest of a cache hit's bookkeeping (measured, docs/benchmarks.md).
+struct Series {
+    /// `requests_total{client, code="200", cache}` per configured client, by outcome.
+    ok: HashMap<Arc<str>, [IntCounter; 4]>,
+    /// `request_duration_seconds{cache}` by outcome.
+    duration: [Histogram; 4],
+}
+
+impl Series {
+    fn new(metrics: &Metrics, clients: Vec<Arc<str>>) -> Series {
+        let ok = clients
+            .into_iter()
+            .map(|client| {
+                let series = OUTCOMES.map(|o| {
+                    metrics
+                        .requests_total
+                        .with_label_values(&[&*client, "200", o.label()])
+                });
+                (client, series)
+            })
+            .collect();
+        let duration = OUTCOMES.map(|o| {
+            metrics
+                .request_duration_seconds
+                .with_label_values(&[o.label()])
+        });
+        Series { ok, duration }
+    }
 }
 
 impl CacheOutcome {
@@ -62,6 +105,7 @@ pub struct Gateway {
     metrics: Metrics,
     request_timeout: Duration,
     shutting_down: AtomicBool,
+    series: Series,
 }
 
 /// Who asked, and what they get.
@@ -80,7 +124,9 @@ impl Gateway {
         metrics: Metrics,
         request_timeout: Duration,
     ) -> Gateway {
+        let series = Series::new(&metrics, auth.names());
         Gateway {
+            series,
             auth,
             cache,
             tokens,
@@ -101,7 +147,7 @@ impl Gateway {
         let handled = self.clone().answer(&req, &request_id).await;
         let mut response = match &handled.result {
             Ok(stored) => self.reply(stored, handled.cache),
-            Err(e) => e.to_response(&uuid::Uuid::new_v4().to_string()),
+            Err(e) => e.to_response(&new_id().to_string()),
         };
         if req.method() == hyper::Method::HEAD {
             // hyper drops a HEAD body on HTTP/1 but sends it on HTTP/2, which is a protocol
@@ -121,14 +167,16 @@ impl Gateway {
         }
         let code = response.status();
         let elapsed = started.elapsed();
-        self.metrics
-            .requests_total
-            .with_label_values(&[&handled.client, code.as_str(), handled.cache.label()])
-            .inc();
-        self.metrics
-            .request_duration_seconds
-            .with_label_values(&[handled.cache.label()])
-            .observe(elapsed.as_secs_f64());
+        let outcome = handled.cache as usize;
+        match self.series.ok.get(&handled.client) {
+            Some(series) if code == StatusCode::OK => series[outcome].inc(),
+            _ => self
+                .metrics
+                .requests_total
+                .with_label_values(&[&handled.client, code.as_str(), handled.cache.label()])
+                .inc(),
+        }
+        self.series.duration[outcome].observe(elapsed.as_secs_f64());
         match &handled.result {
             Ok(_) => {
                 tracing::info!(client = %handled.client, method = %req.method(), path = req.uri().path(), status = code.as_u16(), cache = handled.cache.label(), us = elapsed.as_micros() as u64, "request")
@@ -338,7 +386,14 @@ fn request_id(headers: &hyper::HeaderMap) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+            let mut buf = uuid::Uuid::encode_buffer();
+            HeaderValue::from_str(new_id().hyphenated().encode_lower(&mut buf))
                 .expect("a uuid is a valid header value")
         })
+}
+
+/// A random (v4) UUID from the thread's generator: `Uuid::new_v4` asks the kernel for
+/// randomness on every call, a syscall per request (measured, docs/benchmarks.md).
+fn new_id() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
 }
