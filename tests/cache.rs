@@ -2,7 +2,6 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use hubspot_files_gateway::simulator::SimConfig;
@@ -28,22 +27,7 @@ async fn crowd(gw: &TestGateway, task: &str, n: usize) -> Vec<Reply> {
 
 /// `n` callers GET `url` at once, each with the test key; returns every answer.
 async fn crowd_at(url: &str, n: usize) -> Vec<Reply> {
-    let client = Arc::new(client());
-    let url = Arc::new(url.to_owned());
-    let auth = Arc::new(format!("Bearer {KEY}"));
-    let calls: Vec<_> = (0..n)
-        .map(|_| {
-            let (client, url, auth) = (client.clone(), url.clone(), auth.clone());
-            tokio::spawn(async move {
-                send_with(&client, Method::GET, &url, &[("authorization", &auth)]).await
-            })
-        })
-        .collect();
-    let mut replies = Vec::with_capacity(n);
-    for call in calls {
-        replies.push(call.await.expect("caller task"));
-    }
-    replies
+    get_all(vec![url.to_owned(); n]).await
 }
 
 fn count(replies: &[Reply], x_cache: &str) -> usize {

@@ -92,22 +92,10 @@ async fn concurrent_callers_at_the_refresh_moment_cause_one_token_request() {
     )
     .await;
     let refresh_seen = Instant::now();
-    let client = client();
-    let auth = format!("Bearer {KEY}");
-    let callers: Vec<_> = (0..500)
-        .map(|i| {
-            let (client, auth, url) = (
-                client.clone(),
-                auth.clone(),
-                gw.status_url(&format!("pending-{i}")),
-            );
-            tokio::spawn(async move {
-                send_with(&client, Method::GET, &url, &[("authorization", &auth)]).await
-            })
-        })
+    let urls = (0..500)
+        .map(|i| gw.status_url(&format!("pending-{i}")))
         .collect();
-    for caller in callers {
-        let r = caller.await.expect("caller task");
+    for r in get_all(urls).await {
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     }
     let answered_in = refresh_seen.elapsed();
@@ -433,22 +421,10 @@ async fn upstream_401_forces_one_refresh_and_one_retry() {
         StatusCode::OK
     );
     faults(&sim, json!({ "revoke_all": true })).await;
-    let client = client();
-    let auth = format!("Bearer {KEY}");
-    let callers: Vec<_> = (0..500)
-        .map(|i| {
-            let (client, auth, url) = (
-                client.clone(),
-                auth.clone(),
-                gw.status_url(&format!("pending-{i}")),
-            );
-            tokio::spawn(async move {
-                send_with(&client, Method::GET, &url, &[("authorization", &auth)]).await
-            })
-        })
+    let urls = (0..500)
+        .map(|i| gw.status_url(&format!("pending-{i}")))
         .collect();
-    for caller in callers {
-        let r = caller.await.expect("caller task");
+    for r in get_all(urls).await {
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     }
     assert_eq!(count(&sim, "token_requests").await, 2, "one forced refresh");

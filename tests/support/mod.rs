@@ -240,3 +240,24 @@ pub async fn metric(gw: &TestGateway, series: &str) -> Option<f64> {
         (name == series).then(|| value.parse().ok()).flatten()
     })
 }
+
+/// GETs every URL at once, one task each, with the test key on one shared client; returns the
+/// answers in order.
+pub async fn get_all(urls: Vec<String>) -> Vec<Reply> {
+    let client = std::sync::Arc::new(client());
+    let auth = std::sync::Arc::new(format!("Bearer {KEY}"));
+    let calls: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            let (client, auth) = (client.clone(), auth.clone());
+            tokio::spawn(async move {
+                send_with(&client, Method::GET, &url, &[("authorization", &auth)]).await
+            })
+        })
+        .collect();
+    let mut replies = Vec::with_capacity(calls.len());
+    for call in calls {
+        replies.push(call.await.expect("caller task"));
+    }
+    replies
+}
