@@ -116,6 +116,7 @@ struct Handled {
 }
 
 impl Gateway {
+    /// Puts the parts together; the metric series of the common answers are resolved here.
     pub fn new(
         auth: Authenticator,
         cache: AnswerCache<GatewayError>,

@@ -37,6 +37,7 @@ impl TaskId {
         Ok(TaskId(decoded.to_owned()))
     }
 
+    /// The id as HubSpot knows it.
     pub fn as_str(&self) -> &str {
         &self.0
     }

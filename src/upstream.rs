@@ -60,6 +60,7 @@ pub enum ThrottleSource {
 }
 
 impl ThrottleSource {
+    /// The `source` label of `upstream_throttled_total`.
     pub fn label(self) -> &'static str {
         match self {
             ThrottleSource::HubSpot429 => "hubspot_429",
