@@ -82,19 +82,8 @@ async fn versioned_route_and_head() {
     .await;
     assert_eq!(head.status, StatusCode::OK);
     assert!(head.body.is_empty(), "HEAD has no body");
-    let seen = send(
-        Method::GET,
-        &format!("{}/__sim/requests", sim.base_url()),
-        &[],
-    )
-    .await
-    .json();
-    let paths: Vec<&str> = seen
-        .as_array()
-        .expect("list")
-        .iter()
-        .filter_map(|r| r["path"].as_str())
-        .collect();
+    let seen = sim_requests(&sim).await;
+    let paths: Vec<&str> = seen.iter().filter_map(|r| r["path"].as_str()).collect();
     assert!(
         paths.contains(&"/files/2026-03/files/import-from-url/async/tasks/processing-1/status"),
         "{paths:?}"
@@ -187,14 +176,8 @@ async fn caller_credentials_never_reach_hubspot() {
     .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("x-request-id"), "req-123");
-    let seen = send(
-        Method::GET,
-        &format!("{}/__sim/requests", sim.base_url()),
-        &[],
-    )
-    .await
-    .json();
-    let req = &seen.as_array().expect("list")[0];
+    let seen = sim_requests(&sim).await;
+    let req = &seen[0];
     let text = req.to_string();
     assert!(!text.contains(KEY), "caller's key forwarded: {text}");
     assert!(

@@ -37,18 +37,21 @@ async fn readyz(gw: &TestGateway) -> (StatusCode, serde_json::Value) {
     (r.status, r.json())
 }
 
+/// A simulator that accepts the private-app token `pat-na1-OLD-0001` (more are added with
+/// the `add_static_token` fault), without a rate limit.
+async fn static_simulator() -> RunningSimulator {
+    simulator(SimConfig {
+        static_token: Some("pat-na1-OLD-0001".into()),
+        rate_limit: None,
+        ..SimConfig::default()
+    })
+    .await
+}
+
 /// The bearer tokens HubSpot's status route received, oldest first.
 async fn bearers(sim: &RunningSimulator) -> Vec<String> {
-    let seen = send(
-        Method::GET,
-        &format!("{}/__sim/requests", sim.base_url()),
-        &[],
-    )
-    .await
-    .json();
-    seen.as_array()
-        .expect("list")
-        .iter()
+    let seen = sim_requests(sim).await;
+    seen.iter()
         .filter_map(|r| r["headers"]["authorization"].as_str())
         .map(|a| a.trim_start_matches("Bearer ").to_owned())
         .collect()
@@ -607,12 +610,7 @@ async fn v1_endpoints_serve_unmigrated_accounts() {
 /// A static token file replaced in place: the new token is verified and used.
 #[tokio::test]
 async fn static_token_replaced_in_place() {
-    let sim = simulator(SimConfig {
-        static_token: Some("pat-na1-OLD-0001".into()),
-        rate_limit: None,
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = static_simulator().await;
     faults(
         &sim,
         json!({ "add_static_token": { "token": "pat-na1-NEW-0002" } }),
@@ -653,12 +651,7 @@ async fn static_token_replaced_in_place() {
 #[tokio::test]
 async fn static_token_replaced_by_symlink_swap() {
     use std::os::unix::fs::symlink;
-    let sim = simulator(SimConfig {
-        static_token: Some("pat-na1-OLD-0001".into()),
-        rate_limit: None,
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = static_simulator().await;
     faults(
         &sim,
         json!({ "add_static_token": { "token": "pat-na1-NEW-0002" } }),
@@ -707,12 +700,7 @@ async fn static_token_replaced_by_symlink_swap() {
 /// token is re-checked with backoff (not every poll); a good file fixes it.
 #[tokio::test]
 async fn static_token_replaced_by_one_lacking_scopes_is_not_used() {
-    let sim = simulator(SimConfig {
-        static_token: Some("pat-na1-OLD-0001".into()),
-        rate_limit: None,
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = static_simulator().await;
     faults(
         &sim,
         json!({ "add_static_token": { "token": "pat-na1-WEAK-0003", "scopes": ["files"] } }),

@@ -261,3 +261,16 @@ pub async fn get_all(urls: Vec<String>) -> Vec<Reply> {
     }
     replies
 }
+
+/// The status requests the simulator received, as it recorded them (method, path, query,
+/// headers), oldest first.
+pub async fn sim_requests(sim: &RunningSimulator) -> Vec<serde_json::Value> {
+    let seen = send(
+        Method::GET,
+        &format!("{}/__sim/requests", sim.base_url()),
+        &[],
+    )
+    .await
+    .json();
+    seen.as_array().expect("a list of requests").clone()
+}
