@@ -28,8 +28,8 @@ use crate::cache::{AnswerCache, CacheOutcome, Flight, Outcome, Stored};
 use crate::error::GatewayError;
 use crate::metrics::{Metrics, RequestSeries};
 use crate::route::{StatusRequest, match_route};
-use crate::token::{TokenError, TokenManager};
-use crate::upstream::HubSpot;
+use crate::token::{ActiveToken, TokenError, TokenManager};
+use crate::upstream::{Answer, HubSpot, UpstreamError};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -191,32 +191,14 @@ impl Gateway {
         // never outlives the callers waiting for it.
         let deadline = Instant::now() + self.request_timeout;
         let mut token = self.tokens.current()?;
-        let mut answer = self
-            .hubspot
-            .get_status(
-                &key,
-                &token.access,
-                token.usable_until,
-                &request_id,
-                deadline,
-            )
-            .await?;
+        let mut answer = self.ask(&key, &token, &request_id, deadline).await?;
         if answer.status == StatusCode::UNAUTHORIZED {
             // HubSpot refused a token we believe valid: one forced refresh (single-flight,
             // rate-limited in the token manager), one retry, and whatever that answers.
             let wait = deadline.saturating_duration_since(Instant::now());
             if self.tokens.force_refresh(token.generation, wait).await {
                 token = self.tokens.current()?;
-                answer = self
-                    .hubspot
-                    .get_status(
-                        &key,
-                        &token.access,
-                        token.usable_until,
-                        &request_id,
-                        deadline,
-                    )
-                    .await?;
+                answer = self.ask(&key, &token, &request_id, deadline).await?;
             }
             // Still refused: the gateway's credential is at fault, not the caller's, so the
             // caller must not see a 401 it would take for a problem with its own key.
@@ -231,6 +213,19 @@ impl Gateway {
         Ok(self
             .cache
             .entry(answer.status, answer.headers, answer.body, token.hub_id))
+    }
+
+    /// Asks HubSpot with `token`, never past its use-by time.
+    async fn ask(
+        &self,
+        key: &StatusRequest,
+        token: &ActiveToken,
+        request_id: &HeaderValue,
+        deadline: Instant,
+    ) -> Result<Answer, UpstreamError> {
+        self.hubspot
+            .get_status(key, &token.access, token.usable_until, request_id, deadline)
+            .await
     }
 
     /// Step 8: the stored answer as a response, with the gateway's cache headers.
