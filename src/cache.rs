@@ -37,6 +37,52 @@ pub struct Stored {
 /// whatever the fetching side produces, shared behind an `Arc`.
 pub type Outcome<E> = Result<Arc<Stored>, Arc<E>>;
 
+/// How a caller's answer was obtained; the `X-Cache` header and the `cache` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    /// Served from memory.
+    Hit = 0,
+    /// This request's own upstream call.
+    Miss = 1,
+    /// Another request's upstream call, shared.
+    Coalesced = 2,
+    /// The request never reached the cache (refused before it).
+    None = 3,
+}
+
+impl CacheOutcome {
+    /// Every outcome, in the order of their discriminants.
+    pub const ALL: [CacheOutcome; 4] = [
+        CacheOutcome::Hit,
+        CacheOutcome::Miss,
+        CacheOutcome::Coalesced,
+        CacheOutcome::None,
+    ];
+
+    /// The `cache` label of the request metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Coalesced => "coalesced",
+            CacheOutcome::None => "none",
+        }
+    }
+
+    /// The `X-Cache` header value, if the request reached the cache.
+    pub fn header(self) -> Option<&'static str> {
+        match self {
+            CacheOutcome::Hit => Some("HIT"),
+            CacheOutcome::Miss => Some("MISS"),
+            CacheOutcome::Coalesced => Some("COALESCED"),
+            CacheOutcome::None => None,
+        }
+    }
+}
+
+/// The fetches in flight, by key: a follower clones the receiver.
+type Flights<E> = Mutex<HashMap<StatusRequest, watch::Receiver<Option<Outcome<E>>>>>;
+
 /// Whether a caller must fetch or can wait for a fetch already running.
 pub enum Flight<E> {
     /// The answer is already stored.
@@ -47,17 +93,34 @@ pub enum Flight<E> {
     Follow(watch::Receiver<Option<Outcome<E>>>),
 }
 
-/// The duty to fetch one key and tell its followers.
+/// The duty to fetch one key and tell its followers: hand the outcome to
+/// [`AnswerCache::complete`]. Dropped without completing (the fetch panicked or was
+/// cancelled), it still leaves the in-flight table, and its followers see the flight end
+/// without an outcome instead of waiting for their deadline.
 pub struct Leader<E> {
     key: StatusRequest,
     tx: watch::Sender<Option<Outcome<E>>>,
+    /// Where the leader's own caller waits, like any follower.
     pub rx: watch::Receiver<Option<Outcome<E>>>,
+    flights: Arc<Flights<E>>,
+}
+
+impl<E> Drop for Leader<E> {
+    fn drop(&mut self) {
+        // The entry is this leader's: `lookup` adds one only where none is, and only the
+        // leader's drop removes it. The sender goes with the leader, which closes the channel
+        // for followers still waiting on an abandoned flight.
+        self.flights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
 }
 
 /// The store and the in-flight table.
 pub struct AnswerCache<E> {
     store: Moka<StatusRequest, Arc<Stored>>,
-    flights: Mutex<HashMap<StatusRequest, watch::Receiver<Option<Outcome<E>>>>>,
+    flights: Arc<Flights<E>>,
     terminal_ttl: Duration,
     pending_ttl: Duration,
     /// The HubSpot account whose answers are stored; 0 until the first token is seen.
@@ -90,7 +153,7 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
             .build();
         AnswerCache {
             store,
-            flights: Mutex::new(HashMap::new()),
+            flights: Arc::new(Mutex::new(HashMap::new())),
             terminal_ttl: config.terminal_ttl,
             pending_ttl: config.pending_ttl,
             hub_id: AtomicU64::new(0),
@@ -117,10 +180,12 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
             key: key.clone(),
             tx,
             rx,
+            flights: self.flights.clone(),
         })
     }
 
-    /// Ends a flight: stores the answer if it may be stored, then tells every follower.
+    /// Ends a flight: stores the answer if it may be stored, tells every follower, and leaves
+    /// the in-flight table (as the leader is dropped).
     pub fn complete(&self, leader: Leader<E>, outcome: Result<Stored, E>) {
         let outcome = match outcome {
             Ok(stored) => {
@@ -135,10 +200,8 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
             }
             Err(e) => Err(Arc::new(e)),
         };
-        self.flights
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&leader.key);
+        // A caller that joins between this send and the leader leaving the table gets this
+        // outcome at once; one that looks after finds the stored answer or starts afresh.
         leader.tx.send_replace(Some(outcome));
     }
 
@@ -265,6 +328,53 @@ fn task_status(body: &[u8]) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(id: &str) -> StatusRequest {
+        crate::route::match_route(
+            &hyper::Method::GET,
+            &format!("/files/v3/files/import-from-url/async/tasks/{id}/status"),
+        )
+        .expect("route")
+    }
+
+    /// A leader dropped without completing (its fetch panicked) ends the flight: followers
+    /// see it closed at once, and the next caller leads a new one.
+    #[tokio::test]
+    async fn an_abandoned_flight_ends_for_its_followers() {
+        let cache: AnswerCache<()> = AnswerCache::new(&CacheConfig::default());
+        let Flight::Lead(leader) = cache.lookup(&key("a")) else {
+            panic!("the first caller leads");
+        };
+        let Flight::Follow(mut follower) = cache.lookup(&key("a")) else {
+            panic!("the second caller follows");
+        };
+        let fetch = tokio::spawn(async move {
+            let _leader = leader;
+            panic!("the fetch fails");
+        });
+        assert!(fetch.await.is_err());
+        assert!(follower.wait_for(Option::is_some).await.is_err());
+        assert!(matches!(cache.lookup(&key("a")), Flight::Lead(_)));
+    }
+
+    /// A completed flight answers its followers and leaves the table; a stored answer is a
+    /// hit afterwards.
+    #[test]
+    fn a_completed_flight_answers_and_leaves() {
+        let cache: AnswerCache<()> = AnswerCache::new(&CacheConfig::default());
+        let Flight::Lead(leader) = cache.lookup(&key("b")) else {
+            panic!("the first caller leads");
+        };
+        let Flight::Follow(follower) = cache.lookup(&key("b")) else {
+            panic!("the second caller follows");
+        };
+        let body = Bytes::from(r#"{"status":"COMPLETE"}"#);
+        let entry = cache.entry(StatusCode::OK, HeaderMap::new(), body, None);
+        cache.complete(leader, Ok(entry));
+        assert!(matches!(&*follower.borrow(), Some(Ok(s)) if s.status == StatusCode::OK));
+        assert!(matches!(cache.lookup(&key("b")), Flight::Hit(_)));
+        assert!(cache.flights.lock().expect("lock").is_empty());
+    }
 
     #[test]
     fn only_terminal_answers_are_kept_by_default() {

@@ -27,7 +27,7 @@ pub enum GatewayError {
     /// A coalesced caller's own deadline passed before the shared fetch finished.
     #[error("the shared upstream call did not finish within the deadline")]
     WaitTimeout,
-    /// The fetch task ended without an answer (a bug; the panic is logged by tokio).
+    /// The fetch ended without an answer (a bug: it panicked, and the panic was printed).
     #[error("internal error")]
     Internal,
 }
@@ -47,8 +47,15 @@ impl GatewayError {
         match self {
             GatewayError::Route(_) | GatewayError::Auth(_) => Fault::Client,
             GatewayError::Token(_) => Fault::Credential,
-            GatewayError::Upstream(_) | GatewayError::WaitTimeout => Fault::Upstream,
-            GatewayError::Internal => Fault::Internal,
+            GatewayError::Upstream(
+                UpstreamError::Unavailable(_)
+                | UpstreamError::Timeout
+                | UpstreamError::Throttled { .. },
+            )
+            | GatewayError::WaitTimeout => Fault::Upstream,
+            GatewayError::Upstream(UpstreamError::Request(_)) | GatewayError::Internal => {
+                Fault::Internal
+            }
         }
     }
 
@@ -78,6 +85,8 @@ impl GatewayError {
             }
             GatewayError::Upstream(UpstreamError::Unavailable(_)) => (StatusCode::BAD_GATEWAY, "UPSTREAM_UNAVAILABLE", "HubSpot could not be reached.".to_owned(), None),
             GatewayError::Upstream(UpstreamError::Timeout) | GatewayError::WaitTimeout => (StatusCode::GATEWAY_TIMEOUT, "UPSTREAM_TIMEOUT", "HubSpot did not answer in time.".to_owned(), None),
+            // The gateway's own fault, nothing was sent: neither the caller's nor HubSpot's.
+            GatewayError::Upstream(UpstreamError::Request(_)) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", "The gateway could not build its request to HubSpot; nothing was sent.".to_owned(), None),
             GatewayError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR", "Internal gateway error.".to_owned(), None),
         };
         let mut body = json!({
@@ -136,4 +145,27 @@ fn json_response(
         headers.insert(name, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::RequestError;
+
+    /// A request the gateway could not build is its own fault: a 500 in HubSpot's error
+    /// shape, not a 4xx the caller would blame itself for, nor a 502 blaming HubSpot.
+    #[tokio::test]
+    async fn an_unbuildable_request_is_an_internal_error() {
+        let cause = hyper::header::HeaderValue::from_str("a\nb").expect_err("invalid");
+        let e = GatewayError::from(UpstreamError::from(RequestError::Bearer(cause)));
+        assert_eq!(e.fault(), Fault::Internal);
+        let response = e.to_response("corr-1");
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = http_body_util::BodyExt::collect(response.into_body()).await;
+        let bytes = body.expect("a full body cannot fail").to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+        assert_eq!(json["status"], "error");
+        assert_eq!(json["category"], "INTERNAL_ERROR");
+        assert_eq!(json["correlationId"], "corr-1");
+    }
 }

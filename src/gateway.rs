@@ -1,6 +1,17 @@
-//! The request handler: one request from route to response, in the order of design §1.
+//! The request handler: one request from route to response. Its steps, in order:
+//!
+//! 1. **route**: the path becomes a typed status request (or 404/405/400);
+//! 2. **auth**: the caller's API key or certificate becomes a client name (or 401);
+//! 3. **cache**: a stored answer is served as a HIT;
+//! 4. **coalesce**: a miss joins the fetch in flight for its key, or leads a new one, which
+//!    runs in its own task so a caller hanging up does not cancel it for the others;
+//! 5. **token**: the verified HubSpot token in service (or 503);
+//! 6. **upstream**: HubSpot is asked within the deadline and the rate budget; a 401 forces
+//!    one token refresh and one retry, a 403 `MISSING_SCOPES` a re-verification;
+//! 7. **classify**: the answer is kept (terminal, or micro-cached) or only passed on;
+//! 8. **respond**: HubSpot's status and body with the gateway's cache headers, or the
+//!    failure in HubSpot's error shape ([`crate::error`]), and the request's metrics.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,88 +24,16 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use crate::auth::{Authenticator, PeerCertName};
-use crate::cache::{AnswerCache, Flight, Outcome, Stored};
+use crate::cache::{AnswerCache, CacheOutcome, Flight, Outcome, Stored};
 use crate::error::GatewayError;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestSeries};
 use crate::route::{StatusRequest, match_route};
-use crate::token::{TokenError, TokenManager};
-use crate::upstream::HubSpot;
-use prometheus::{Histogram, IntCounter};
+use crate::token::{ActiveToken, TokenError, TokenManager};
+use crate::upstream::{Answer, HubSpot, UpstreamError};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
-
-/// How an answer was obtained; the `X-Cache` header and the `cache` metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheOutcome {
-    /// Served from memory.
-    Hit = 0,
-    /// This request's own upstream call.
-    Miss = 1,
-    /// Another request's upstream call, shared.
-    Coalesced = 2,
-    /// The request never reached the cache (refused before it).
-    None = 3,
-}
-
-const OUTCOMES: [CacheOutcome; 4] = [
-    CacheOutcome::Hit,
-    CacheOutcome::Miss,
-    CacheOutcome::Coalesced,
-    CacheOutcome::None,
-];
-
-/// The metric series of the common answers, resolved once: looking a series up by its
-/// labels costs more than the rest of a cache hit's bookkeeping (measured, docs/benchmarks.md).
-struct Series {
-    /// `requests_total{client, code="200", cache}` per configured client, by outcome.
-    ok: HashMap<Arc<str>, [IntCounter; 4]>,
-    /// `request_duration_seconds{cache}` by outcome.
-    duration: [Histogram; 4],
-}
-
-impl Series {
-    fn new(metrics: &Metrics, clients: Vec<Arc<str>>) -> Series {
-        let ok = clients
-            .into_iter()
-            .map(|client| {
-                let series = OUTCOMES.map(|o| {
-                    metrics
-                        .requests_total
-                        .with_label_values(&[&*client, "200", o.label()])
-                });
-                (client, series)
-            })
-            .collect();
-        let duration = OUTCOMES.map(|o| {
-            metrics
-                .request_duration_seconds
-                .with_label_values(&[o.label()])
-        });
-        Series { ok, duration }
-    }
-}
-
-impl CacheOutcome {
-    fn label(self) -> &'static str {
-        match self {
-            CacheOutcome::Hit => "hit",
-            CacheOutcome::Miss => "miss",
-            CacheOutcome::Coalesced => "coalesced",
-            CacheOutcome::None => "none",
-        }
-    }
-
-    fn header(self) -> Option<&'static str> {
-        match self {
-            CacheOutcome::Hit => Some("HIT"),
-            CacheOutcome::Miss => Some("MISS"),
-            CacheOutcome::Coalesced => Some("COALESCED"),
-            CacheOutcome::None => None,
-        }
-    }
-}
 
 /// Everything a request needs, shared by all connections.
 pub struct Gateway {
@@ -105,7 +44,7 @@ pub struct Gateway {
     metrics: Metrics,
     request_timeout: Duration,
     shutting_down: AtomicBool,
-    series: Series,
+    series: RequestSeries,
 }
 
 /// Who asked, and what they get.
@@ -125,7 +64,7 @@ impl Gateway {
         metrics: Metrics,
         request_timeout: Duration,
     ) -> Gateway {
-        let series = Series::new(&metrics, auth.names());
+        let series = metrics.request_series(auth.names());
         Gateway {
             series,
             auth,
@@ -148,7 +87,7 @@ impl Gateway {
         let handled = self.clone().answer(&req, &request_id).await;
         let mut response = match &handled.result {
             Ok(stored) => self.reply(stored, handled.cache),
-            Err(e) => e.to_response(&new_id().to_string()),
+            Err(e) => e.to_response(&uuid::Uuid::new_v4().to_string()),
         };
         if req.method() == hyper::Method::HEAD {
             // hyper drops a HEAD body on HTTP/1 but sends it on HTTP/2, which is a protocol
@@ -168,16 +107,8 @@ impl Gateway {
         }
         let code = response.status();
         let elapsed = started.elapsed();
-        let outcome = handled.cache as usize;
-        match self.series.ok.get(&handled.client) {
-            Some(series) if code == StatusCode::OK => series[outcome].inc(),
-            _ => self
-                .metrics
-                .requests_total
-                .with_label_values(&[&handled.client, code.as_str(), handled.cache.label()])
-                .inc(),
-        }
-        self.series.duration[outcome].observe(elapsed.as_secs_f64());
+        self.series
+            .record(&handled.client, code, handled.cache, elapsed);
         match &handled.result {
             Ok(_) => {
                 tracing::info!(client = %handled.client, method = %req.method(), path = req.uri().path(), status = code.as_u16(), cache = handled.cache.label(), us = elapsed.as_micros() as u64, "request")
@@ -189,7 +120,7 @@ impl Gateway {
         Ok(response)
     }
 
-    /// Steps 1–7 of design §1.
+    /// Steps 1–4 here, 5–7 in the fetch a leader spawns.
     async fn answer(self: Arc<Self>, req: &Request<Incoming>, request_id: &HeaderValue) -> Handled {
         let refused = |client: &str, e: GatewayError| Handled {
             client: Arc::from(client),
@@ -233,13 +164,10 @@ impl Gateway {
                 let gateway = self.clone();
                 let request_id = request_id.clone();
                 // The fetch runs in its own task, so a leader that hangs up does not cancel it
-                // for the followers; the inner task turns a panic into an answer.
+                // for the followers. Should it panic, dropping `leader` ends the flight and
+                // its callers get an internal error at once.
                 tokio::spawn(async move {
-                    let fetch = tokio::spawn({
-                        let gateway = gateway.clone();
-                        async move { gateway.fetch(key, request_id).await }
-                    });
-                    let outcome = fetch.await.unwrap_or(Err(GatewayError::Internal));
+                    let outcome = gateway.fetch(key, request_id).await;
                     gateway.cache.complete(leader, outcome);
                 });
                 (rx, CacheOutcome::Miss)
@@ -263,20 +191,14 @@ impl Gateway {
         // never outlives the callers waiting for it.
         let deadline = Instant::now() + self.request_timeout;
         let mut token = self.tokens.current()?;
-        let mut answer = self
-            .hubspot
-            .get_status(&key, &token, &request_id, deadline)
-            .await?;
+        let mut answer = self.ask(&key, &token, &request_id, deadline).await?;
         if answer.status == StatusCode::UNAUTHORIZED {
             // HubSpot refused a token we believe valid: one forced refresh (single-flight,
             // rate-limited in the token manager), one retry, and whatever that answers.
             let wait = deadline.saturating_duration_since(Instant::now());
             if self.tokens.force_refresh(token.generation, wait).await {
                 token = self.tokens.current()?;
-                answer = self
-                    .hubspot
-                    .get_status(&key, &token, &request_id, deadline)
-                    .await?;
+                answer = self.ask(&key, &token, &request_id, deadline).await?;
             }
             // Still refused: the gateway's credential is at fault, not the caller's, so the
             // caller must not see a 401 it would take for a problem with its own key.
@@ -291,6 +213,19 @@ impl Gateway {
         Ok(self
             .cache
             .entry(answer.status, answer.headers, answer.body, token.hub_id))
+    }
+
+    /// Asks HubSpot with `token`, never past its use-by time.
+    async fn ask(
+        &self,
+        key: &StatusRequest,
+        token: &ActiveToken,
+        request_id: &HeaderValue,
+        deadline: Instant,
+    ) -> Result<Answer, UpstreamError> {
+        self.hubspot
+            .get_status(key, &token.access, token.usable_until, request_id, deadline)
+            .await
     }
 
     /// Step 8: the stored answer as a response, with the gateway's cache headers.
@@ -364,7 +299,8 @@ fn missing_scopes(body: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
-/// Waits for a flight's outcome up to `limit`.
+/// Waits for a flight's outcome up to `limit`; a flight abandoned by its leader (the fetch
+/// panicked) is an internal error.
 async fn wait(
     mut rx: tokio::sync::watch::Receiver<Option<Outcome<GatewayError>>>,
     limit: Duration,
@@ -387,14 +323,9 @@ fn request_id(headers: &hyper::HeaderMap) -> HeaderValue {
         })
         .cloned()
         .unwrap_or_else(|| {
+            // uuid's `fast-rng` draws from the thread's generator: no syscall per request.
             let mut buf = uuid::Uuid::encode_buffer();
-            HeaderValue::from_str(new_id().hyphenated().encode_lower(&mut buf))
+            HeaderValue::from_str(uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf))
                 .expect("a uuid is a valid header value")
         })
-}
-
-/// A random (v4) UUID from the thread's generator: `Uuid::new_v4` asks the kernel for
-/// randomness on every call, a syscall per request (measured, docs/benchmarks.md).
-fn new_id() -> uuid::Uuid {
-    uuid::Builder::from_random_bytes(rand::random()).into_uuid()
 }

@@ -1,5 +1,12 @@
-//! Prometheus metrics: one registry owned by `Metrics`, passed to whoever records.
+//! Prometheus metrics: one registry owned by `Metrics`, passed to whoever records, and the
+//! pre-resolved series of the request path's common answers.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::cache::CacheOutcome;
+use hyper::StatusCode;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -7,8 +14,8 @@ use prometheus::{
 
 const PREFIX: &str = "hubspot_gateway";
 
-/// Every metric family the gateway exports (design §9). Label values are bounded: client
-/// names come from the config, codes are HTTP codes, nothing comes from a request's text.
+/// Every metric family the gateway exports. Label values are bounded: client names come from
+/// the config, codes are HTTP codes, nothing comes from a request's text.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -185,6 +192,30 @@ impl Metrics {
         }
     }
 
+    /// The series of every request's answer, resolved ahead for `clients` (the configured
+    /// caller names).
+    pub fn request_series(&self, clients: Vec<Arc<str>>) -> RequestSeries {
+        let ok = clients
+            .into_iter()
+            .map(|client| {
+                let series = CacheOutcome::ALL.map(|o| {
+                    self.requests_total
+                        .with_label_values(&[&*client, "200", o.label()])
+                });
+                (client, series)
+            })
+            .collect();
+        let duration = CacheOutcome::ALL.map(|o| {
+            self.request_duration_seconds
+                .with_label_values(&[o.label()])
+        });
+        RequestSeries {
+            requests_total: self.requests_total.clone(),
+            ok,
+            duration,
+        }
+    }
+
     /// The registry in Prometheus' text format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 * 1024);
@@ -197,5 +228,31 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+/// The request metrics of the common answers, resolved once: looking a series up by its
+/// labels costs more than the rest of a cache hit's bookkeeping (measured,
+/// docs/benchmarks.md). Other answers are looked up as they come.
+pub struct RequestSeries {
+    requests_total: IntCounterVec,
+    /// `requests_total{client, code="200", cache}` per configured client, by outcome.
+    ok: HashMap<Arc<str>, [IntCounter; 4]>,
+    /// `request_duration_seconds{cache}` by outcome.
+    duration: [Histogram; 4],
+}
+
+impl RequestSeries {
+    /// Counts one answered request and the time it took.
+    pub fn record(&self, client: &str, code: StatusCode, cache: CacheOutcome, elapsed: Duration) {
+        let outcome = cache as usize;
+        match self.ok.get(client) {
+            Some(series) if code == StatusCode::OK => series[outcome].inc(),
+            _ => self
+                .requests_total
+                .with_label_values(&[client, code.as_str(), cache.label()])
+                .inc(),
+        }
+        self.duration[outcome].observe(elapsed.as_secs_f64());
     }
 }

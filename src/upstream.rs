@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderValue};
 use hyper::{Method, Request, StatusCode, Uri};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -18,7 +18,6 @@ use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::route::StatusRequest;
 use crate::secret::Secret;
-use crate::token::ActiveToken;
 
 /// Headers of HubSpot's answer that reach the caller; everything else stays here.
 const KEPT_HEADERS: &[&str] = &[
@@ -78,9 +77,26 @@ pub enum UpstreamError {
     Timeout,
     #[error("upstream calls are held back ({})", .by.label())]
     Throttled {
+        /// How long until a call may go out again.
         retry_after: Duration,
+        /// Who is holding calls back.
         by: ThrottleSource,
     },
+    /// The gateway could not put the request together; nothing was sent.
+    #[error("the request to HubSpot could not be built")]
+    Request(#[from] RequestError),
+}
+
+/// Why a request to HubSpot could not be built. Neither cause carries the offending value,
+/// so a token never reaches a log line through this error.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The base URL and path do not make a URI.
+    #[error("the upstream URI is invalid")]
+    Uri(#[source] hyper::http::Error),
+    /// The bearer holds bytes a header value cannot carry.
+    #[error("the bearer token is not a valid header value")]
+    Bearer(#[source] InvalidHeaderValue),
 }
 
 /// The pooled client every call to HubSpot goes through.
@@ -134,14 +150,15 @@ impl HubSpot {
         })
     }
 
-    /// Asks HubSpot for one task's status by `deadline`: within the outbound budget, each try
-    /// bounded by half the request timeout (so a hung connection leaves time for one more),
-    /// retried on connect errors, timed-out tries and 502/503/504 while the deadline and the
-    /// token's validity allow.
+    /// Asks HubSpot for one task's status with `bearer` by `deadline`: within the outbound
+    /// budget, each try bounded by half the request timeout (so a hung connection leaves time
+    /// for one more), retried on connect errors, timed-out tries and 502/503/504 while the
+    /// deadline and the bearer's `usable_until` allow.
     pub async fn get_status(
         &self,
         req: &StatusRequest,
-        token: &ActiveToken,
+        bearer: &Secret,
+        usable_until: Option<Instant>,
         request_id: &HeaderValue,
         deadline: Instant,
     ) -> Result<Answer, UpstreamError> {
@@ -151,6 +168,8 @@ impl HubSpot {
         let mut last: Option<Result<Answer, UpstreamError>> = None;
         loop {
             attempt += 1;
+            // Built before the budget is touched: a request that cannot be built is not sent.
+            let request = self.request(Method::GET, &path, Some(bearer), Some(request_id), None)?;
             if let Err((retry_after, source)) = self.budget.acquire() {
                 self.metrics
                     .upstream_throttled_total
@@ -162,13 +181,6 @@ impl HubSpot {
                     by: source,
                 }));
             }
-            let request = self.request(
-                Method::GET,
-                &path,
-                Some(&token.access),
-                Some(request_id),
-                None,
-            );
             let started = Instant::now();
             let result = self.send(request, deadline.min(started + per_try)).await;
             let code = match &result {
@@ -185,7 +197,7 @@ impl HubSpot {
             let retryable = match &result {
                 Ok(a) => matches!(a.status.as_u16(), 502..=504),
                 Err(UpstreamError::Unavailable(_) | UpstreamError::Timeout) => true,
-                Err(UpstreamError::Throttled { .. }) => false,
+                Err(UpstreamError::Throttled { .. } | UpstreamError::Request(_)) => false,
             };
             let mut result = result;
             if let Ok(answer) = &mut result {
@@ -195,8 +207,8 @@ impl HubSpot {
                 + Duration::from_millis(rand::rng().random_range(0..50));
             let retry_at = Instant::now() + backoff;
             // Never send the token after it stops being usable, even on a retry.
-            if !retryable || attempt >= MAX_TRIES || retry_at >= deadline || !token.usable(retry_at)
-            {
+            let usable = usable_until.is_none_or(|t| retry_at < t);
+            if !retryable || attempt >= MAX_TRIES || retry_at >= deadline || !usable {
                 return result;
             }
             last = Some(result);
@@ -219,7 +231,7 @@ impl HubSpot {
             None,
             None,
             Some(("application/x-www-form-urlencoded", body.into())),
-        );
+        )?;
         self.send(request, Instant::now() + self.request_timeout)
             .await
     }
@@ -232,18 +244,20 @@ impl HubSpot {
             None,
             None,
             Some(("application/json", json.into())),
-        );
+        )?;
         self.send(request, Instant::now() + self.request_timeout)
             .await
     }
 
     /// A plain GET without credentials (the v1 access-token info endpoint); one try.
     pub async fn get(&self, path: &str) -> Result<Answer, UpstreamError> {
-        let request = self.request(Method::GET, path, None, None, None);
+        let request = self.request(Method::GET, path, None, None, None)?;
         self.send(request, Instant::now() + self.request_timeout)
             .await
     }
 
+    /// The request for `path` under the base URL, with the gateway's own headers and, when
+    /// given, the bearer, the request id and a body of `content type, bytes`.
     fn request(
         &self,
         method: Method,
@@ -251,39 +265,33 @@ impl HubSpot {
         token: Option<&Secret>,
         request_id: Option<&HeaderValue>,
         body: Option<(&'static str, Bytes)>,
-    ) -> Request<Full<Bytes>> {
+    ) -> Result<Request<Full<Bytes>>, RequestError> {
         let uri = Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(format!("{}{}", self.base_path, path))
-            .build();
-        let mut builder = Request::builder()
-            .method(method)
-            .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, self.user_agent.clone());
-        if let Ok(uri) = uri {
-            builder = builder.uri(uri);
-        }
-        if let Some(token) = token
-            && let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
-        {
+            .build()
+            .map_err(RequestError::Uri)?;
+        let mut request = Request::new(Full::new(Bytes::new()));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        headers.insert(header::USER_AGENT, self.user_agent.clone());
+        if let Some(token) = token {
+            let mut value = HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                .map_err(RequestError::Bearer)?;
             value.set_sensitive(true);
-            builder = builder.header(header::AUTHORIZATION, value);
+            headers.insert(header::AUTHORIZATION, value);
         }
         if let Some(id) = request_id {
-            builder = builder.header(HeaderName::from_static("x-request-id"), id.clone());
+            headers.insert(HeaderName::from_static("x-request-id"), id.clone());
         }
-        let body = match body {
-            Some((content_type, bytes)) => {
-                builder = builder.header(header::CONTENT_TYPE, content_type);
-                bytes
-            }
-            None => Bytes::new(),
-        };
-        builder.body(Full::new(body)).unwrap_or_else(|_| {
-            // Only reachable with an invalid path, which route validation rules out.
-            Request::new(Full::new(Bytes::new()))
-        })
+        if let Some((content_type, bytes)) = body {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+            *request.body_mut() = Full::new(bytes);
+        }
+        Ok(request)
     }
 
     async fn send(
@@ -432,6 +440,41 @@ mod tests {
         assert!(wait <= Duration::from_millis(200));
         std::thread::sleep(Duration::from_millis(210));
         assert!(b.acquire().is_ok(), "window rolled over");
+    }
+
+    /// A bearer a header cannot carry, or a path a URI cannot, is a typed error before
+    /// anything is sent or taken from the budget, never an empty request or a panic.
+    #[tokio::test]
+    async fn a_request_that_cannot_be_built_is_an_error() {
+        let config = UpstreamConfig {
+            rate_limit: crate::config::RateLimit {
+                requests: 1,
+                per: Duration::from_secs(60),
+            },
+            ..UpstreamConfig::default()
+        };
+        let hubspot = HubSpot::new(&config, Metrics::new()).expect("client");
+        let req = crate::route::match_route(
+            &Method::GET,
+            "/files/v3/files/import-from-url/async/tasks/a/status",
+        )
+        .expect("route");
+        let id = HeaderValue::from_static("id");
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for _ in 0..2 {
+            let bad = Secret::new("pat-na1-\nsecret");
+            match hubspot.get_status(&req, &bad, None, &id, deadline).await {
+                Err(UpstreamError::Request(RequestError::Bearer(_))) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(hubspot.budget.acquire().is_ok(), "the budget was not spent");
+        match hubspot.get("/oauth/v1/access-tokens/a b").await {
+            Err(e @ UpstreamError::Request(RequestError::Uri(_))) => {
+                assert!(!format!("{e:?}").contains("a b"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

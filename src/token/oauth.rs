@@ -1,0 +1,213 @@
+//! OAuth mode: the refresh-token grant, verification by introspection (v3) or the v1
+//! access-token info, and the refresh schedule that follows a token's lifetime.
+
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde::Deserialize;
+
+use super::refresher::{Context, Fetched, Skip, Source, Verified};
+use super::{MAX_BACKOFF, MIN_BACKOFF, TokenError, jitter, json, missing};
+use crate::config::OauthApi;
+use crate::secret::Secret;
+
+/// The longest lifetime believed from a token response.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The OAuth app's credentials and the state of its refresh schedule.
+pub(super) struct OAuth {
+    client_id: Secret,
+    client_secret: Secret,
+    /// Replaced whenever HubSpot returns a different one (rotation).
+    refresh_token: Secret,
+    api: OauthApi,
+    /// Lifetime of the latest token; bounds the backoff, so a short-lived token recovers
+    /// within a short step.
+    lifetime: Option<Duration>,
+    backoff: Duration,
+}
+
+impl OAuth {
+    pub(super) fn new(
+        client_id: Secret,
+        client_secret: Secret,
+        refresh_token: Secret,
+        api: OauthApi,
+    ) -> OAuth {
+        OAuth {
+            client_id,
+            client_secret,
+            refresh_token,
+            api,
+            lifetime: None,
+            backoff: MIN_BACKOFF,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    refresh_token: Option<String>,
+    expires_in: u64,
+    hub_id: Option<u64>,
+    scopes: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct Introspection {
+    active: Option<bool>,
+    #[serde(default)]
+    scopes: Vec<String>,
+    hub_id: Option<u64>,
+}
+
+impl Source for OAuth {
+    async fn verify(&self, cx: &Context, access: &Secret) -> Result<Verified, TokenError> {
+        let info = match self.api {
+            OauthApi::V3 => {
+                let answer = cx
+                    .hubspot
+                    .post_form(
+                        "/oauth/v3/token/introspect",
+                        &[
+                            ("client_id", self.client_id.expose()),
+                            ("client_secret", self.client_secret.expose()),
+                            ("token", access.expose()),
+                            ("token_type_hint", "access_token"),
+                        ],
+                    )
+                    .await?;
+                let info: Introspection = json(&answer)?;
+                if info.active != Some(true) {
+                    return Err(TokenError::Inactive);
+                }
+                Verified {
+                    hub_id: info.hub_id,
+                    scopes: info.scopes,
+                }
+            }
+            OauthApi::V1 => {
+                let path = format!("/oauth/v1/access-tokens/{}", path_segment(access.expose()));
+                let answer = cx.hubspot.get(&path).await?;
+                // v1 has no `active`: a 200 with the token's details means it is live.
+                let info: Introspection = json(&answer)?;
+                Verified {
+                    hub_id: info.hub_id,
+                    scopes: info.scopes,
+                }
+            }
+        };
+        missing(&cx.required_scopes, &info.scopes)?;
+        Ok(info)
+    }
+
+    async fn obtain(&mut self, cx: &Context, _forced: bool) -> Result<Fetched, Skip> {
+        let started = Instant::now();
+        let path = match self.api {
+            OauthApi::V3 => "/oauth/v3/token",
+            OauthApi::V1 => "/oauth/v1/token",
+        };
+        let answer = cx
+            .hubspot
+            .post_form(
+                path,
+                &[
+                    ("grant_type", "refresh_token"),
+                    ("client_id", self.client_id.expose()),
+                    ("client_secret", self.client_secret.expose()),
+                    ("refresh_token", self.refresh_token.expose()),
+                ],
+            )
+            .await
+            .map_err(TokenError::from)?;
+        let grant: TokenResponse = json(&answer)?;
+        if let Some(new) = grant
+            .refresh_token
+            .filter(|r| !r.is_empty() && r != self.refresh_token.expose())
+        {
+            tracing::info!("HubSpot returned a new refresh token; using it from now on");
+            self.refresh_token = Secret::new(new);
+        }
+        if let Some(scopes) = &grant.scopes {
+            missing(&cx.required_scopes, scopes)?;
+        }
+        let access = Secret::new(grant.access_token);
+        let info = self.verify(cx, &access).await?;
+        // HubSpot's tokens live 30 minutes; an absurd `expires_in` is capped rather than
+        // trusted into an overflow.
+        let lifetime = Duration::from_secs(grant.expires_in.min(MAX_LIFETIME.as_secs()));
+        self.lifetime = Some(lifetime);
+        self.backoff = MIN_BACKOFF;
+        Ok(Fetched {
+            access,
+            lifetime: Some(lifetime),
+            hub_id: info.hub_id.or(grant.hub_id),
+            scopes: info.scopes,
+            started,
+            next_in: refresh_delay(lifetime),
+        })
+    }
+
+    /// A 401 is answered by a new grant; what HubSpot thinks of the old token no longer matters.
+    fn recheck_when_refused(&self) -> bool {
+        false
+    }
+
+    /// Backs off: the wait doubles, up to a quarter of the token's lifetime (so a short-lived
+    /// token recovers within a short step) and never beyond `MAX_BACKOFF`.
+    fn failed(&mut self, _cx: &Context, _serving: bool) -> Duration {
+        let wait = jitter(self.backoff);
+        let cap = self
+            .lifetime
+            .map_or(MAX_BACKOFF, |l| (l / 4).clamp(MIN_BACKOFF, MAX_BACKOFF));
+        self.backoff = (self.backoff * 2).min(cap);
+        wait
+    }
+}
+
+/// Everything but RFC 3986's unreserved characters, so a token is one path segment.
+const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+fn path_segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, PATH_SEGMENT).to_string()
+}
+
+/// When to refresh a token of this lifetime: at `lifetime - margin`, margin =
+/// min(max(60 s, lifetime / 10), lifetime / 2), a little earlier by jitter so replicas
+/// started together do not refresh together.
+pub fn refresh_delay(lifetime: Duration) -> Duration {
+    let margin = Duration::from_secs(60).max(lifetime / 10).min(lifetime / 2);
+    let early = rand::rng().random_range(0.0..0.1) * margin.as_secs_f64();
+    // Never back to back, even for a token that claims to expire at once.
+    (lifetime - margin)
+        .saturating_sub(Duration::from_secs_f64(early))
+        .max(MIN_BACKOFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The refresh comes a margin before expiry: a tenth of the lifetime, at least 60 s, at
+    /// most half the lifetime, and up to a tenth of the margin earlier by jitter.
+    #[test]
+    fn refresh_margin_is_a_tenth_of_the_lifetime_within_bounds() {
+        let d = refresh_delay(Duration::from_secs(1800));
+        assert!(
+            d <= Duration::from_secs(1620) && d >= Duration::from_secs(1602),
+            "{d:?}"
+        );
+        let d = refresh_delay(Duration::from_secs(4));
+        assert!(
+            d <= Duration::from_secs(2) && d >= Duration::from_millis(1800),
+            "{d:?}"
+        );
+        let d = refresh_delay(Duration::from_secs(300));
+        assert!(d <= Duration::from_secs(240), "{d:?}");
+    }
+}
