@@ -423,27 +423,50 @@ impl Config {
         Config::parse(&text)
     }
 
-    /// Parses and validates TOML text.
+    /// Parses and validates TOML text, reporting every problem at once: after a value that
+    /// does not fit its key, its line is set aside and the rest is read on.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
-            let span = e.span().unwrap_or(0..0);
-            let offset = span.start.min(text.len());
-            let before = &text.as_bytes()[..offset];
-            let line = before.iter().filter(|b| **b == b'\n').count() + 1;
-            let column = offset
-                - before
-                    .iter()
-                    .rposition(|b| *b == b'\n')
-                    .map_or(0, |p| p + 1)
-                + 1;
-            ConfigError::Parse {
-                message: redact(e.message(), text.get(span).unwrap_or_default()),
+        if let Err(e) = text.parse::<toml::Table>() {
+            let (line, column) = position(text, e.span().map_or(0, |s| s.start));
+            return Err(ConfigError::Parse {
+                message: redact(
+                    e.message(),
+                    e.span().and_then(|s| text.get(s)).unwrap_or_default(),
+                ),
                 line,
                 column,
+            });
+        }
+        let mut problems = Vec::new();
+        let mut rest = text.to_owned();
+        // Each round sets one line aside; the bound keeps a pathological file cheap.
+        for _ in 0..64 {
+            match toml::from_str::<Config>(&rest) {
+                Ok(config) => {
+                    if let Err(ConfigError::Invalid(more)) = config.validate() {
+                        problems.extend(more.0);
+                    }
+                    if problems.is_empty() {
+                        return Ok(config);
+                    }
+                    break;
+                }
+                Err(e) => {
+                    let span = e.span().unwrap_or(0..0);
+                    let (line, column) = position(&rest, span.start);
+                    let raw = rest.get(span.clone()).unwrap_or_default();
+                    problems.push(format!(
+                        "line {line}, column {column}: {}",
+                        redact(e.message(), raw)
+                    ));
+                    match set_line_aside(&rest, span.start) {
+                        Some(next) => rest = next,
+                        None => break,
+                    }
+                }
             }
-        })?;
-        config.validate()?;
-        Ok(config)
+        }
+        Err(ConfigError::Invalid(Problems(problems)))
     }
 
     /// Checks what the types alone cannot, and reports every problem at once.
@@ -507,15 +530,39 @@ impl Config {
     fn durations(&self) -> [(&'static str, Duration, RangeInclusive<Duration>); 7] {
         let s = &self.server;
         [
-            ("upstream.connect_timeout", self.upstream.connect_timeout, SANE),
-            ("upstream.request_timeout", self.upstream.request_timeout, SANE),
-            ("upstream.rate_limit.per", self.upstream.rate_limit.per, SANE),
+            (
+                "upstream.connect_timeout",
+                self.upstream.connect_timeout,
+                SANE,
+            ),
+            (
+                "upstream.request_timeout",
+                self.upstream.request_timeout,
+                SANE,
+            ),
+            (
+                "upstream.rate_limit.per",
+                self.upstream.rate_limit.per,
+                SANE,
+            ),
             ("server.header_read_timeout", s.header_read_timeout, SANE),
             // 0 closes open connections at once on shutdown.
-            ("server.shutdown_grace", s.shutdown_grace, Duration::ZERO..=DAY),
-            ("cache.terminal_ttl", self.cache.terminal_ttl, MILLI..=30 * DAY),
+            (
+                "server.shutdown_grace",
+                s.shutdown_grace,
+                Duration::ZERO..=DAY,
+            ),
+            (
+                "cache.terminal_ttl",
+                self.cache.terminal_ttl,
+                MILLI..=30 * DAY,
+            ),
             // 0 keeps no pending answer.
-            ("cache.pending_ttl", self.cache.pending_ttl, Duration::ZERO..=DAY),
+            (
+                "cache.pending_ttl",
+                self.cache.pending_ttl,
+                Duration::ZERO..=DAY,
+            ),
         ]
     }
 
@@ -736,6 +783,33 @@ impl Config {
     }
 }
 
+/// The 1-based line and column of byte `offset` in `text`.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    let start = before
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |p| p + 1);
+    (line, offset - start + 1)
+}
+
+/// `text` with the line holding `offset` commented out, if what remains is still TOML and
+/// still has its sections (a table header set aside would move its keys elsewhere).
+fn set_line_aside(text: &str, offset: usize) -> Option<String> {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |p| p + 1);
+    let end = text[start..].find('\n').map_or(text.len(), |p| start + p);
+    let line = text[start..end].trim_start();
+    if line.starts_with('[') || line.starts_with('#') || line.is_empty() {
+        return None;
+    }
+    let next = format!("{}#{}", &text[..start], &text[start..]);
+    next.parse::<toml::Table>().is_ok().then_some(next)
+}
+
 /// Reads one secret from its file or environment variable, trimming surrounding whitespace
 /// (mounted secrets often end in a newline). The problem names the config key, never the
 /// path or the variable: those are values, and could be a pasted secret.
@@ -766,9 +840,14 @@ pub fn read_secret(
 /// types, not from the file). `raw` is the offending source text, removed wherever it still
 /// appears.
 fn redact(message: &str, raw: &str) -> String {
-    let keeps_names = ["unknown field", "missing field", "duplicate key", "duplicate field"]
-        .iter()
-        .any(|p| message.starts_with(p));
+    let keeps_names = [
+        "unknown field",
+        "missing field",
+        "duplicate key",
+        "duplicate field",
+    ]
+    .iter()
+    .any(|p| message.starts_with(p));
     let (head, tail) = match message.find("expected") {
         Some(i) if !keeps_names => message.split_at(i),
         _ => (message, ""),
@@ -945,10 +1024,16 @@ key_sha256 = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
         assert!(!printed.contains("value-of"), "{printed}");
         let missing = c.credentials(&|_| None).unwrap_err().to_string();
         for key in ["client_id_env", "client_secret_env", "refresh_token_env"] {
-            assert!(missing.contains(key), "every missing secret is named: {missing}");
+            assert!(
+                missing.contains(key),
+                "every missing secret is named: {missing}"
+            );
         }
         // The variable names are values: "ID", "SECRET", "RT" never appear.
-        assert!(!missing.contains("\"ID\"") && !missing.contains(" ID "), "{missing}");
+        assert!(
+            !missing.contains("\"ID\"") && !missing.contains(" ID "),
+            "{missing}"
+        );
     }
 
     #[test]

@@ -97,7 +97,9 @@ impl Reloader {
                     .config_reloads_total
                     .with_label_values(&["applied"])
                     .inc();
-                self.metrics.config_last_load_timestamp_seconds.set(unix_now());
+                self.metrics
+                    .config_last_load_timestamp_seconds
+                    .set(unix_now());
                 if applied.needs_restart.is_empty() {
                     tracing::info!(
                         trigger,
@@ -248,7 +250,9 @@ fn fixed_settings(config: &Config) -> toml::Table {
 fn changed_keys(old: &toml::Table, new: &toml::Table) -> Vec<String> {
     let empty = toml::Table::new();
     let mut changed = Vec::new();
-    let sections = old.keys().chain(new.keys().filter(|k| !old.contains_key(*k)));
+    let sections = old
+        .keys()
+        .chain(new.keys().filter(|k| !old.contains_key(*k)));
     for section in sections {
         let (a, b) = (old.get(section), new.get(section));
         match (as_section(a, &empty), as_section(b, &empty)) {
@@ -267,7 +271,10 @@ fn changed_keys(old: &toml::Table, new: &toml::Table) -> Vec<String> {
 }
 
 /// A section's table, an absent section as an empty one; `None` for a top-level value.
-fn as_section<'a>(value: Option<&'a toml::Value>, empty: &'a toml::Table) -> Option<&'a toml::Table> {
+fn as_section<'a>(
+    value: Option<&'a toml::Value>,
+    empty: &'a toml::Table,
+) -> Option<&'a toml::Table> {
     match value {
         None => Some(empty),
         Some(v) => v.as_table(),

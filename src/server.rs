@@ -67,9 +67,8 @@ pub async fn run_with_reload(
         None => None,
     };
     let metrics = Metrics::new();
-    let hubspot = Arc::new(
-        HubSpot::new(&config.upstream, metrics.clone()).map_err(RunError::Upstream)?,
-    );
+    let hubspot =
+        Arc::new(HubSpot::new(&config.upstream, metrics.clone()).map_err(RunError::Upstream)?);
     let auth = Authenticator::new(&config.auth);
     let (tokens, refresher) = TokenManager::new(
         credentials,
@@ -110,8 +109,8 @@ pub async fn run_with_reload(
     let refresh = tokio::spawn(refresher.run(stopped()));
     let admin = tokio::spawn(serve_admin(listeners.admin, gateway.clone(), stopped()));
     let hub = tokio::spawn(follow_token_hub(gateway.clone(), stopped()));
-    let reloading = reloader
-        .map(|(reloader, requests)| tokio::spawn(reloader.run(requests, stopped())));
+    let reloading =
+        reloader.map(|(reloader, requests)| tokio::spawn(reloader.run(requests, stopped())));
 
     tracing::info!(addr = %listeners.service.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = tls.is_some(), "gateway listening");
     let service = {

@@ -50,10 +50,7 @@ pub enum TlsError {
     #[error("{file}: not valid PEM ({reason})")]
     Pem { file: TlsFile, reason: &'static str },
     #[error("{file}: no {wanted} found in the PEM file")]
-    Missing {
-        file: TlsFile,
-        wanted: &'static str,
-    },
+    Missing { file: TlsFile, wanted: &'static str },
     #[error("{file}: rejected: {source}")]
     Rejected {
         file: TlsFile,

@@ -59,7 +59,9 @@ pub fn config(upstream: &str) -> Config {
     c.server.listen = "127.0.0.1:0".parse().expect("addr");
     c.server.admin_listen = "127.0.0.1:0".parse().expect("addr");
     c.server.shutdown_grace = Duration::from_secs(5);
-    c.upstream.base_url = upstream.parse().expect("the simulator URL is a valid base_url");
+    c.upstream.base_url = upstream
+        .parse()
+        .expect("the simulator URL is a valid base_url");
     c.upstream.request_timeout = Duration::from_secs(5);
     c.upstream.rate_limit.requests = 10_000;
     c.auth.clients = vec![ClientConfig {
