@@ -423,9 +423,37 @@ impl Config {
         Config::parse(&text)
     }
 
-    /// Parses and validates TOML text, reporting every problem at once: after a value that
-    /// does not fit its key, its line is set aside and the rest is read on.
+    /// Reads and validates the file at `path`, then checks every file it names (and, with
+    /// `secrets`, every secret): what `check-config`, `serve` and a reload run. Every problem
+    /// of every kind is reported at once.
+    pub fn load_checked(
+        path: &Path,
+        secrets: bool,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (config, mut problems) = Config::parse_all(&text)?;
+        if let Err(ConfigError::Invalid(more)) = config.check_files(secrets, env) {
+            problems.extend(more.0);
+        }
+        Problems::result(problems)?;
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text, reporting every problem at once.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let (config, problems) = Config::parse_all(text)?;
+        Problems::result(problems)?;
+        Ok(config)
+    }
+
+    /// The config and every problem with it: after a value that does not fit its key, that
+    /// line is set aside (the key keeps its default) and the rest is read on. Only TOML that
+    /// is not TOML at all stops at the first error.
+    fn parse_all(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
         if let Err(e) = text.parse::<toml::Table>() {
             let (line, column) = position(text, e.span().map_or(0, |s| s.start));
             return Err(ConfigError::Parse {
@@ -446,17 +474,17 @@ impl Config {
                     if let Err(ConfigError::Invalid(more)) = config.validate() {
                         problems.extend(more.0);
                     }
-                    if problems.is_empty() {
-                        return Ok(config);
-                    }
-                    break;
+                    return Ok((config, problems));
                 }
                 Err(e) => {
                     let span = e.span().unwrap_or(0..0);
                     let (line, column) = position(&rest, span.start);
                     let raw = rest.get(span.clone()).unwrap_or_default();
+                    let key = key_at(&rest, span.start)
+                        .map(|k| format!(" ({k})"))
+                        .unwrap_or_default();
                     problems.push(format!(
-                        "line {line}, column {column}: {}",
+                        "line {line}, column {column}{key}: {}",
                         redact(e.message(), raw)
                     ));
                     match set_line_aside(&rest, span.start) {
@@ -721,7 +749,7 @@ impl Config {
             // Read problems are reported per file; only if all read does building mean more.
             let mut readable = true;
             for (file, path) in files.each() {
-                if let Err(e) = std::fs::metadata(path).and_then(|_| std::fs::read(path)) {
+                if let Err(e) = std::fs::read(path) {
                     problems.push(crate::tls::TlsError::Read { file, source: e }.to_string());
                     readable = false;
                 }
@@ -793,6 +821,33 @@ fn position(text: &str, offset: usize) -> (usize, usize) {
         .rposition(|b| *b == b'\n')
         .map_or(0, |p| p + 1);
     (line, offset - start + 1)
+}
+
+/// The dotted name of the key whose line holds `offset` (`server.header_read_timeout`), if
+/// that line is `key = value`. Key names are safe to show; values are not.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |p| p + 1);
+    let line = text[start..].lines().next().unwrap_or_default();
+    let key = line.split_once('=')?.0.trim();
+    let bare = |k: &str| {
+        !k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    };
+    if !bare(key) {
+        return None;
+    }
+    let section = text[..start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.starts_with('[')
+            .then(|| l.trim_matches(['[', ']', ' ']).to_owned())
+    });
+    match section {
+        Some(section) if bare(&section) => Some(format!("{section}.{key}")),
+        _ => Some(key.to_owned()),
+    }
 }
 
 /// `text` with the line holding `offset` commented out, if what remains is still TOML and

@@ -135,15 +135,12 @@ fn runtime() -> tokio::runtime::Runtime {
 
 fn serve(path: &Path) -> ExitCode {
     let env = |name: &str| std::env::var(name).ok();
-    let config = match Config::load(path) {
+    // Every file is checked before binding, so a bad TLS file is a bad config (64) like any
+    // other, reported together with every other problem.
+    let config = match Config::load_checked(path, true, &env) {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
     };
-    // Every file is checked before binding, so a bad TLS file is a bad config (64) like any
-    // other, reported together with every missing secret.
-    if let Err(e) = config.check_files(true, &env) {
-        return usage_error(&e);
-    }
     let credentials = match config.credentials(&env) {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
@@ -284,13 +281,11 @@ fn simulate(args: SimulateArgs) -> ExitCode {
 
 fn check_config(path: &Path, args: &CheckConfigArgs) -> ExitCode {
     use std::io::Write;
-    let config = match Config::load(path) {
+    let env = |name: &str| std::env::var(name).ok();
+    let config = match Config::load_checked(path, !args.without_secrets, &env) {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
     };
-    if let Err(e) = config.check_files(!args.without_secrets, &|name| std::env::var(name).ok()) {
-        return usage_error(&e);
-    }
     let secrets = if args.without_secrets {
         "secrets not checked (--without-secrets)"
     } else {

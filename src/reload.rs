@@ -129,8 +129,7 @@ impl Reloader {
     }
 
     fn try_reload(&mut self) -> Result<Applied, ReloadError> {
-        let config = Config::load(&self.path)?;
-        config.check_files(true, &self.env)?;
+        let config = Config::load_checked(&self.path, true, &self.env)?;
         let files = TlsFiles::from_config(&config.server);
         let acceptor = match (&self.tls, &files) {
             (Some(_), Some(files)) => Some(files.acceptor()?),
