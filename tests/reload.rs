@@ -6,7 +6,7 @@ mod support;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,6 +16,8 @@ use hubspot_files_gateway::simulator::SimConfig;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
 use support::{KEY, send, simulator, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hubspot-files-gateway");
@@ -162,15 +164,46 @@ impl Running {
         let stream = tokio::net::TcpStream::connect(&self.service)
             .await
             .expect("connect");
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        http1(stream).await
+    }
+
+    /// Opens one HTTPS connection trusting `ca`; also returns the certificate the gateway
+    /// presented.
+    async fn connect_tls(
+        &self,
+        ca: &CertificateDer<'static>,
+    ) -> (
+        SendRequest<Empty<Bytes>>,
+        tokio::task::JoinHandle<()>,
+        CertificateDer<'static>,
+    ) {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone()).expect("root");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(&self.service)
             .await
-            .expect("handshake");
-        (
-            sender,
-            tokio::spawn(async move {
-                let _ = conn.await;
-            }),
-        )
+            .expect("connect");
+        let name = ServerName::try_from("127.0.0.1").expect("name");
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("TLS handshake with the gateway");
+        let presented = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .expect("server certificate")
+            .clone()
+            .into_owned();
+        let (sender, task) = http1(stream).await;
+        (sender, task, presented)
     }
 
     fn stop(mut self) {
@@ -180,6 +213,56 @@ impl Running {
             assert!(Instant::now() < deadline, "gateway did not exit");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+}
+
+/// An HTTP/1.1 client connection over `io`, driven by its own task.
+async fn http1<T>(io: T) -> (SendRequest<Empty<Bytes>>, tokio::task::JoinHandle<()>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .expect("handshake");
+    (
+        sender,
+        tokio::spawn(async move {
+            let _ = conn.await;
+        }),
+    )
+}
+
+/// A test CA that issues server certificates for 127.0.0.1.
+struct Ca {
+    der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "reload test CA");
+        let ca = params.self_signed(&key).expect("CA");
+        Ca {
+            der: ca.der().clone(),
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// Writes a fresh server certificate and key to `dir/server.pem` and `dir/server.key`;
+    /// returns the certificate.
+    fn issue_into(&self, dir: &Path, cn: &str) -> CertificateDer<'static> {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec!["127.0.0.1".into()]).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.issuer).expect("signed");
+        std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write");
+        cert.der().clone()
     }
 }
 
@@ -344,5 +427,51 @@ async fn settings_that_cannot_change_live_are_named_in_the_log() {
     assert!(!line.contains("auth.clients"), "{line}");
     let (mut conn, _task) = gw.connect().await;
     assert_eq!(status_on(&mut conn, NEW_KEY).await, StatusCode::OK);
+    gw.stop();
+}
+
+/// SIGHUP puts a new TLS certificate in service for new connections while a connection made
+/// with the old one keeps working; a broken certificate file is refused and the current
+/// certificate stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_the_tls_certificate_without_dropping_a_connection() {
+    let sim = simulator(SimConfig::default()).await;
+    let dir = temp_dir("tls");
+    let ca = Ca::new();
+    let first = ca.issue_into(&dir, "gateway-1");
+    let path = dir.join("gateway.toml");
+    let text = config_text(&sim.base_url(), KEY, "0s").replace(
+        "shutdown_grace",
+        &format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nshutdown_grace",
+            dir.join("server.pem").display(),
+            dir.join("server.key").display()
+        ),
+    );
+    std::fs::write(&path, text).expect("write");
+    let mut gw = Running::start(&path);
+    gw.wait_ready().await;
+    let (mut old, _task, presented) = gw.connect_tls(&ca.der).await;
+    assert_eq!(presented, first);
+    assert_eq!(status_on(&mut old, KEY).await, StatusCode::OK);
+
+    let second = ca.issue_into(&dir, "gateway-2");
+    gw.signal("HUP");
+    let line = gw.wait_log("config reloaded");
+    assert!(line.contains("tls=true"), "{line}");
+    let (mut new, _task2, presented) = gw.connect_tls(&ca.der).await;
+    assert_eq!(presented, second, "new connections get the new certificate");
+    assert_eq!(status_on(&mut new, KEY).await, StatusCode::OK);
+    assert_eq!(status_on(&mut old, KEY).await, StatusCode::OK);
+
+    std::fs::write(dir.join("server.pem"), "-----BEGIN CERTIFICATE-----\n!!\n").expect("w");
+    gw.signal("HUP");
+    let line = gw.wait_log("config reload refused");
+    assert!(line.contains("server.tls_cert_file"), "{line}");
+    let (_conn, _task3, presented) = gw.connect_tls(&ca.der).await;
+    assert_eq!(
+        presented, second,
+        "a refused reload keeps the certificate in service"
+    );
     gw.stop();
 }
