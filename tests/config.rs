@@ -1,24 +1,19 @@
 //! Config that refuses nonsense, in the real binary: every case exits 64 from `check-config`
 //! and `serve`, names the key, and prints no value that could be a secret.
 
+mod support;
+
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use hubspot_files_gateway::auth::hash_key;
+use support::temp_dir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hubspot-files-gateway");
 /// Stands for a credential pasted where it does not belong; must never be printed.
 const SECRET: &str = "na1-PASTED-SECRET-7f3c";
-
-/// A fresh directory for one test's files.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hfg-config-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 /// A valid config on loopback port 0 with secrets from `T_*` variables; `extra` is appended.
 fn valid(extra: &str) -> String {
@@ -44,18 +39,7 @@ key_sha256 = "{}"
 fn run(dir: &Path, text: &str, args: &[&str]) -> Output {
     let path = dir.join("gateway.toml");
     std::fs::write(&path, text).expect("write config");
-    let child = Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(&path)
-        .env("T_CLIENT_ID", "id")
-        .env("T_CLIENT_SECRET", "secret")
-        .env("T_REFRESH_TOKEN", "refresh")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("binary runs");
+    let child = command(&path, args).spawn().expect("binary runs");
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -66,6 +50,23 @@ fn run(dir: &Path, text: &str, args: &[&str]) -> Output {
     let out = child.wait_with_output().expect("binary output");
     let _ = tx.send(());
     out
+}
+
+/// The binary with `args --config path`, the three OAuth variables set, stdout and stderr
+/// piped.
+fn command(path: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .arg("--config")
+        .arg(path)
+        .env("T_CLIENT_ID", "id")
+        .env("T_CLIENT_SECRET", "secret")
+        .env("T_REFRESH_TOKEN", "refresh")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
 }
 
 /// Both `check-config` and `serve` refuse `text` with exit 64, the error names every key
@@ -292,14 +293,7 @@ fn check_config_tolerates_a_closed_pipe() {
     let dir = temp_dir("pipe");
     let path = dir.join("gateway.toml");
     std::fs::write(&path, valid("")).expect("write");
-    let mut child = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .env("T_CLIENT_ID", "id")
-        .env("T_CLIENT_SECRET", "secret")
-        .env("T_REFRESH_TOKEN", "refresh")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut child = command(&path, &["check-config"])
         .spawn()
         .expect("binary runs");
     // Closed before the child writes anything: its first write meets a broken pipe.

@@ -67,16 +67,10 @@ fn key() -> impl Strategy<Value = String> {
     .prop_map(str::to_owned)
 }
 
-/// A valid config that generated values are put into.
-const VALID: &str = r#"
-[token]
-client_id_env = "ID"
-client_secret_env = "SECRET"
-refresh_token_env = "RT"
-[[auth.clients]]
-name = "billing"
-key_sha256 = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
-"#;
+/// A valid config (static token, one API-key client) that generated values are put into.
+const VALID: &str = "[token]\nmode = \"static\"\nstatic_token_env = \"HUBSPOT_TOKEN\"\n\
+    [[auth.clients]]\nname = \"reports\"\nkey_sha256 = \"\
+    ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\"\n";
 
 /// Every string inside `value`.
 fn strings(value: &toml::Value, out: &mut Vec<String>) {

@@ -12,27 +12,20 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hubspot_files_gateway::auth::hash_key;
+use hubspot_files_gateway::simulator::RunningSimulator;
 use hubspot_files_gateway::simulator::SimConfig;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
-use support::{KEY, send, simulator, wait_for};
+use support::{KEY, send, simulator, temp_dir, wait_for};
 
 const BIN: &str = env!("CARGO_BIN_EXE_hubspot-files-gateway");
 /// The key a reload brings into service in place of [`KEY`].
 const NEW_KEY: &str = "rotated-key-9876543210";
 /// Looks like a credential; must never reach the log.
 const LEAKED: &str = "hunter2-SECRET-in-userinfo";
-
-/// A fresh directory for one test's files.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hfg-reload-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 /// A gateway config for `upstream` accepting `key` as client `caller`.
 fn config_text(upstream: &str, key: &str, watch: &str) -> String {
@@ -56,6 +49,33 @@ key_sha256 = "{}"
 "#,
         hash_key(key)
     )
+}
+
+/// One test's world: the simulator, a directory, and the binary serving the config the
+/// test writes there (from the simulator's URL and the directory) once it is ready.
+struct World {
+    sim: RunningSimulator,
+    dir: PathBuf,
+    path: PathBuf,
+    gw: Running,
+}
+
+impl World {
+    async fn start(name: &str, config: impl FnOnce(&str, &Path) -> String) -> World {
+        let sim = simulator(SimConfig::default()).await;
+        let dir = temp_dir(name);
+        let path = dir.join("gateway.toml");
+        std::fs::write(&path, config(&sim.base_url(), &dir)).expect("write config");
+        let gw = Running::start(&path);
+        gw.wait_ready().await;
+        World { sim, dir, path, gw }
+    }
+
+    /// Replaces the config file with `text` and sends SIGHUP.
+    fn rewrite_and_hup(&self, text: &str) {
+        std::fs::write(&self.path, text).expect("rewrite config");
+        self.gw.signal("HUP");
+    }
 }
 
 /// The gateway binary, its addresses, and its log lines as they arrive.
@@ -306,38 +326,32 @@ fn k8s_publish(dir: &Path, version: &str, text: &str) {
 /// `config_reloads_total` exist from the start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_swaps_api_keys_without_dropping_a_connection() {
-    let sim = simulator(SimConfig::default()).await;
-    let dir = temp_dir("sighup");
-    let path = dir.join("gateway.toml");
-    std::fs::write(&path, config_text(&sim.base_url(), KEY, "0s")).expect("write");
-    let mut gw = Running::start(&path);
-    gw.wait_ready().await;
+    let mut w = World::start("sighup", |url, _| config_text(url, KEY, "0s")).await;
     let applied = "hubspot_gateway_config_reloads_total{result=\"applied\"}";
     let refused = "hubspot_gateway_config_reloads_total{result=\"refused\"}";
-    assert_eq!(gw.metric(applied).await, Some(0.0));
-    assert_eq!(gw.metric(refused).await, Some(0.0));
-    let loaded_at = gw
-        .metric("hubspot_gateway_config_last_load_timestamp_seconds")
-        .await
-        .expect("last load gauge");
+    assert_eq!(w.gw.metric(applied).await, Some(0.0));
+    assert_eq!(w.gw.metric(refused).await, Some(0.0));
+    let loaded_at =
+        w.gw.metric("hubspot_gateway_config_last_load_timestamp_seconds")
+            .await
+            .expect("last load gauge");
     assert!(loaded_at > 1.0e9, "{loaded_at}");
 
-    let (mut conn, _task) = gw.connect().await;
+    let (mut conn, _task) = w.gw.connect().await;
     assert_eq!(status_on(&mut conn, KEY).await, StatusCode::OK);
     assert_eq!(
         status_on(&mut conn, NEW_KEY).await,
         StatusCode::UNAUTHORIZED
     );
 
-    std::fs::write(&path, config_text(&sim.base_url(), NEW_KEY, "0s")).expect("rewrite");
-    gw.signal("HUP");
-    gw.wait_log("config reloaded");
+    w.rewrite_and_hup(&config_text(&w.sim.base_url(), NEW_KEY, "0s"));
+    w.gw.wait_log("config reloaded");
 
     assert_eq!(status_on(&mut conn, NEW_KEY).await, StatusCode::OK);
     assert_eq!(status_on(&mut conn, KEY).await, StatusCode::UNAUTHORIZED);
-    assert_eq!(gw.metric(applied).await, Some(1.0));
-    assert_eq!(gw.metric(refused).await, Some(0.0));
-    gw.stop();
+    assert_eq!(w.gw.metric(applied).await, Some(1.0));
+    assert_eq!(w.gw.metric(refused).await, Some(0.0));
+    w.gw.stop();
 }
 
 /// A Kubernetes-style `..data` swap of the mounted config is noticed without any signal, and
@@ -365,29 +379,22 @@ async fn mounted_file_symlink_swap_reloads_keys_without_a_signal() {
 /// value from it; the old keys keep working and the refusal is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_config_on_reload_is_refused_and_old_keys_keep_working() {
-    let sim = simulator(SimConfig::default()).await;
-    let dir = temp_dir("refused");
-    let path = dir.join("gateway.toml");
-    let good = config_text(&sim.base_url(), KEY, "0s");
-    std::fs::write(&path, &good).expect("write");
-    let mut gw = Running::start(&path);
-    gw.wait_ready().await;
-    let (mut conn, _task) = gw.connect().await;
+    let mut w = World::start("refused", |url, _| config_text(url, KEY, "0s")).await;
+    let (mut conn, _task) = w.gw.connect().await;
     assert_eq!(status_on(&mut conn, KEY).await, StatusCode::OK);
 
     // Three problems at once: a password in base_url, the new key given to two clients.
-    let bad = config_text(
-        &sim.base_url()
-            .replace("http://", &format!("http://user:{LEAKED}@")),
-        NEW_KEY,
-        "0s",
-    ) + &format!(
-        "[[auth.clients]]\nname = \"other\"\nkey_sha256 = \"{}\"\n",
-        hash_key(NEW_KEY)
-    );
-    std::fs::write(&path, bad).expect("rewrite");
-    gw.signal("HUP");
-    let line = gw.wait_log("config reload refused");
+    let with_password = w
+        .sim
+        .base_url()
+        .replace("http://", &format!("http://user:{LEAKED}@"));
+    let bad = config_text(&with_password, NEW_KEY, "0s")
+        + &format!(
+            "[[auth.clients]]\nname = \"other\"\nkey_sha256 = \"{}\"\n",
+            hash_key(NEW_KEY)
+        );
+    w.rewrite_and_hup(&bad);
+    let line = w.gw.wait_log("config reload refused");
     assert!(line.contains("upstream.base_url"), "{line}");
     assert!(line.contains("key_sha256"), "{line}");
     assert!(!line.contains(LEAKED), "{line}");
@@ -398,36 +405,33 @@ async fn invalid_config_on_reload_is_refused_and_old_keys_keep_working() {
         StatusCode::UNAUTHORIZED
     );
     let refused = "hubspot_gateway_config_reloads_total{result=\"refused\"}";
-    assert_eq!(gw.metric(refused).await, Some(1.0));
+    assert_eq!(w.gw.metric(refused).await, Some(1.0));
 
     // The next good config goes into service: a refusal does not stick.
-    std::fs::write(&path, config_text(&sim.base_url(), NEW_KEY, "0s")).expect("rewrite");
-    gw.signal("HUP");
-    gw.wait_log("config reloaded");
+    w.rewrite_and_hup(&config_text(&w.sim.base_url(), NEW_KEY, "0s"));
+    w.gw.wait_log("config reloaded");
     assert_eq!(status_on(&mut conn, NEW_KEY).await, StatusCode::OK);
-    assert!(gw.seen.iter().all(|l| !l.contains(LEAKED)), "{:?}", gw.seen);
-    gw.stop();
+    assert!(
+        w.gw.seen.iter().all(|l| !l.contains(LEAKED)),
+        "{:?}",
+        w.gw.seen
+    );
+    w.gw.stop();
 }
 
-/// A changed listen address is reported as needing a restart; the keys still reload.
+/// A changed setting that needs a restart is named in the log; the keys still reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settings_that_cannot_change_live_are_named_in_the_log() {
-    let sim = simulator(SimConfig::default()).await;
-    let dir = temp_dir("restart");
-    let path = dir.join("gateway.toml");
-    std::fs::write(&path, config_text(&sim.base_url(), KEY, "0s")).expect("write");
-    let mut gw = Running::start(&path);
-    gw.wait_ready().await;
-    let changed = config_text(&sim.base_url(), NEW_KEY, "0s")
+    let mut w = World::start("restart", |url, _| config_text(url, KEY, "0s")).await;
+    let changed = config_text(&w.sim.base_url(), NEW_KEY, "0s")
         .replace("shutdown_grace = \"2s\"", "shutdown_grace = \"3s\"");
-    std::fs::write(&path, changed).expect("rewrite");
-    gw.signal("HUP");
-    let line = gw.wait_log("config reloaded");
+    w.rewrite_and_hup(&changed);
+    let line = w.gw.wait_log("config reloaded");
     assert!(line.contains("server.shutdown_grace"), "{line}");
     assert!(!line.contains("auth.clients"), "{line}");
-    let (mut conn, _task) = gw.connect().await;
+    let (mut conn, _task) = w.gw.connect().await;
     assert_eq!(status_on(&mut conn, NEW_KEY).await, StatusCode::OK);
-    gw.stop();
+    w.gw.stop();
 }
 
 /// SIGHUP puts a new TLS certificate in service for new connections while a connection made
@@ -435,43 +439,45 @@ async fn settings_that_cannot_change_live_are_named_in_the_log() {
 /// certificate stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rotates_the_tls_certificate_without_dropping_a_connection() {
-    let sim = simulator(SimConfig::default()).await;
-    let dir = temp_dir("tls");
     let ca = Ca::new();
-    let first = ca.issue_into(&dir, "gateway-1");
-    let path = dir.join("gateway.toml");
-    let text = config_text(&sim.base_url(), KEY, "0s").replace(
-        "shutdown_grace",
-        &format!(
-            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nshutdown_grace",
-            dir.join("server.pem").display(),
-            dir.join("server.key").display()
-        ),
-    );
-    std::fs::write(&path, text).expect("write");
-    let mut gw = Running::start(&path);
-    gw.wait_ready().await;
-    let (mut old, _task, presented) = gw.connect_tls(&ca.der).await;
-    assert_eq!(presented, first);
+    let mut first = None;
+    let mut w = World::start("tls", |url, dir| {
+        first = Some(ca.issue_into(dir, "gateway-1"));
+        config_text(url, KEY, "0s").replace(
+            "shutdown_grace",
+            &format!(
+                "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nshutdown_grace",
+                dir.join("server.pem").display(),
+                dir.join("server.key").display()
+            ),
+        )
+    })
+    .await;
+    let (mut old, _task, presented) = w.gw.connect_tls(&ca.der).await;
+    assert_eq!(Some(presented), first);
     assert_eq!(status_on(&mut old, KEY).await, StatusCode::OK);
 
-    let second = ca.issue_into(&dir, "gateway-2");
-    gw.signal("HUP");
-    let line = gw.wait_log("config reloaded");
+    let second = ca.issue_into(&w.dir, "gateway-2");
+    w.gw.signal("HUP");
+    let line = w.gw.wait_log("config reloaded");
     assert!(line.contains("tls=true"), "{line}");
-    let (mut new, _task2, presented) = gw.connect_tls(&ca.der).await;
+    let (mut new, _task2, presented) = w.gw.connect_tls(&ca.der).await;
     assert_eq!(presented, second, "new connections get the new certificate");
     assert_eq!(status_on(&mut new, KEY).await, StatusCode::OK);
     assert_eq!(status_on(&mut old, KEY).await, StatusCode::OK);
 
-    std::fs::write(dir.join("server.pem"), "-----BEGIN CERTIFICATE-----\n!!\n").expect("w");
-    gw.signal("HUP");
-    let line = gw.wait_log("config reload refused");
+    std::fs::write(
+        w.dir.join("server.pem"),
+        "-----BEGIN CERTIFICATE-----\n!!\n",
+    )
+    .expect("w");
+    w.gw.signal("HUP");
+    let line = w.gw.wait_log("config reload refused");
     assert!(line.contains("server.tls_cert_file"), "{line}");
-    let (_conn, _task3, presented) = gw.connect_tls(&ca.der).await;
+    let (_conn, _task3, presented) = w.gw.connect_tls(&ca.der).await;
     assert_eq!(
         presented, second,
         "a refused reload keeps the certificate in service"
     );
-    gw.stop();
+    w.gw.stop();
 }

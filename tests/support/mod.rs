@@ -276,3 +276,11 @@ pub async fn sim_requests(sim: &RunningSimulator) -> Vec<serde_json::Value> {
     .json();
     seen.as_array().expect("a list of requests").clone()
 }
+
+/// A fresh, empty directory for one test's files, named after the test and this process.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("hfg-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
