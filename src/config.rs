@@ -1117,4 +1117,69 @@ key_sha256 = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
         let again = Config::parse(&c.to_toml()).expect("printed config parses");
         assert_eq!(again.cache.terminal_ttl, c.cache.terminal_ttl);
     }
+
+    /// `base_url` keeps scheme, host, port and a path prefix without its trailing slash, and
+    /// refuses everything that could carry a credential.
+    #[test]
+    fn base_url_is_parsed_once_and_refuses_credentials() {
+        let u: BaseUrl = "http://127.0.0.1:8081/prefix/".parse().expect("valid");
+        assert_eq!(u.scheme().as_str(), "http");
+        assert_eq!(u.authority().as_str(), "127.0.0.1:8081");
+        assert_eq!(u.path(), "/prefix");
+        assert_eq!(u.to_string(), "http://127.0.0.1:8081/prefix");
+        assert_eq!(BaseUrl::hubspot().to_string(), "https://api.hubapi.com");
+        for (bad, why) in [
+            ("https://u:p@api.hubapi.com", BaseUrlError::Userinfo),
+            ("https://api.hubapi.com/?k=v", BaseUrlError::QueryOrFragment),
+            ("https://api.hubapi.com/#f", BaseUrlError::QueryOrFragment),
+            ("ftp://api.hubapi.com", BaseUrlError::SchemeOrHost),
+            ("/just/a/path", BaseUrlError::SchemeOrHost),
+            ("http://exa mple.com", BaseUrlError::Syntax),
+        ] {
+            assert_eq!(bad.parse::<BaseUrl>(), Err(why), "{bad}");
+        }
+    }
+
+    /// Values are taken out of TOML's messages; key names and the expected alternatives
+    /// stay.
+    #[test]
+    fn redact_keeps_key_names_and_alternatives_only() {
+        assert_eq!(
+            redact(
+                "unknown variant `s3cr3t`, expected `oauth` or `static`",
+                "\"s3cr3t\""
+            ),
+            "unknown variant <redacted>, expected `oauth` or `static`"
+        );
+        assert_eq!(
+            redact(
+                "unknown field `refresh_token`, expected one of `mode`",
+                "refresh_token"
+            ),
+            "unknown field `refresh_token`, expected one of `mode`"
+        );
+        assert_eq!(
+            redact("invalid value s3cr3t here", "\"s3cr3t\""),
+            "invalid value <redacted> here"
+        );
+    }
+
+    /// One run names problems on several lines and validation problems together.
+    #[test]
+    fn every_problem_is_reported_in_one_run() {
+        let text = MINIMAL.replace(
+            "[token]",
+            "[cache]\nterminal_ttl = \"soon\"\nmax_bytes = \"lots\"\n[token]\nmode = \"weird\"",
+        ) + "[[auth.clients]]\nname = \"billing\"\nkey_sha256 = \"short\"\n";
+        let err = Config::parse(&text).unwrap_err().to_string();
+        for part in [
+            "(cache.terminal_ttl)",
+            "(cache.max_bytes)",
+            "(token.mode)",
+            "auth.clients[1].name repeats",
+            "auth.clients[1].key_sha256 must be 64 hex digits",
+        ] {
+            assert!(err.contains(part), "{part} missing: {err}");
+        }
+    }
 }
