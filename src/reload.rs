@@ -91,6 +91,9 @@ impl Reloader {
     /// and changes nothing. Counts the result and logs one line either way.
     pub fn reload(&mut self, trigger: &'static str) -> Result<Applied, ReloadError> {
         let result = self.try_reload();
+        // Whatever the outcome, the files as they are now have been judged: watching waits
+        // for the next change instead of repeating this verdict.
+        self.seen = fingerprint(&self.watched);
         match &result {
             Ok(applied) => {
                 self.metrics
@@ -149,7 +152,6 @@ impl Reloader {
             holder.replace(acceptor);
         }
         self.watched = watched_files(&self.path, &config);
-        self.seen = fingerprint(&self.watched);
         Ok(Applied {
             clients: if same_mode {
                 config.auth.clients.len()
@@ -190,8 +192,6 @@ impl Reloader {
                     if now == self.seen {
                         continue;
                     }
-                    // Noticed once: a refused file is not retried until it changes again.
-                    self.seen = now;
                     "file_changed"
                 }
             };
