@@ -1,7 +1,7 @@
 //! Who is calling: API keys (stored as sha256) or client certificates, mapped to a client name.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use hyper::header::{AUTHORIZATION, HeaderMap};
 use sha2::{Digest, Sha256};
@@ -55,12 +55,35 @@ impl PeerCertName {
     }
 }
 
-/// Decides who a request comes from.
-#[derive(Debug)]
+/// Decides who a request comes from. Clones share one client table, so a reload that calls
+/// `replace` on any clone changes who every clone accepts.
+#[derive(Debug, Clone)]
 pub struct Authenticator {
     mode: AuthMode,
+    table: Arc<RwLock<Arc<ClientTable>>>,
+}
+
+/// The callers known at one moment: built whole from a config, then swapped whole.
+#[derive(Debug, Default)]
+struct ClientTable {
     by_key_hash: HashMap<[u8; 32], Arc<str>>,
     by_cert_cn: HashMap<String, Arc<str>>,
+}
+
+impl ClientTable {
+    fn new(config: &AuthConfig) -> ClientTable {
+        let mut table = ClientTable::default();
+        for c in &config.clients {
+            let name: Arc<str> = Arc::from(c.name.as_str());
+            if let Some(hash) = c.key_sha256.as_deref().and_then(decode_hex32) {
+                table.by_key_hash.insert(hash, name.clone());
+            }
+            if let Some(cn) = &c.cert_cn {
+                table.by_cert_cn.insert(cn.clone(), name);
+            }
+        }
+        table
+    }
 }
 
 /// The name that stands for every caller when `auth.mode = "none"`.
@@ -69,30 +92,43 @@ pub const ANONYMOUS: &str = "anonymous";
 impl Authenticator {
     /// Builds the lookup tables from the validated config.
     pub fn new(config: &AuthConfig) -> Self {
-        let mut by_key_hash = HashMap::new();
-        let mut by_cert_cn = HashMap::new();
-        for c in &config.clients {
-            let name: Arc<str> = Arc::from(c.name.as_str());
-            if let Some(hash) = c.key_sha256.as_deref().and_then(decode_hex32) {
-                by_key_hash.insert(hash, name.clone());
-            }
-            if let Some(cn) = &c.cert_cn {
-                by_cert_cn.insert(cn.clone(), name);
-            }
-        }
         Authenticator {
             mode: config.mode,
-            by_key_hash,
-            by_cert_cn,
+            table: Arc::new(RwLock::new(Arc::new(ClientTable::new(config)))),
         }
+    }
+
+    /// Puts the clients of `config` in service for every request from now on. The mode
+    /// stays what it was at start-up (changing it needs a restart); requests already past
+    /// `authenticate` keep the name they got.
+    pub fn replace(&self, config: &AuthConfig) {
+        let table = Arc::new(ClientTable::new(config));
+        *self
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = table;
+    }
+
+    /// The mode fixed at start-up.
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    fn table(&self) -> Arc<ClientTable> {
+        // The table is swapped whole, so a poisoned lock still holds a consistent one.
+        self.table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Every name `authenticate` can return.
     pub fn names(&self) -> Vec<Arc<str>> {
+        let table = self.table();
         let mut names: Vec<Arc<str>> = match self.mode {
             AuthMode::None => vec![Arc::from(ANONYMOUS)],
-            AuthMode::ApiKeys => self.by_key_hash.values().cloned().collect(),
-            AuthMode::Mtls => self.by_cert_cn.values().cloned().collect(),
+            AuthMode::ApiKeys => table.by_key_hash.values().cloned().collect(),
+            AuthMode::Mtls => table.by_cert_cn.values().cloned().collect(),
         };
         names.sort();
         names.dedup();
@@ -111,7 +147,8 @@ impl Authenticator {
                 let cn = peer
                     .and_then(|p| p.0.as_deref())
                     .ok_or(AuthError::Missing)?;
-                self.by_cert_cn
+                self.table()
+                    .by_cert_cn
                     .get(cn)
                     .cloned()
                     .ok_or(AuthError::UnknownCertificate)
@@ -121,7 +158,8 @@ impl Authenticator {
                 let key = bearer(value.as_bytes()).ok_or(AuthError::Malformed)?;
                 // Looking up by hash keeps the comparison independent of the key's bytes.
                 let hash: [u8; 32] = Sha256::digest(key).into();
-                self.by_key_hash
+                self.table()
+                    .by_key_hash
                     .get(&hash)
                     .cloned()
                     .ok_or(AuthError::UnknownKey)
@@ -169,6 +207,7 @@ mod tests {
     fn auth() -> Authenticator {
         Authenticator::new(&AuthConfig {
             mode: AuthMode::ApiKeys,
+            allow_none_off_loopback: false,
             clients: vec![ClientConfig {
                 name: "billing".into(),
                 key_sha256: Some(hash_key("k-123")),

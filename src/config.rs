@@ -1,6 +1,8 @@
 //! The TOML configuration: its shape, defaults, validation, and where secrets come from.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -8,7 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::secret::Secret;
 
-/// Why a configuration cannot be used. Every variant makes the process exit 64.
+/// Why a configuration cannot be used. Every variant makes the process exit 64. No variant
+/// shows the value of a key (only key names, numbers and enum words), since an operator may
+/// have pasted a secret anywhere.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -17,26 +21,48 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The position and TOML's message, never the offending line: it could hold a secret
-    /// pasted where it does not belong.
+    /// The position and TOML's message with values taken out, never the offending line.
     #[error("invalid config at line {line}, column {column}: {message}")]
     Parse {
         message: String,
         line: usize,
         column: usize,
     },
+    /// Every problem found, each naming the key it is about.
     #[error("invalid config: {0}")]
-    Invalid(String),
-    #[error("secret {name}: cannot read {path}: {source}")]
-    SecretFile {
-        name: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("secret {name}: {reason}")]
-    Secret { name: &'static str, reason: String },
+    Invalid(Problems),
 }
+
+/// One or more problems with a config, each a sentence that names its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<String>);
+
+impl Problems {
+    fn result(problems: Vec<String>) -> Result<(), ConfigError> {
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(Problems(problems)))
+        }
+    }
+}
+
+impl std::fmt::Display for Problems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // One line, so a refused reload is one log line.
+        if self.0.len() > 1 {
+            write!(f, "{} problems: ", self.0.len())?;
+        }
+        f.write_str(&self.0.join("; "))
+    }
+}
+
+const MILLI: Duration = Duration::from_millis(1);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+/// The range of every timeout and window unless its key documents another.
+const SANE: RangeInclusive<Duration> = MILLI..=DAY;
+/// How often files may be polled for a change, when polling is on.
+const WATCH_INTERVAL: RangeInclusive<Duration> = Duration::from_millis(100)..=DAY;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -52,6 +78,27 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub reload: ReloadConfig,
+}
+
+/// `[reload]`: how changes to the config and the files it names are noticed. SIGHUP always
+/// reloads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadConfig {
+    /// How often the config file, TLS files and secret files are checked for a change;
+    /// `"0s"` turns watching off (SIGHUP only).
+    #[serde(with = "duration")]
+    pub watch_interval: Duration,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch_interval: Duration::from_secs(5),
+        }
+    }
 }
 
 /// `[server]`: the two listeners and shutdown.
@@ -88,7 +135,7 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    pub base_url: String,
+    pub base_url: BaseUrl,
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
     /// Deadline for one upstream call, retries included.
@@ -100,11 +147,110 @@ pub struct UpstreamConfig {
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
-            base_url: "https://api.hubapi.com".into(),
+            base_url: BaseUrl::hubspot(),
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
             rate_limit: RateLimit::default(),
         }
+    }
+}
+
+/// HubSpot's address: `http` or `https`, a host, an optional port and path prefix; no
+/// user, password, query or fragment. Parsed once when the config loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseUrl {
+    scheme: hyper::http::uri::Scheme,
+    authority: hyper::http::uri::Authority,
+    path: String,
+}
+
+/// Why a `base_url` is refused; never repeats the URL (it could carry a password).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BaseUrlError {
+    #[error("upstream.base_url is not a URL")]
+    Syntax,
+    #[error("upstream.base_url must start with http:// or https:// and name a host")]
+    SchemeOrHost,
+    #[error("upstream.base_url must not carry a user or password")]
+    Userinfo,
+    #[error("upstream.base_url must not have a query or fragment")]
+    QueryOrFragment,
+}
+
+impl BaseUrl {
+    /// `https://api.hubapi.com`.
+    pub fn hubspot() -> BaseUrl {
+        BaseUrl {
+            scheme: hyper::http::uri::Scheme::HTTPS,
+            authority: hyper::http::uri::Authority::from_static("api.hubapi.com"),
+            path: String::new(),
+        }
+    }
+
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &hyper::http::uri::Scheme {
+        &self.scheme
+    }
+
+    /// Host and optional port.
+    pub fn authority(&self) -> &hyper::http::uri::Authority {
+        &self.authority
+    }
+
+    /// The path prefix without a trailing `/` (empty for none).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl std::str::FromStr for BaseUrl {
+    type Err = BaseUrlError;
+
+    fn from_str(text: &str) -> Result<BaseUrl, BaseUrlError> {
+        // `Uri` drops a fragment silently, so it is looked for first.
+        if text.contains('#') {
+            return Err(BaseUrlError::QueryOrFragment);
+        }
+        let uri: hyper::Uri = text.parse().map_err(|_| BaseUrlError::Syntax)?;
+        let parts = uri.into_parts();
+        let (Some(scheme), Some(authority)) = (parts.scheme, parts.authority) else {
+            return Err(BaseUrlError::SchemeOrHost);
+        };
+        if !matches!(scheme.as_str(), "http" | "https") || authority.host().is_empty() {
+            return Err(BaseUrlError::SchemeOrHost);
+        }
+        if authority.as_str().contains('@') {
+            return Err(BaseUrlError::Userinfo);
+        }
+        let path = match parts.path_and_query {
+            Some(pq) if pq.query().is_some() => return Err(BaseUrlError::QueryOrFragment),
+            Some(pq) => pq.path().trim_end_matches('/').to_owned(),
+            None => String::new(),
+        };
+        Ok(BaseUrl {
+            scheme,
+            authority,
+            path,
+        })
+    }
+}
+
+impl std::fmt::Display for BaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.path)
+    }
+}
+
+impl Serialize for BaseUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for BaseUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<BaseUrl, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -224,6 +370,8 @@ pub enum AuthMode {
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     pub mode: AuthMode,
+    /// `mode = "none"` on an address other than loopback must be asked for by name.
+    pub allow_none_off_loopback: bool,
     pub clients: Vec<ClientConfig>,
 }
 
@@ -231,6 +379,7 @@ impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
             mode: AuthMode::ApiKeys,
+            allow_none_off_loopback: false,
             clients: Vec::new(),
         }
     }
@@ -274,97 +423,186 @@ impl Config {
         Config::parse(&text)
     }
 
-    /// Parses and validates TOML text.
-    pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
-            let offset = e.span().map_or(0, |s| s.start).min(text.len());
-            let before = &text.as_bytes()[..offset];
-            let line = before.iter().filter(|b| **b == b'\n').count() + 1;
-            let column = offset
-                - before
-                    .iter()
-                    .rposition(|b| *b == b'\n')
-                    .map_or(0, |p| p + 1)
-                + 1;
-            ConfigError::Parse {
-                message: e.message().to_owned(),
-                line,
-                column,
-            }
+    /// Reads and validates the file at `path`, then checks every file it names (and, with
+    /// `secrets`, every secret): what `check-config`, `serve` and a reload run. Every problem
+    /// of every kind is reported at once.
+    pub fn load_checked(
+        path: &Path,
+        secrets: bool,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
         })?;
-        config.validate()?;
+        let (config, mut problems) = Config::parse_all(&text)?;
+        if let Err(ConfigError::Invalid(more)) = config.check_files(secrets, env) {
+            problems.extend(more.0);
+        }
+        Problems::result(problems)?;
         Ok(config)
     }
 
-    /// Checks what the types alone cannot.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |m: String| Err(ConfigError::Invalid(m));
-        let uri: hyper::Uri = self
-            .upstream
-            .base_url
-            .parse()
-            .map_err(|e| ConfigError::Invalid(format!("upstream.base_url: {e}")))?;
-        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            return invalid("upstream.base_url must be an http(s) URL with a host".into());
+    /// Parses and validates TOML text, reporting every problem at once.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let (config, problems) = Config::parse_all(text)?;
+        Problems::result(problems)?;
+        Ok(config)
+    }
+
+    /// The config and every problem with it: after a value that does not fit its key, that
+    /// line is set aside (the key keeps its default) and the rest is read on. Only TOML that
+    /// is not TOML at all stops at the first error.
+    fn parse_all(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
+        if let Err(e) = text.parse::<toml::Table>() {
+            let (line, column) = position(text, e.span().map_or(0, |s| s.start));
+            return Err(ConfigError::Parse {
+                message: redact(
+                    e.message(),
+                    e.span().and_then(|s| text.get(s)).unwrap_or_default(),
+                ),
+                line,
+                column,
+            });
         }
-        if uri.query().is_some() {
-            return invalid("upstream.base_url must not have a query".into());
-        }
-        let rl = self.upstream.rate_limit;
-        if rl.requests == 0 || rl.per.is_zero() {
-            return invalid("upstream.rate_limit needs requests > 0 and per > 0".into());
-        }
-        for (name, d) in [
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.request_timeout", self.upstream.request_timeout),
-            (
-                "server.header_read_timeout",
-                self.server.header_read_timeout,
-            ),
-            ("cache.terminal_ttl", self.cache.terminal_ttl),
-        ] {
-            if d.is_zero() {
-                return invalid(format!("{name} must be > 0"));
+        let mut problems = Vec::new();
+        let mut rest = text.to_owned();
+        // Each round sets one line aside; the bound keeps a pathological file cheap.
+        for _ in 0..64 {
+            match toml::from_str::<Config>(&rest) {
+                Ok(config) => {
+                    if let Err(ConfigError::Invalid(more)) = config.validate() {
+                        problems.extend(more.0);
+                    }
+                    return Ok((config, problems));
+                }
+                Err(e) => {
+                    let span = e.span().unwrap_or(0..0);
+                    let (line, column) = position(&rest, span.start);
+                    let raw = rest.get(span.clone()).unwrap_or_default();
+                    let key = key_at(&rest, span.start)
+                        .map(|k| format!(" ({k})"))
+                        .unwrap_or_default();
+                    problems.push(format!(
+                        "line {line}, column {column}{key}: {}",
+                        redact(e.message(), raw)
+                    ));
+                    match set_line_aside(&rest, span.start) {
+                        Some(next) => rest = next,
+                        None => break,
+                    }
+                }
             }
         }
+        Err(ConfigError::Invalid(Problems(problems)))
+    }
+
+    /// Checks what the types alone cannot, and reports every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut invalid = |m: String| problems.push(m);
+        let rl = self.upstream.rate_limit;
+        if rl.requests == 0 {
+            invalid("upstream.rate_limit.requests must be > 0".into());
+        }
+        for (name, d, range) in self.durations() {
+            if !range.contains(&d) {
+                invalid(format!(
+                    "{name} must be between {} and {}",
+                    humantime::format_duration(*range.start()),
+                    humantime::format_duration(*range.end())
+                ));
+            }
+        }
+        if !self.reload.watch_interval.is_zero()
+            && !WATCH_INTERVAL.contains(&self.reload.watch_interval)
+        {
+            invalid(format!(
+                "reload.watch_interval must be 0s (off) or between {} and {}",
+                humantime::format_duration(*WATCH_INTERVAL.start()),
+                humantime::format_duration(*WATCH_INTERVAL.end())
+            ));
+        }
+        if self.cache.max_bytes == 0 {
+            invalid("cache.max_bytes must be > 0".into());
+        }
         if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
-            return invalid("server.admin_listen must differ from server.listen".into());
+            invalid("server.admin_listen must differ from server.listen".into());
         }
         if self.token.required_scopes.is_empty() {
-            return invalid("token.required_scopes must name at least one scope".into());
+            invalid("token.required_scopes must name at least one scope".into());
         }
-        let t = &self.token;
-        let sources = [
-            (
-                "client_id",
-                t.client_id_file.is_some(),
-                t.client_id_env.is_some(),
-            ),
-            (
-                "client_secret",
-                t.client_secret_file.is_some(),
-                t.client_secret_env.is_some(),
-            ),
-            (
-                "refresh_token",
-                t.refresh_token_file.is_some(),
-                t.refresh_token_env.is_some(),
-            ),
-            (
-                "static_token",
-                t.static_token_file.is_some(),
-                t.static_token_env.is_some(),
-            ),
-        ];
-        for var in [
-            &t.client_id_env,
-            &t.client_secret_env,
-            &t.refresh_token_env,
-            &t.static_token_env,
-        ]
-        .into_iter()
-        .flatten()
+        if let Some(i) = self
+            .token
+            .required_scopes
+            .iter()
+            .position(|s| s.is_empty() || !s.bytes().all(|b| b.is_ascii_graphic()))
         {
+            invalid(format!(
+                "token.required_scopes[{i}] must be a non-empty scope name without spaces"
+            ));
+        }
+        self.validate_token(&mut invalid);
+        let tls = (&self.server.tls_cert_file, &self.server.tls_key_file);
+        if tls.0.is_some() != tls.1.is_some() {
+            invalid("server.tls_cert_file and server.tls_key_file go together".into());
+        }
+        if self.server.client_ca_file.is_some() && tls.0.is_none() {
+            invalid("server.client_ca_file needs tls_cert_file and tls_key_file".into());
+        }
+        self.validate_auth(&mut invalid);
+        Problems::result(problems)
+    }
+
+    /// Every duration with the range it must lie in.
+    fn durations(&self) -> [(&'static str, Duration, RangeInclusive<Duration>); 7] {
+        let s = &self.server;
+        [
+            (
+                "upstream.connect_timeout",
+                self.upstream.connect_timeout,
+                SANE,
+            ),
+            (
+                "upstream.request_timeout",
+                self.upstream.request_timeout,
+                SANE,
+            ),
+            (
+                "upstream.rate_limit.per",
+                self.upstream.rate_limit.per,
+                SANE,
+            ),
+            ("server.header_read_timeout", s.header_read_timeout, SANE),
+            // 0 closes open connections at once on shutdown.
+            (
+                "server.shutdown_grace",
+                s.shutdown_grace,
+                Duration::ZERO..=DAY,
+            ),
+            (
+                "cache.terminal_ttl",
+                self.cache.terminal_ttl,
+                MILLI..=30 * DAY,
+            ),
+            // 0 keeps no pending answer.
+            (
+                "cache.pending_ttl",
+                self.cache.pending_ttl,
+                Duration::ZERO..=DAY,
+            ),
+        ]
+    }
+
+    fn validate_token(&self, invalid: &mut impl FnMut(String)) {
+        let t = &self.token;
+        for (name, var) in [
+            ("client_id_env", &t.client_id_env),
+            ("client_secret_env", &t.client_secret_env),
+            ("refresh_token_env", &t.refresh_token_env),
+            ("static_token_env", &t.static_token_env),
+        ] {
+            let Some(var) = var else { continue };
             let mut bytes = var.bytes();
             let ok = bytes
                 .next()
@@ -372,125 +610,198 @@ impl Config {
                 && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !ok {
                 // Not echoed: a value that is not a variable name may be the secret itself.
-                return invalid(
-                    "token.*_env must name an environment variable (letters, digits, _)".into(),
-                );
+                invalid(format!(
+                    "token.{name} must name an environment variable (letters, digits, _)"
+                ));
             }
         }
         let wanted: &[&str] = match t.mode {
             TokenMode::Oauth => &["client_id", "client_secret", "refresh_token"],
             TokenMode::Static => &["static_token"],
         };
-        for (name, file, env) in sources {
-            let needed = wanted.contains(&name);
-            match (needed, file, env) {
-                (true, true, true) => {
-                    return invalid(format!(
-                        "token.{name}: set {name}_file or {name}_env, not both"
-                    ));
-                }
+        for (name, file, env) in self.secret_sources() {
+            match (wanted.contains(&name), file.is_some(), env.is_some()) {
+                (true, true, true) => invalid(format!(
+                    "token.{name}: set {name}_file or {name}_env, not both"
+                )),
                 (true, false, false) => {
-                    return invalid(format!("token.{name}_file or token.{name}_env is required"));
+                    invalid(format!("token.{name}_file or token.{name}_env is required"))
                 }
                 (false, true, _) | (false, _, true) => {
-                    return invalid(format!("token.{name}_*: not used with this token.mode"));
+                    invalid(format!("token.{name}_*: not used with this token.mode"))
                 }
                 _ => {}
             }
         }
-        let tls = (&self.server.tls_cert_file, &self.server.tls_key_file);
-        if tls.0.is_some() != tls.1.is_some() {
-            return invalid("server.tls_cert_file and server.tls_key_file go together".into());
-        }
-        if self.server.client_ca_file.is_some() && tls.0.is_none() {
-            return invalid("server.client_ca_file needs tls_cert_file and tls_key_file".into());
-        }
-        let mut names = std::collections::HashSet::new();
-        for c in &self.auth.clients {
-            if c.name.is_empty() || c.name == "unauthenticated" || !names.insert(&c.name) {
-                return invalid(format!(
-                    "auth.clients: name {:?} is empty, reserved or repeated",
-                    c.name
+    }
+
+    fn validate_auth(&self, invalid: &mut impl FnMut(String)) {
+        let clients = &self.auth.clients;
+        let mut names = HashMap::new();
+        let mut hashes = HashMap::new();
+        let mut cns = HashMap::new();
+        for (i, c) in clients.iter().enumerate() {
+            // Positions, not names: a name is a value, and values are never echoed.
+            if c.name.is_empty() || c.name == "unauthenticated" || c.name == crate::auth::ANONYMOUS
+            {
+                invalid(format!("auth.clients[{i}].name is empty or reserved"));
+            } else if !c.name.bytes().all(|b| b.is_ascii_graphic()) {
+                invalid(format!(
+                    "auth.clients[{i}].name must be printable ASCII without spaces"
+                ));
+            }
+            if let Some(first) = names.insert(c.name.as_str(), i) {
+                invalid(format!(
+                    "auth.clients[{i}].name repeats auth.clients[{first}].name"
+                ));
+            }
+            if let Some(h) = &c.key_sha256
+                && let Some(first) = hashes.insert(h.to_ascii_lowercase(), i)
+            {
+                invalid(format!(
+                    "auth.clients[{i}].key_sha256 repeats auth.clients[{first}].key_sha256: one key would name two clients"
+                ));
+            }
+            if let Some(cn) = &c.cert_cn
+                && let Some(first) = cns.insert(cn.as_str(), i)
+            {
+                invalid(format!(
+                    "auth.clients[{i}].cert_cn repeats auth.clients[{first}].cert_cn"
                 ));
             }
         }
         match self.auth.mode {
             AuthMode::ApiKeys => {
-                if self.auth.clients.is_empty() {
-                    return invalid(
-                        "auth.mode = \"api_keys\" needs at least one [[auth.clients]]".into(),
-                    );
+                if clients.is_empty() {
+                    invalid("auth.mode = \"api_keys\" needs at least one [[auth.clients]]".into());
                 }
-                for c in &self.auth.clients {
+                for (i, c) in clients.iter().enumerate() {
                     let ok = c
                         .key_sha256
                         .as_deref()
                         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
                     if !ok {
-                        return invalid(format!(
-                            "auth.clients {:?}: key_sha256 must be 64 hex digits",
-                            c.name
+                        invalid(format!(
+                            "auth.clients[{i}].key_sha256 must be 64 hex digits"
                         ));
                     }
                 }
             }
             AuthMode::Mtls => {
                 if self.server.client_ca_file.is_none() {
-                    return invalid(
-                        "auth.mode = \"mtls\" needs server.client_ca_file (and TLS)".into(),
-                    );
+                    invalid("auth.mode = \"mtls\" needs server.client_ca_file (and TLS)".into());
                 }
-                if self.auth.clients.is_empty()
-                    || self
-                        .auth
-                        .clients
+                if clients.is_empty()
+                    || clients
                         .iter()
                         .any(|c| c.cert_cn.as_deref().is_none_or(str::is_empty))
                 {
-                    return invalid(
+                    invalid(
                         "auth.mode = \"mtls\": list the callers as [[auth.clients]] with cert_cn"
                             .into(),
                     );
                 }
             }
-            AuthMode::None => {}
+            AuthMode::None => {
+                let loopback = self.server.listen.ip().is_loopback();
+                if !loopback && !self.auth.allow_none_off_loopback {
+                    invalid(
+                        "auth.mode = \"none\" accepts every caller: server.listen must be a loopback address, or set auth.allow_none_off_loopback = true"
+                            .into(),
+                    );
+                }
+            }
         }
-        Ok(())
+    }
+
+    /// Each secret with the file and environment variable it may come from.
+    fn secret_sources(&self) -> [(&'static str, &Option<PathBuf>, &Option<String>); 4] {
+        let t = &self.token;
+        [
+            ("client_id", &t.client_id_file, &t.client_id_env),
+            ("client_secret", &t.client_secret_file, &t.client_secret_env),
+            ("refresh_token", &t.refresh_token_file, &t.refresh_token_env),
+            ("static_token", &t.static_token_file, &t.static_token_env),
+        ]
+    }
+
+    /// Every secret file the config names, with its secret's name.
+    pub fn secret_files(&self) -> Vec<(&'static str, &Path)> {
+        self.secret_sources()
+            .into_iter()
+            .filter_map(|(name, file, _)| file.as_deref().map(|f| (name, f)))
+            .collect()
+    }
+
+    /// Checks every file the config names: the TLS certificate, key and CA are read and
+    /// built into a TLS config, and, with `secrets`, every secret is read. Reports every
+    /// problem at once.
+    pub fn check_files(
+        &self,
+        secrets: bool,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if secrets && let Err(ConfigError::Invalid(p)) = self.credentials(env) {
+            problems.extend(p.0);
+        }
+        if let Some(files) = crate::tls::TlsFiles::from_config(&self.server) {
+            // Read problems are reported per file; only if all read does building mean more.
+            let mut readable = true;
+            for (file, path) in files.each() {
+                if let Err(e) = std::fs::read(path) {
+                    problems.push(crate::tls::TlsError::Read { file, source: e }.to_string());
+                    readable = false;
+                }
+            }
+            if readable && let Err(e) = files.acceptor() {
+                problems.push(e.to_string());
+            }
+        }
+        Problems::result(problems)
     }
 
     /// Reads the HubSpot credentials; `env` looks up environment variables (a parameter so
-    /// tests need not touch the process environment).
+    /// tests need not touch the process environment). Every missing secret is reported.
     pub fn credentials(
         &self,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Credentials, ConfigError> {
         let t = &self.token;
-        Ok(match t.mode {
-            TokenMode::Oauth => Credentials::Oauth {
-                client_id: read_secret("client_id", &t.client_id_file, &t.client_id_env, env)?,
-                client_secret: read_secret(
-                    "client_secret",
-                    &t.client_secret_file,
-                    &t.client_secret_env,
-                    env,
-                )?,
-                refresh_token: read_secret(
-                    "refresh_token",
-                    &t.refresh_token_file,
-                    &t.refresh_token_env,
-                    env,
-                )?,
-            },
-            TokenMode::Static => Credentials::Static {
-                token: read_secret(
-                    "static_token",
-                    &t.static_token_file,
-                    &t.static_token_env,
-                    env,
-                )?,
-                file: t.static_token_file.clone(),
-            },
-        })
+        let mut problems = Vec::new();
+        let mut read = |name: &'static str, file: &Option<PathBuf>, var: &Option<String>| {
+            read_secret(name, file, var, env)
+                .map_err(|e| problems.push(e))
+                .ok()
+        };
+        let credentials = match t.mode {
+            TokenMode::Oauth => {
+                let client_id = read("client_id", &t.client_id_file, &t.client_id_env);
+                let client_secret =
+                    read("client_secret", &t.client_secret_file, &t.client_secret_env);
+                let refresh_token =
+                    read("refresh_token", &t.refresh_token_file, &t.refresh_token_env);
+                match (client_id, client_secret, refresh_token) {
+                    (Some(client_id), Some(client_secret), Some(refresh_token)) => {
+                        Some(Credentials::Oauth {
+                            client_id,
+                            client_secret,
+                            refresh_token,
+                        })
+                    }
+                    _ => None,
+                }
+            }
+            TokenMode::Static => read("static_token", &t.static_token_file, &t.static_token_env)
+                .map(|token| Credentials::Static {
+                    token,
+                    file: t.static_token_file.clone(),
+                }),
+        };
+        match credentials {
+            Some(c) if problems.is_empty() => Ok(c),
+            _ => Err(ConfigError::Invalid(Problems(problems))),
+        }
     }
 
     /// The effective configuration as TOML, defaults filled in. Secrets are never inline, so
@@ -500,41 +811,128 @@ impl Config {
     }
 }
 
+/// The 1-based line and column of byte `offset` in `text`.
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line = before.iter().filter(|b| **b == b'\n').count() + 1;
+    let start = before
+        .iter()
+        .rposition(|b| *b == b'\n')
+        .map_or(0, |p| p + 1);
+    (line, offset - start + 1)
+}
+
+/// The dotted name of the key whose line holds `offset` (`server.header_read_timeout`), if
+/// that line is `key = value`. Key names are safe to show; values are not.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |p| p + 1);
+    let line = text[start..].lines().next().unwrap_or_default();
+    let key = line.split_once('=')?.0.trim();
+    let bare = |k: &str| {
+        !k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    };
+    if !bare(key) {
+        return None;
+    }
+    let section = text[..start].lines().rev().find_map(|l| {
+        let l = l.trim();
+        l.starts_with('[')
+            .then(|| l.trim_matches(['[', ']', ' ']).to_owned())
+    });
+    match section {
+        Some(section) if bare(&section) => Some(format!("{section}.{key}")),
+        _ => Some(key.to_owned()),
+    }
+}
+
+/// `text` with the line holding `offset` commented out, if what remains is still TOML and
+/// still has its sections (a table header set aside would move its keys elsewhere).
+fn set_line_aside(text: &str, offset: usize) -> Option<String> {
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |p| p + 1);
+    let end = text[start..].find('\n').map_or(text.len(), |p| start + p);
+    let line = text[start..end].trim_start();
+    if line.starts_with('[') || line.starts_with('#') || line.is_empty() {
+        return None;
+    }
+    let next = format!("{}#{}", &text[..start], &text[start..]);
+    next.parse::<toml::Table>().is_ok().then_some(next)
+}
+
 /// Reads one secret from its file or environment variable, trimming surrounding whitespace
-/// (mounted secrets often end in a newline).
+/// (mounted secrets often end in a newline). The problem names the config key, never the
+/// path or the variable: those are values, and could be a pasted secret.
 pub fn read_secret(
     name: &'static str,
     file: &Option<PathBuf>,
     var: &Option<String>,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Secret, ConfigError> {
+) -> Result<Secret, String> {
     let raw = match (file, var) {
-        (Some(path), _) => {
-            std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
-                name,
-                path: path.clone(),
-                source,
-            })?
-        }
-        (None, Some(var)) => env(var).ok_or_else(|| ConfigError::Secret {
-            name,
-            reason: format!("environment variable {var} is not set"),
+        (Some(path), _) => std::fs::read_to_string(path)
+            .map_err(|e| format!("token.{name}_file: cannot read the file: {e}"))?,
+        (None, Some(var)) => env(var).ok_or_else(|| {
+            format!("token.{name}_env names an environment variable that is not set")
         })?,
-        (None, None) => {
-            return Err(ConfigError::Secret {
-                name,
-                reason: "no _file or _env configured".into(),
-            });
-        }
+        (None, None) => return Err(format!("token.{name}: no _file or _env configured")),
     };
     let value = raw.trim();
     if value.is_empty() {
-        return Err(ConfigError::Secret {
-            name,
-            reason: "is empty".into(),
-        });
+        let source = if file.is_some() { "file" } else { "env" };
+        return Err(format!("token.{name}_{source}: the secret is empty"));
     }
     Ok(Secret::new(value))
+}
+
+/// Takes every value out of a TOML or serde message, keeping key names (after "field" or
+/// "key"), numbers and the expected alternatives (after "expected": they come from the
+/// types, not from the file). `raw` is the offending source text, removed wherever it still
+/// appears.
+fn redact(message: &str, raw: &str) -> String {
+    let keeps_names = [
+        "unknown field",
+        "missing field",
+        "duplicate key",
+        "duplicate field",
+    ]
+    .iter()
+    .any(|p| message.starts_with(p));
+    let (head, tail) = match message.find("expected") {
+        Some(i) if !keeps_names => message.split_at(i),
+        _ => (message, ""),
+    };
+    let mut out = String::with_capacity(message.len());
+    if keeps_names {
+        out.push_str(head);
+    } else {
+        let mut quote: Option<char> = None;
+        for c in head.chars() {
+            match quote {
+                Some(q) if c == q => {
+                    quote = None;
+                    out.push_str("<redacted>");
+                }
+                Some(_) => {}
+                None if c == '"' || c == '`' || c == '\'' => quote = Some(c),
+                None => out.push(c),
+            }
+        }
+        if quote.is_some() {
+            out.push_str("<redacted>");
+        }
+    }
+    out.push_str(tail);
+    let raw = raw.trim().trim_matches(['"', '\'']);
+    if raw.len() >= 3 && !keeps_names {
+        out = out.replace(raw, "<redacted>");
+    }
+    out
 }
 
 /// Durations written as `"250ms"`, `"30s"`, `"24h"`.
@@ -542,19 +940,30 @@ pub mod duration {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
 
+    /// Writes a duration the way `parse` reads it.
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&humantime::format_duration(*d).to_string())
     }
 
+    /// Reads a duration string; the error never repeats it.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         parse(&text).map_err(serde::de::Error::custom)
     }
 
-    /// Parses `"250ms"`, `"4s"`, `"1h 30m"`.
+    /// Parses `"250ms"`, `"4s"`, `"1h 30m"`. The error does not repeat the text: it may be a
+    /// secret pasted in the wrong place.
     pub fn parse(text: &str) -> Result<Duration, String> {
-        humantime::parse_duration(text.trim())
-            .map_err(|e| format!("invalid duration {text:?}: {e}"))
+        humantime::parse_duration(text.trim()).map_err(|e| {
+            let why = match e {
+                humantime::DurationError::NumberOverflow => "too large",
+                humantime::DurationError::Empty => "empty",
+                humantime::DurationError::UnknownUnit { .. } => "unknown unit",
+                humantime::DurationError::NumberExpected(_)
+                | humantime::DurationError::InvalidCharacter(_) => "not a number with a unit",
+            };
+            format!("invalid duration ({why}): write e.g. \"250ms\", \"30s\", \"24h\"")
+        })
     }
 }
 
@@ -562,6 +971,7 @@ pub mod duration {
 pub mod bytesize {
     use serde::{Deserialize, Deserializer, Serializer};
 
+    /// Writes a size in the largest binary unit that divides it.
     pub fn serialize<S: Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
         let (div, unit) = [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")]
             .into_iter()
@@ -570,17 +980,21 @@ pub mod bytesize {
         s.serialize_str(&format!("{}{unit}", n / div))
     }
 
+    /// Reads a size string; the error never repeats it.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         let text = String::deserialize(d)?;
         parse(&text).map_err(serde::de::Error::custom)
     }
 
     /// Parses a size with an optional binary (KiB, MiB, GiB) or decimal (KB, MB, GB) unit.
+    /// The error does not repeat the text.
     pub fn parse(text: &str) -> Result<u64, String> {
         let t = text.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let n: u64 = num.parse().map_err(|_| format!("invalid size {text:?}"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| "invalid size: write e.g. \"64MiB\", \"500KB\" or bytes".to_owned())?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KiB" => 1 << 10,
@@ -589,10 +1003,10 @@ pub mod bytesize {
             "KB" | "kB" => 1_000,
             "MB" => 1_000_000,
             "GB" => 1_000_000_000,
-            other => return Err(format!("invalid size unit {other:?} in {text:?}")),
+            _ => return Err("invalid size unit: use B, KiB, MiB, GiB, KB, MB or GB".into()),
         };
         n.checked_mul(mult)
-            .ok_or_else(|| format!("size {text:?} is too large"))
+            .ok_or_else(|| "invalid size: too large".to_owned())
     }
 }
 
@@ -663,8 +1077,18 @@ key_sha256 = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
             .expect("resolved");
         let printed = format!("{creds:?}");
         assert!(!printed.contains("value-of"), "{printed}");
-        let missing = c.credentials(&|_| None).unwrap_err();
-        assert!(missing.to_string().contains("ID"), "{missing}");
+        let missing = c.credentials(&|_| None).unwrap_err().to_string();
+        for key in ["client_id_env", "client_secret_env", "refresh_token_env"] {
+            assert!(
+                missing.contains(key),
+                "every missing secret is named: {missing}"
+            );
+        }
+        // The variable names are values: "ID", "SECRET", "RT" never appear.
+        assert!(
+            !missing.contains("\"ID\"") && !missing.contains(" ID "),
+            "{missing}"
+        );
     }
 
     #[test]
@@ -692,5 +1116,70 @@ key_sha256 = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
         let c = Config::parse(MINIMAL).expect("valid");
         let again = Config::parse(&c.to_toml()).expect("printed config parses");
         assert_eq!(again.cache.terminal_ttl, c.cache.terminal_ttl);
+    }
+
+    /// `base_url` keeps scheme, host, port and a path prefix without its trailing slash, and
+    /// refuses everything that could carry a credential.
+    #[test]
+    fn base_url_is_parsed_once_and_refuses_credentials() {
+        let u: BaseUrl = "http://127.0.0.1:8081/prefix/".parse().expect("valid");
+        assert_eq!(u.scheme().as_str(), "http");
+        assert_eq!(u.authority().as_str(), "127.0.0.1:8081");
+        assert_eq!(u.path(), "/prefix");
+        assert_eq!(u.to_string(), "http://127.0.0.1:8081/prefix");
+        assert_eq!(BaseUrl::hubspot().to_string(), "https://api.hubapi.com");
+        for (bad, why) in [
+            ("https://u:p@api.hubapi.com", BaseUrlError::Userinfo),
+            ("https://api.hubapi.com/?k=v", BaseUrlError::QueryOrFragment),
+            ("https://api.hubapi.com/#f", BaseUrlError::QueryOrFragment),
+            ("ftp://api.hubapi.com", BaseUrlError::SchemeOrHost),
+            ("/just/a/path", BaseUrlError::SchemeOrHost),
+            ("http://exa mple.com", BaseUrlError::Syntax),
+        ] {
+            assert_eq!(bad.parse::<BaseUrl>(), Err(why), "{bad}");
+        }
+    }
+
+    /// Values are taken out of TOML's messages; key names and the expected alternatives
+    /// stay.
+    #[test]
+    fn redact_keeps_key_names_and_alternatives_only() {
+        assert_eq!(
+            redact(
+                "unknown variant `s3cr3t`, expected `oauth` or `static`",
+                "\"s3cr3t\""
+            ),
+            "unknown variant <redacted>, expected `oauth` or `static`"
+        );
+        assert_eq!(
+            redact(
+                "unknown field `refresh_token`, expected one of `mode`",
+                "refresh_token"
+            ),
+            "unknown field `refresh_token`, expected one of `mode`"
+        );
+        assert_eq!(
+            redact("invalid value s3cr3t here", "\"s3cr3t\""),
+            "invalid value <redacted> here"
+        );
+    }
+
+    /// One run names problems on several lines and validation problems together.
+    #[test]
+    fn every_problem_is_reported_in_one_run() {
+        let text = MINIMAL.replace(
+            "[token]",
+            "[cache]\nterminal_ttl = \"soon\"\nmax_bytes = \"lots\"\n[token]\nmode = \"weird\"",
+        ) + "[[auth.clients]]\nname = \"billing\"\nkey_sha256 = \"short\"\n";
+        let err = Config::parse(&text).unwrap_err().to_string();
+        for part in [
+            "(cache.terminal_ttl)",
+            "(cache.max_bytes)",
+            "(token.mode)",
+            "auth.clients[1].name repeats",
+            "auth.clients[1].key_sha256 must be 64 hex digits",
+        ] {
+            assert!(err.contains(part), "{part} missing: {err}");
+        }
     }
 }

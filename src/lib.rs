@@ -4,13 +4,14 @@
 //! - [`server`]: listeners (TCP or TLS), accept loops, the admin port, graceful shutdown.
 //! - [`route`]: a path becomes a typed status request (version + validated taskId).
 //! - [`auth`]: who is calling (API key sha256 or client certificate) → a client name.
-//! - [`gateway`]: the request handler, reading top to bottom as design §1.
+//! - [`gateway`]: the request handler, reading top to bottom.
 //! - [`cache`]: terminal answers in memory, and single-flight for every miss.
 //! - [`token`]: the HubSpot credential: refresh ahead of expiry, scope verification.
 //! - [`upstream`]: the pooled HubSpot client: deadlines, retries, the rate budget.
 //! - [`error`]: the one place failures become HubSpot-shaped responses.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`config`], [`secret`]: the TOML config and credentials that never print.
+//! - [`reload`], [`tls`]: live reload of clients and certificates; the TLS files.
 //! - [`simulator`]: the HubSpot stand-in for tests, `demo` and benchmarks.
 #![forbid(unsafe_code)]
 
@@ -20,9 +21,11 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod metrics;
+pub mod reload;
 pub mod route;
 pub mod secret;
 pub mod server;
 pub mod simulator;
+pub mod tls;
 pub mod token;
 pub mod upstream;

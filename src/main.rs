@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use hubspot_files_gateway::config::{Config, duration};
+use hubspot_files_gateway::reload::ReloadSource;
 use hubspot_files_gateway::server::{self, Listeners};
 use hubspot_files_gateway::{auth, simulator};
 use tokio::net::TcpListener;
@@ -43,10 +44,19 @@ enum Command {
     Demo,
     /// Run the HubSpot simulator alone.
     Simulate(Box<SimulateArgs>),
-    /// Validate a config file and print it as the gateway understands it.
-    CheckConfig,
+    /// Validate a config file, every file it names and every secret, and print the config
+    /// as the gateway understands it.
+    CheckConfig(CheckConfigArgs),
     /// Read an API key on stdin and print its sha256 for `key_sha256`.
     HashKey,
+}
+
+#[derive(clap::Args)]
+struct CheckConfigArgs {
+    /// Check everything but whether the secrets are present and readable (for a deploy
+    /// pipeline that has no access to them).
+    #[arg(long)]
+    without_secrets: bool,
 }
 
 #[derive(clap::Args)]
@@ -111,7 +121,7 @@ fn main() -> ExitCode {
         Command::Serve => serve(&cli.config),
         Command::Demo => demo(),
         Command::Simulate(args) => simulate(*args),
-        Command::CheckConfig => check_config(&cli.config),
+        Command::CheckConfig(args) => check_config(&cli.config, &args),
         Command::HashKey => hash_key(),
     }
 }
@@ -124,20 +134,31 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn serve(path: &Path) -> ExitCode {
-    let config = match Config::load(path) {
+    let env = |name: &str| std::env::var(name).ok();
+    // Every file is checked before binding, so a bad TLS file is a bad config (64) like any
+    // other, reported together with every other problem.
+    let config = match Config::load_checked(path, true, &env) {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
     };
-    let credentials = match config.credentials(&|name| std::env::var(name).ok()) {
+    let credentials = match config.credentials(&env) {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
     };
     runtime().block_on(async {
+        let reload = match sighup(path) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("cannot listen for SIGHUP: {e}");
+                return ExitCode::from(RUNTIME);
+            }
+        };
         let listeners = match bind(&config).await {
             Ok(l) => l,
             Err(code) => return code,
         };
-        match server::run(config, credentials, listeners, signal()).await {
+        match server::run_with_reload(config, credentials, listeners, signal(), Some(reload)).await
+        {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "gateway failed");
@@ -258,20 +279,34 @@ fn simulate(args: SimulateArgs) -> ExitCode {
     })
 }
 
-fn check_config(path: &Path) -> ExitCode {
-    let config = match Config::load(path) {
+fn check_config(path: &Path, args: &CheckConfigArgs) -> ExitCode {
+    use std::io::Write;
+    let env = |name: &str| std::env::var(name).ok();
+    let config = match Config::load_checked(path, !args.without_secrets, &env) {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
     };
-    if let Err(e) = config.credentials(&|name| std::env::var(name).ok()) {
-        return usage_error(&e);
-    }
-    println!(
-        "# {}: valid; every secret it names is readable (values not shown: ***)",
-        path.display()
+    let secrets = if args.without_secrets {
+        "secrets not checked (--without-secrets)"
+    } else {
+        "every secret it names is readable (values not shown)"
+    };
+    let text = format!(
+        "# {}: valid; every file it names is readable; {secrets}\n{}",
+        path.display(),
+        config.to_toml()
     );
-    print!("{}", config.to_toml());
-    ExitCode::SUCCESS
+    // A reader that stops early (`check-config | head -1`) is not an error: the verdict is
+    // the exit code, and the config was valid.
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("check-config: cannot write the config: {e}");
+            ExitCode::from(RUNTIME)
+        }
+    }
 }
 
 fn hash_key() -> ExitCode {
@@ -302,6 +337,27 @@ async fn bind(config: &Config) -> Result<Listeners, ExitCode> {
 fn usage_error(e: &dyn std::error::Error) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(USAGE)
+}
+
+/// Turns every SIGHUP into a reload of the config at `path`. Registered before the
+/// listeners bind, so from the first "listening" line on, SIGHUP no longer ends the process.
+fn sighup(path: &Path) -> std::io::Result<ReloadSource> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    // One pending request is enough: reloads read the newest files anyway.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading the config");
+            if tx.try_send(()).is_err() && tx.is_closed() {
+                return;
+            }
+        }
+    });
+    Ok(ReloadSource {
+        path: path.to_owned(),
+        requests: rx,
+    })
 }
 
 /// Resolves on SIGTERM (what Kubernetes sends) or SIGINT (Ctrl-C).

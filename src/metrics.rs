@@ -35,6 +35,11 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub token_forced_refreshes_total: IntCounterVec,
     pub token_rotation_failed: IntGauge,
+    // Live reload of the config, client keys and TLS files.
+    /// Reloads by `result`: `applied` or `refused` (the running config kept serving).
+    pub config_reloads_total: IntCounterVec,
+    /// Unix time of the last config that loaded and went into service (start-up included).
+    pub config_last_load_timestamp_seconds: Gauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -165,6 +170,26 @@ impl Metrics {
             "token_rotation_failed",
             "1 while the static token file holds a token that could not be read or verified; the last verified token stays in service.",
         );
+        // Live reload: both results exist from the start, so a dashboard sees 0, not nothing.
+        let config_reloads_total = counter(
+            "config_reloads_total",
+            "Config reloads (SIGHUP or a changed file), by result: `applied` or `refused`.",
+            &["result"],
+        );
+        for result in crate::reload::RESULTS {
+            config_reloads_total.with_label_values(&[result]);
+        }
+        let config_last_load_timestamp_seconds = Gauge::with_opts(
+            Opts::new(
+                "config_last_load_timestamp_seconds",
+                "Unix time of the last config that went into service, start-up included.",
+            )
+            .namespace(PREFIX),
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(config_last_load_timestamp_seconds.clone()))
+            .expect("each name registered once");
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
@@ -189,6 +214,8 @@ impl Metrics {
             build_info,
             token_forced_refreshes_total,
             token_rotation_failed,
+            config_reloads_total,
+            config_last_load_timestamp_seconds,
         }
     }
 

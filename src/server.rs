@@ -17,13 +17,14 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{Authenticator, PeerCertName};
 use crate::cache::AnswerCache;
-use crate::config::{Config, Credentials, ServerConfig};
+use crate::config::{Config, Credentials};
 use crate::gateway::Gateway;
 use crate::metrics::Metrics;
+use crate::reload::{ReloadSource, Reloader};
+use crate::tls::{TlsError, TlsFiles, TlsHolder};
 use crate::token::TokenManager;
 use crate::upstream::HubSpot;
 
@@ -31,13 +32,9 @@ use crate::upstream::HubSpot;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("TLS setup failed: {0}")]
-    Tls(String),
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    Tls(#[from] TlsError),
+    #[error("HubSpot client setup failed: {0}")]
+    Upstream(#[source] rustls::Error),
 }
 
 /// The two bound sockets.
@@ -53,15 +50,26 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
-    let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
-        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key, &config.server)?),
-        _ => None,
+    run_with_reload(config, credentials, listeners, shutdown, None).await
+}
+
+/// `run`, and with `reload` the clients and TLS files are read again on every message it
+/// receives and whenever a file changes (see [`crate::reload`]).
+pub async fn run_with_reload(
+    config: Config,
+    credentials: Credentials,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    reload: Option<ReloadSource>,
+) -> Result<(), RunError> {
+    let tls = match TlsFiles::from_config(&config.server) {
+        Some(files) => Some(TlsHolder::new(files.acceptor()?)),
+        None => None,
     };
     let metrics = Metrics::new();
-    let hubspot = Arc::new(
-        HubSpot::new(&config.upstream, metrics.clone())
-            .map_err(|e| RunError::Tls(e.to_string()))?,
-    );
+    let hubspot =
+        Arc::new(HubSpot::new(&config.upstream, metrics.clone()).map_err(RunError::Upstream)?);
+    let auth = Authenticator::new(&config.auth);
     let (tokens, refresher) = TokenManager::new(
         credentials,
         config.token.api,
@@ -69,8 +77,18 @@ pub async fn run(
         hubspot.clone(),
         metrics.clone(),
     );
+    let reloader = reload.map(|source| {
+        let reloader = Reloader::new(
+            source.path,
+            &config,
+            auth.clone(),
+            tls.clone(),
+            metrics.clone(),
+        );
+        (reloader, source.requests)
+    });
     let gateway = Arc::new(Gateway::new(
-        Authenticator::new(&config.auth),
+        auth,
         AnswerCache::new(&config.cache),
         tokens,
         hubspot,
@@ -91,6 +109,8 @@ pub async fn run(
     let refresh = tokio::spawn(refresher.run(stopped()));
     let admin = tokio::spawn(serve_admin(listeners.admin, gateway.clone(), stopped()));
     let hub = tokio::spawn(follow_token_hub(gateway.clone(), stopped()));
+    let reloading =
+        reloader.map(|(reloader, requests)| tokio::spawn(reloader.run(requests, stopped())));
 
     tracing::info!(addr = %listeners.service.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = tls.is_some(), "gateway listening");
     let service = {
@@ -118,6 +138,9 @@ pub async fn run(
     let _ = refresh.await;
     let _ = admin.await;
     let _ = hub.await;
+    if let Some(reloading) = reloading {
+        let _ = reloading.await;
+    }
     tracing::info!("gateway stopped");
     Ok(())
 }
@@ -125,7 +148,7 @@ pub async fn run(
 /// Accepts connections until `shutdown`, then waits for open ones up to `grace`.
 async fn accept_loop<S, F>(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<TlsHolder>,
     service: S,
     header_timeout: Duration,
     grace: Duration,
@@ -178,7 +201,10 @@ async fn accept_loop<S, F>(
                         )
                         .await
                 }
-                Some(acceptor) => {
+                Some(holder) => {
+                    // Asked per connection: a reload changes the certificate for new
+                    // connections and leaves open ones alone.
+                    let acceptor = holder.acceptor();
                     let stream =
                         match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                             Ok(Ok(stream)) => stream,
@@ -306,49 +332,4 @@ fn admin(gateway: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
-}
-
-fn tls_acceptor(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-    server: &ServerConfig,
-) -> Result<TlsAcceptor, RunError> {
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|source| RunError::Read {
-            path: path.to_owned(),
-            source,
-        })
-    };
-    let certs = rustls_pemfile::certs(&mut read(cert)?.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| RunError::Tls(format!("{}: {e}", cert.display())))?;
-    let key = rustls_pemfile::private_key(&mut read(key)?.as_slice())
-        .map_err(|e| RunError::Tls(format!("{}: {e}", key.display())))?
-        .ok_or_else(|| RunError::Tls(format!("{}: no private key found", key.display())))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| RunError::Tls(e.to_string()))?;
-    let builder = match &server.client_ca_file {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pemfile::certs(&mut read(ca)?.as_slice()) {
-                let c = c.map_err(|e| RunError::Tls(format!("{}: {e}", ca.display())))?;
-                roots.add(c).map_err(|e| RunError::Tls(e.to_string()))?;
-            }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider,
-            )
-            .build()
-            .map_err(|e| RunError::Tls(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut config = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| RunError::Tls(e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
 }

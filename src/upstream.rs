@@ -127,19 +127,12 @@ impl HubSpot {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(https);
-        let uri: Uri = config
-            .base_url
-            .parse()
-            .expect("base_url validated by Config::validate");
-        let parts = uri.into_parts();
+        let base = &config.base_url;
         Ok(HubSpot {
             client,
-            scheme: parts.scheme.expect("validated: base_url has a scheme"),
-            authority: parts.authority.expect("validated: base_url has a host"),
-            base_path: parts
-                .path_and_query
-                .map(|p| p.path().trim_end_matches('/').to_owned())
-                .unwrap_or_default(),
+            scheme: base.scheme().clone(),
+            authority: base.authority().clone(),
+            base_path: base.path().to_owned(),
             request_timeout: config.request_timeout,
             user_agent: HeaderValue::from_static(concat!(
                 "hubspot-files-gateway/",

@@ -59,7 +59,9 @@ pub fn config(upstream: &str) -> Config {
     c.server.listen = "127.0.0.1:0".parse().expect("addr");
     c.server.admin_listen = "127.0.0.1:0".parse().expect("addr");
     c.server.shutdown_grace = Duration::from_secs(5);
-    c.upstream.base_url = upstream.to_owned();
+    c.upstream.base_url = upstream
+        .parse()
+        .expect("the simulator URL is a valid base_url");
     c.upstream.request_timeout = Duration::from_secs(5);
     c.upstream.rate_limit.requests = 10_000;
     c.auth.clients = vec![ClientConfig {
@@ -273,4 +275,12 @@ pub async fn sim_requests(sim: &RunningSimulator) -> Vec<serde_json::Value> {
     .await
     .json();
     seen.as_array().expect("a list of requests").clone()
+}
+
+/// A fresh, empty directory for one test's files, named after the test and this process.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("hfg-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
 }

@@ -69,7 +69,7 @@ Where things live inside the container. The config path is the one the image's
 command line names; the secret directory is a value so the chart check can point
 it at a temporary directory and run `check-config` on the rendered file.
 */}}
-{{- define "hubspot-files-gateway.configDir" -}}/etc/hubspot-files-gateway{{- end }}
+{{- define "hubspot-files-gateway.configDir" -}}/etc/hubspot-files-gateway/config{{- end }}
 {{- define "hubspot-files-gateway.configPath" -}}{{ include "hubspot-files-gateway.configDir" . }}/gateway.toml{{- end }}
 {{- define "hubspot-files-gateway.tlsDir" -}}{{ .Values.tls.mountPath | trimSuffix "/" }}{{- end }}
 
