@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hubspot_files_gateway::config::{AuthMode, ClientConfig, Config};
-use hubspot_files_gateway::simulator::SimConfig;
+use hubspot_sim::SimConfig;
 use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use hubspot_files_gateway::config::{Credentials, OauthApi};
 use hubspot_files_gateway::secret::Secret;
-use hubspot_files_gateway::simulator::{RunningSimulator, SimConfig};
+use hubspot_sim::{RunningSimulator, SimConfig};
 use hyper::{Method, StatusCode};
 use serde_json::json;
 use support::*;

@@ -10,7 +10,7 @@ use hubspot_files_gateway::auth::hash_key;
 use hubspot_files_gateway::config::{ClientConfig, Config, Credentials};
 use hubspot_files_gateway::secret::Secret;
 use hubspot_files_gateway::server::{self, Listeners};
-use hubspot_files_gateway::simulator::{self, RunningSimulator, SimConfig};
+use hubspot_sim::{self as simulator, RunningSimulator, SimConfig};
 use hyper::header::HeaderMap;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
