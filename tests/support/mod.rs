@@ -223,12 +223,21 @@ pub async fn wait_ready(gw: &TestGateway) {
 }
 
 /// Polls `check` every 20 ms until it holds, failing after 10 s.
-pub async fn wait_for<F, Fut>(mut check: F, what: &str)
+pub async fn wait_for<F, Fut>(check: F, what: &str)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    wait_for_up_to(Duration::from_secs(10), check, what).await;
+}
+
+/// Polls `check` every 20 ms until it holds, failing after `limit`.
+pub async fn wait_for_up_to<F, Fut>(limit: Duration, mut check: F, what: &str)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
     while !check().await {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -360,4 +369,18 @@ pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The most attempts a retry loop can make within `window` of its first attempt when it
+/// waits at least `first` before the second and doubles the wait after every attempt (the
+/// first attempt counts). A loop retrying without backoff makes many more; a slow machine
+/// only fewer, so this bound holds however long the window turned out to be.
+pub fn max_attempts_with_backoff(window: Duration, first: Duration) -> u64 {
+    let (mut attempts, mut at, mut wait) = (1, Duration::ZERO, first);
+    while at + wait <= window {
+        at += wait;
+        wait *= 2;
+        attempts += 1;
+    }
+    attempts
 }
