@@ -2,7 +2,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -86,6 +86,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 #[cfg(feature = "demo")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_answers_its_curl_lines() {
+    use std::io::{BufRead, BufReader};
     let mut child = Command::new(BIN)
         .args(["demo", "--listen", "127.0.0.1:0"])
         .args([
