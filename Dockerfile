@@ -8,11 +8,12 @@ ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 COPY . .
-# Cache mounts keep the registry and target dir between builds; the binary is copied out
+# --no-default-features: the production binary carries no HubSpot simulator (no `demo`,
+# no `simulate`). Cache mounts keep the registry and target dir between builds; the binary is copied out
 # of the cached target dir in the same step, since cache mounts are not in the layer.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin hubspot-files-gateway \
+    cargo build --release --locked --no-default-features --bin hubspot-files-gateway \
     && install -D -m 0755 target/release/hubspot-files-gateway /out/hubspot-files-gateway
 
 # glibc and CA certificates, nothing else (rustls uses its built-in webpki roots anyway).

@@ -9,9 +9,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use hubspot_files_gateway::auth::hash_key;
-use support::temp_dir;
+use support::{BIN, temp_dir};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hubspot-files-gateway");
 /// Stands for a credential pasted where it does not belong; must never be printed.
 const SECRET: &str = "na1-PASTED-SECRET-7f3c";
 

@@ -12,16 +12,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hubspot_files_gateway::auth::hash_key;
-use hubspot_files_gateway::simulator::RunningSimulator;
-use hubspot_files_gateway::simulator::SimConfig;
+use hubspot_sim::RunningSimulator;
+use hubspot_sim::SimConfig;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
-use support::{KEY, send, simulator, temp_dir, wait_for};
+use support::{BIN, KEY, send, simulator, temp_dir, wait_for};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hubspot-files-gateway");
 /// The key a reload brings into service in place of [`KEY`].
 const NEW_KEY: &str = "rotated-key-9876543210";
 /// Looks like a credential; must never reach the log.
