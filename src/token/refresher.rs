@@ -199,13 +199,16 @@ impl<S: Source> Loop<S> {
                     continue;
                 }
             }
-            let wait = match self.source.obtain(&self.cx, refresh || reverify).await {
+            due = match self.source.obtain(&self.cx, refresh || reverify).await {
+                // A token's lifetime counts from when it was asked for, so its refresh is
+                // scheduled from then too, not from when verification finished: otherwise a
+                // slow HubSpot shrinks the overlap in which the old token still serves.
                 Ok(fetched) => {
-                    let wait = fetched.next_in;
+                    let due = fetched.started + fetched.next_in;
                     self.publish(fetched);
-                    wait
+                    due
                 }
-                Err(Skip::Unchanged { next_in }) => next_in,
+                Err(Skip::Unchanged { next_in }) => Instant::now() + next_in,
                 Err(Skip::Failed(problem)) => {
                     self.cx
                         .metrics
@@ -220,10 +223,9 @@ impl<S: Source> Loop<S> {
                         .token_scopes_verified
                         .set(still_usable as i64);
                     self.cx.tx.send_modify(|s| s.problem = Some(problem));
-                    wait
+                    Instant::now() + wait
                 }
             };
-            due = Instant::now() + wait;
             self.finish_round(round);
         }
     }
