@@ -115,9 +115,24 @@ impl ServerConfig {
     /// Ranges of the connection limits: each bound must exist and stay usable.
     fn validate_limits(&self) -> Result<(), ConfigError> {
         for (name, d, min, max) in [
-            ("header_read_timeout", self.header_read_timeout, Duration::from_millis(100), Duration::from_secs(300)),
-            ("idle_timeout", self.idle_timeout, Duration::from_millis(100), Duration::from_secs(3600)),
-            ("send_timeout", self.send_timeout, Duration::from_millis(100), Duration::from_secs(600)),
+            (
+                "header_read_timeout",
+                self.header_read_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(300),
+            ),
+            (
+                "idle_timeout",
+                self.idle_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(3600),
+            ),
+            (
+                "send_timeout",
+                self.send_timeout,
+                Duration::from_millis(100),
+                Duration::from_secs(600),
+            ),
         ] {
             if d < min || d > max {
                 return Err(ConfigError::Invalid(format!(
@@ -128,9 +143,24 @@ impl ServerConfig {
             }
         }
         let counts = [
-            ("max_connections", self.max_connections.unwrap_or(1), 1, 1_000_000),
-            ("http2_max_concurrent_streams", self.http2_max_concurrent_streams, 1, 1000),
-            ("max_pending_responses", self.max_pending_responses, 1, 1_000_000),
+            (
+                "max_connections",
+                self.max_connections.unwrap_or(1),
+                1,
+                1_000_000,
+            ),
+            (
+                "http2_max_concurrent_streams",
+                self.http2_max_concurrent_streams,
+                1,
+                1000,
+            ),
+            (
+                "max_pending_responses",
+                self.max_pending_responses,
+                1,
+                1_000_000,
+            ),
         ];
         for (name, n, min, max) in counts {
             if !(min..=max).contains(&n) {

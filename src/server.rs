@@ -112,9 +112,8 @@ pub async fn run(
     let file_limit = raise_file_limit();
     let metrics = Metrics::new();
     let connection_metrics = metrics.register_connections();
-    let hubspot = Arc::new(
-        HubSpot::new(&config.upstream, metrics.clone()).map_err(RunError::Upstream)?,
-    );
+    let hubspot =
+        Arc::new(HubSpot::new(&config.upstream, metrics.clone()).map_err(RunError::Upstream)?);
     let (tokens, refresher) = TokenManager::new(
         credentials,
         config.token.api,
@@ -336,7 +335,11 @@ async fn accept_loop<S, F>(
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             // Closing at once keeps the file descriptor free for callers already connected
             // and for the admin port.
-            shared.metrics.rejected_total.with_label_values(&[port]).inc();
+            shared
+                .metrics
+                .rejected_total
+                .with_label_values(&[port])
+                .inc();
             drop(stream);
             continue;
         };
@@ -543,10 +546,7 @@ impl ConnState {
             Some(since) => (since + limits.send_timeout, Close::SendTimeout),
             // Requests still being answered: the gateway's own deadlines bound them, and
             // the watchdog is woken when they finish.
-            None => (
-                Instant::now() + limits.idle_timeout,
-                Close::IdleTimeout,
-            ),
+            None => (Instant::now() + limits.idle_timeout, Close::IdleTimeout),
         }
     }
 }
@@ -598,7 +598,11 @@ impl Drop for InFlight {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
         if self.conn.in_progress.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self.conn.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+            *self
+                .conn
+                .idle_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
         }
         if let Some(gauge) = &self.pending {
             gauge.dec();
