@@ -584,7 +584,6 @@ async fn zero_window_attack_memory_stays_bounded() {
     let mut attackers = Vec::new();
     for _ in 0..200 {
         let addr = gw.service;
-        let started = started;
         attackers.push(tokio::spawn(async move {
             let mut builder = h2::client::Builder::new();
             builder.initial_window_size(0);
@@ -660,4 +659,43 @@ async fn zero_window_attack_memory_stays_bounded() {
     assert!(peak < 150_000_000, "peak RSS {:.1} MB", mb(peak));
     drop(gw);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The connection keys parse with their units, default as documented, and out-of-range
+/// values are refused with the key's name.
+#[test]
+fn connection_keys_parse_default_and_refuse_out_of_range_values() {
+    let base = format!(
+        "[token]\nclient_id_env = \"A\"\nclient_secret_env = \"B\"\nrefresh_token_env = \"C\"\n\
+         [[auth.clients]]\nname = \"tests\"\nkey_sha256 = \"{}\"\n",
+        hubspot_files_gateway::auth::hash_key(KEY)
+    );
+    let defaults = Config::parse(&base).expect("defaults valid");
+    assert_eq!(defaults.server.idle_timeout, Duration::from_secs(60));
+    assert_eq!(defaults.server.send_timeout, Duration::from_secs(10));
+    assert_eq!(defaults.server.max_connections, None);
+    assert_eq!(defaults.server.http2_max_concurrent_streams, 100);
+    assert_eq!(defaults.server.max_header_bytes, 16 << 10);
+    let tuned = Config::parse(&format!(
+        "[server]\nidle_timeout = \"5s\"\nmax_connections = 500\nmax_header_bytes = \"32KiB\"\n{base}"
+    ))
+    .expect("tuned valid");
+    assert_eq!(tuned.server.idle_timeout, Duration::from_secs(5));
+    assert_eq!(tuned.server.max_connections, Some(500));
+    assert_eq!(tuned.server.max_header_bytes, 32 << 10);
+    for (line, key) in [
+        ("idle_timeout = \"0s\"", "server.idle_timeout"),
+        ("send_timeout = \"2h\"", "server.send_timeout"),
+        ("max_connections = 0", "server.max_connections"),
+        (
+            "http2_max_concurrent_streams = 5000",
+            "server.http2_max_concurrent_streams",
+        ),
+        ("max_header_bytes = \"100B\"", "server.max_header_bytes"),
+    ] {
+        let err = Config::parse(&format!("[server]\n{line}\n{base}"))
+            .expect_err(line)
+            .to_string();
+        assert!(err.contains(key), "{line}: {err}");
+    }
 }
