@@ -487,6 +487,27 @@ struct GatewayProcess {
     child: Child,
     service: SocketAddr,
     admin: SocketAddr,
+    /// Log lines after the listening lines.
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl GatewayProcess {
+    /// The admin `/metrics` line of `series` (exact name with labels).
+    async fn metric(&self, series: &str) -> Option<f64> {
+        let text = send(Method::GET, &format!("http://{}/metrics", self.admin), &[])
+            .await
+            .body;
+        String::from_utf8_lossy(&text).lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+    }
+
+    /// Log lines containing `text`.
+    fn log_lines(&self, text: &str) -> usize {
+        let log = self.log.lock().expect("log lock");
+        log.iter().filter(|l| l.contains(text)).count()
+    }
 }
 
 impl Drop for GatewayProcess {
@@ -496,8 +517,14 @@ impl Drop for GatewayProcess {
     }
 }
 
-/// Starts `serve --config` with `server_lines` added under `[server]`.
-fn spawn_gateway(dir: &std::path::Path, upstream: &str, server_lines: &str) -> GatewayProcess {
+/// Starts `serve --config` with `server_lines` added under `[server]`, under an open-file
+/// limit of `file_limit` (soft and hard) if given.
+fn spawn_gateway(
+    dir: &std::path::Path,
+    upstream: &str,
+    server_lines: &str,
+    file_limit: Option<u32>,
+) -> GatewayProcess {
     use std::io::BufRead;
     let path = dir.join("gateway.toml");
     let text = format!(
@@ -509,7 +536,17 @@ fn spawn_gateway(dir: &std::path::Path, upstream: &str, server_lines: &str) -> G
         hubspot_files_gateway::auth::hash_key(KEY)
     );
     std::fs::write(&path, text).expect("write config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hubspot-files-gateway"))
+    let bin = env!("CARGO_BIN_EXE_hubspot-files-gateway");
+    let mut command = match file_limit {
+        None => Command::new(bin),
+        Some(n) => {
+            // The shell's ulimit sets the hard limit too, so the gateway cannot raise it.
+            let mut c = Command::new("sh");
+            c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), bin]);
+            c
+        }
+    };
+    let mut child = command
         .args(["serve", "--config"])
         .arg(&path)
         .env("T_CLIENT_ID", "test-client-id")
@@ -541,8 +578,17 @@ fn spawn_gateway(dir: &std::path::Path, upstream: &str, server_lines: &str) -> G
         }
     }
     // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    std::thread::spawn({
+        let log = log.clone();
+        move || {
+            for line in lines.map_while(Result::ok) {
+                log.lock().expect("log lock").push(line);
+            }
+        }
+    });
     GatewayProcess {
+        log,
         child,
         service: service.expect("service addr"),
         admin: admin.expect("admin addr"),
@@ -575,6 +621,7 @@ async fn zero_window_attack_memory_stays_bounded() {
         &dir,
         &sim.base_url(),
         "send_timeout = \"5s\"\nidle_timeout = \"5s\"",
+        None,
     );
     let pid = gw.child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -698,4 +745,119 @@ fn connection_keys_parse_default_and_refuse_out_of_range_values() {
             .to_string();
         assert!(err.contains(key), "{line}: {err}");
     }
+}
+
+/// Opens `n` connections to `addr` that send nothing.
+async fn idle_sockets(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut sockets = Vec::with_capacity(n);
+    for _ in 0..n {
+        if let Ok(s) = TcpStream::connect(addr).await {
+            sockets.push(s);
+        }
+    }
+    sockets
+}
+
+/// Under an open-file limit of 512 and no `max_connections`, the cap derives from the limit
+/// (256): 600 silent sockets leave `/healthz` and a caller's request answering within 1 s,
+/// the ones over the cap are counted, and `accept` never fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_cap_from_the_file_limit_keeps_the_gateway_answering() {
+    hubspot_files_gateway::server::raise_file_limit();
+    let sim = simulator(SimConfig::default()).await;
+    let dir = std::env::temp_dir().join(format!("hfg-conn-cap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let gw = spawn_gateway(&dir, &sim.base_url(), "", Some(512));
+    let caller = client();
+    let auth = format!("Bearer {KEY}");
+    let headers = [("authorization", auth.as_str())];
+    let url = format!(
+        "http://{}/files/v3/files/import-from-url/async/tasks/complete-abc/status",
+        gw.service
+    );
+    wait_for(
+        || async { send_with(&caller, Method::GET, &url, &headers).await.status == StatusCode::OK },
+        "the gateway answers",
+    )
+    .await;
+
+    let sockets = idle_sockets(gw.service, 600).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t = Instant::now();
+    let health = send(Method::GET, &format!("http://{}/healthz", gw.admin), &[]).await;
+    let health_took = t.elapsed();
+    let t = Instant::now();
+    let again = send_with(&caller, Method::GET, &url, &headers).await;
+    let request_took = t.elapsed();
+    eprintln!(
+        "600 silent sockets, file limit 512: /healthz {health_took:?}, request {request_took:?}"
+    );
+    assert_eq!(health.status, StatusCode::OK);
+    assert_eq!(again.status, StatusCode::OK);
+    assert!(
+        health_took < Duration::from_secs(1),
+        "/healthz took {health_took:?}"
+    );
+    assert!(
+        request_took < Duration::from_secs(1),
+        "request took {request_took:?}"
+    );
+    let rejected = gw
+        .metric("hubspot_gateway_connections_rejected_total{port=\"service\"}")
+        .await
+        .unwrap_or(0.0);
+    eprintln!("rejected over the cap: {rejected}");
+    assert!(rejected >= 300.0, "rejected {rejected}");
+    assert_eq!(gw.log_lines("accept failing"), 0);
+    drop(sockets);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// When `accept` fails (EMFILE: `max_connections` set above an open-file limit of 128), the
+/// gateway logs one line per burst, not one per attempt, counts every failure, and serves
+/// again once descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_failures_back_off_with_one_log_line_per_burst() {
+    hubspot_files_gateway::server::raise_file_limit();
+    let sim = simulator(SimConfig::default()).await;
+    let dir = std::env::temp_dir().join(format!("hfg-conn-emfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let gw = spawn_gateway(&dir, &sim.base_url(), "max_connections = 1000", Some(128));
+    let sockets = idle_sockets(gw.service, 300).await;
+    // Long enough for many accept attempts to fail.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let bursts = gw.log_lines("accept failing");
+    let recovered = gw.log_lines("accept recovered");
+    if std::env::var_os("SHOW_LOG").is_some() {
+        for l in gw.log.lock().expect("log lock").iter() {
+            eprintln!("{l}");
+        }
+    }
+    drop(sockets);
+    // Freed descriptors: the admin port answers again.
+    wait_for(
+        || async {
+            gw.metric("hubspot_gateway_accept_errors_total{port=\"service\"}")
+                .await
+                .is_some_and(|n| n >= 5.0)
+        },
+        "accept failures counted",
+    )
+    .await;
+    let failures = gw
+        .metric("hubspot_gateway_accept_errors_total{port=\"service\"}")
+        .await
+        .unwrap_or(0.0);
+    eprintln!("accept failures: {failures}, warning lines: {bursts}, recoveries: {recovered}");
+    // One warning opens each burst and one line closes it; never one line per attempt.
+    assert!(bursts >= 1, "no warning for {failures} failures");
+    assert!(
+        bursts <= recovered + 1,
+        "{bursts} warnings for {recovered} recoveries"
+    );
+    assert!(
+        failures >= 4.0 * bursts as f64,
+        "{bursts} warnings for {failures} failures"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
