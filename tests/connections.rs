@@ -394,8 +394,8 @@ async fn connections_over_the_cap_are_closed_and_admin_still_answers() {
     gw.stop().await;
 }
 
-/// A 400 KB header gets 431 and so does one just over `max_header_bytes` (16 KiB); a 12 KB
-/// header is within the limit and reaches the gateway (401 without a key).
+/// A 400 KB header gets 431 and so does one just over `max_header_bytes` (16 KiB), on HTTP/1
+/// and HTTP/2; a 12 KB header is within the limit and reaches the gateway (401 without a key).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_request_heads_get_431() {
     let (_sim, gw) = gateway_with(|_| {}).await;
@@ -422,6 +422,16 @@ async fn oversized_request_heads_get_431() {
         "400 KB header answered: {:?}",
         answer.lines().next()
     );
+    // HTTP/2: the same limit on the header list.
+    let (send, _ping, _ended) = h2_client(gw.addr, h2::client::Builder::new()).await;
+    let mut send = send.ready().await.expect("ready");
+    let mut request = status_request(gw.addr, "complete-abc");
+    request
+        .headers_mut()
+        .insert("x-big", "a".repeat(17_000).parse().expect("header value"));
+    let (response, _) = send.send_request(request, true).expect("send");
+    let answer = response.await.expect("an answer, not a reset");
+    assert_eq!(answer.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
     gw.stop().await;
 }
 
@@ -763,7 +773,8 @@ async fn idle_sockets(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
 /// the ones over the cap are counted, and `accept` never fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_cap_from_the_file_limit_keeps_the_gateway_answering() {
-    hubspot_files_gateway::server::raise_file_limit();
+    // The test process holds the other end of every socket.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let sim = simulator(SimConfig::default()).await;
     let dir = std::env::temp_dir().join(format!("hfg-conn-cap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -818,7 +829,8 @@ async fn default_cap_from_the_file_limit_keeps_the_gateway_answering() {
 /// again once descriptors are free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_failures_back_off_with_one_log_line_per_burst() {
-    hubspot_files_gateway::server::raise_file_limit();
+    // The test process holds the other end of every socket.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let sim = simulator(SimConfig::default()).await;
     let dir = std::env::temp_dir().join(format!("hfg-conn-emfile-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
