@@ -7,7 +7,7 @@ use prometheus::{
 
 const PREFIX: &str = "hubspot_gateway";
 
-/// Every metric family the gateway exports (design §9). Label values are bounded: client
+/// Every metric family the gateway exports. Label values are bounded: client
 /// names come from the config, codes are HTTP codes, nothing comes from a request's text.
 #[derive(Clone)]
 pub struct Metrics {

@@ -455,7 +455,12 @@ where
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
-                return closing.map(|(_, reason)| reason);
+                if closing.is_some() {
+                    return closing.map(|(_, reason)| reason);
+                }
+                // hyper's own HTTP/1 header timer fires at the same moment as ours.
+                let (deadline, reason) = state.deadline(limits);
+                return (deadline <= Instant::now()).then_some(reason);
             }
             _ = state.changed.notified() => {}
             _ = tokio::time::sleep_until(deadline) => {

@@ -84,6 +84,43 @@ fn status_request(addr: SocketAddr, task: &str) -> hyper::Request<()> {
     .expect("request")
 }
 
+/// One keyless GET of the status route on an HTTP/2 connection; its answer's head.
+async fn h2_get(
+    send: h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+) -> hyper::Response<h2::RecvStream> {
+    let mut send = send.ready().await.expect("ready");
+    let (response, _) = send
+        .send_request(status_request(addr, "complete-abc"), true)
+        .expect("send");
+    response.await.expect("an answer")
+}
+
+/// Waits (8 s at most) for an HTTP/2 connection to be ended by the gateway; returns how long
+/// after `since`.
+async fn ended_within(
+    ended: tokio::sync::oneshot::Receiver<()>,
+    since: Instant,
+    what: &str,
+) -> Duration {
+    tokio::time::timeout(Duration::from_secs(8), ended)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still open after 8 s"))
+        .ok();
+    since.elapsed()
+}
+
+/// Waits until at least `n` connections were closed for `reason`: the counter moves just
+/// after the socket closes.
+async fn wait_closed(gw: &TestGateway, reason: &str, n: f64) {
+    let series = format!("hubspot_gateway_connections_closed_total{{reason=\"{reason}\"}}");
+    wait_for(
+        || async { metric(gw, &series).await.unwrap_or(0.0) >= n },
+        &format!("{n} connections closed for {reason}"),
+    )
+    .await;
+}
+
 /// Keeps answering PINGs (one every 200 ms) until the connection goes away.
 fn keep_pinging(mut ping: h2::PingPong) {
     tokio::spawn(async move {
@@ -140,20 +177,7 @@ async fn silent_and_half_sent_connections_close_at_the_head_deadline() {
         "HTTP/2 with PINGs, no stream: closed after {:?}",
         started.elapsed()
     );
-    // The counter moves just after the socket closes.
-    wait_for(
-        || async {
-            metric(
-                &gw,
-                "hubspot_gateway_connections_closed_total{reason=\"head_timeout\"}",
-            )
-            .await
-            .unwrap_or(0.0)
-                >= 4.0
-        },
-        "four head timeouts counted",
-    )
-    .await;
+    wait_closed(&gw, "head_timeout", 4.0).await;
     gw.stop().await;
 }
 
@@ -168,11 +192,7 @@ async fn idle_http2_connection_answering_pings_closes_at_idle_timeout() {
     .await;
     let (send, ping, ended) = h2_client(gw.addr, h2::client::Builder::new()).await;
     keep_pinging(ping);
-    let mut send = send.ready().await.expect("ready");
-    let (response, _) = send
-        .send_request(status_request(gw.addr, "complete-abc"), true)
-        .expect("send");
-    let response = response.await.expect("answered");
+    let response = h2_get(send, gw.addr).await;
     // No key: 401, which is what an attacker gets; reading its body ends the stream.
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     let mut body = response.into_body();
@@ -180,27 +200,10 @@ async fn idle_http2_connection_answering_pings_closes_at_idle_timeout() {
         let chunk = chunk.expect("data");
         let _ = body.flow_control().release_capacity(chunk.len());
     }
-    let idle_from = Instant::now();
-    tokio::time::timeout(Duration::from_secs(8), ended)
-        .await
-        .expect("idle HTTP/2 connection closed")
-        .ok();
-    let took = idle_from.elapsed();
+    let took = ended_within(ended, Instant::now(), "idle HTTP/2 connection").await;
     eprintln!("idle HTTP/2 with PINGs: closed {took:?} after its last stream");
     assert!(took >= Duration::from_millis(800), "closed early: {took:?}");
-    wait_for(
-        || async {
-            metric(
-                &gw,
-                "hubspot_gateway_connections_closed_total{reason=\"idle_timeout\"}",
-            )
-            .await
-            .unwrap_or(0.0)
-                >= 1.0
-        },
-        "idle timeout counted",
-    )
-    .await;
+    wait_closed(&gw, "idle_timeout", 1.0).await;
     gw.stop().await;
 }
 
@@ -218,34 +221,13 @@ async fn stalled_http2_answer_closes_its_connection_at_send_timeout() {
     let mut builder = h2::client::Builder::new();
     builder.initial_window_size(0);
     let (send, _ping, ended) = h2_client(gw.addr, builder).await;
-    let mut send = send.ready().await.expect("ready");
-    let (response, _) = send
-        .send_request(status_request(gw.addr, "complete-abc"), true)
-        .expect("send");
     // The head leaves (it needs no window); the body cannot.
-    let response = response.await.expect("answer head");
+    let response = h2_get(send, gw.addr).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    let stalled_from = Instant::now();
-    tokio::time::timeout(Duration::from_secs(8), ended)
-        .await
-        .expect("stalled connection closed")
-        .ok();
-    let took = stalled_from.elapsed();
+    let took = ended_within(ended, Instant::now(), "stalled connection").await;
     eprintln!("stalled HTTP/2 answer: connection closed after {took:?}");
     assert!(took >= Duration::from_millis(800), "closed early: {took:?}");
-    wait_for(
-        || async {
-            metric(
-                &gw,
-                "hubspot_gateway_connections_closed_total{reason=\"send_timeout\"}",
-            )
-            .await
-            .unwrap_or(0.0)
-                >= 1.0
-        },
-        "send timeout counted",
-    )
-    .await;
+    wait_closed(&gw, "send_timeout", 1.0).await;
     gw.stop().await;
 }
 
