@@ -84,16 +84,20 @@ fn status_request(addr: SocketAddr, task: &str) -> hyper::Request<()> {
     .expect("request")
 }
 
-/// One keyless GET of the status route on an HTTP/2 connection; its answer's head.
+/// One keyless GET of the status route on an HTTP/2 connection: the sender (kept, or the
+/// client would close the connection) and the answer's head.
 async fn h2_get(
     send: h2::client::SendRequest<Bytes>,
     addr: SocketAddr,
-) -> hyper::Response<h2::RecvStream> {
+) -> (
+    h2::client::SendRequest<Bytes>,
+    hyper::Response<h2::RecvStream>,
+) {
     let mut send = send.ready().await.expect("ready");
     let (response, _) = send
         .send_request(status_request(addr, "complete-abc"), true)
         .expect("send");
-    response.await.expect("an answer")
+    (send, response.await.expect("an answer"))
 }
 
 /// Waits (8 s at most) for an HTTP/2 connection to be ended by the gateway; returns how long
@@ -181,6 +185,38 @@ async fn silent_and_half_sent_connections_close_at_the_head_deadline() {
     gw.stop().await;
 }
 
+/// Opens an HTTP/2 connection with `builder` that answers PINGs, sends one keyless request,
+/// reads the answer's body if `drain`, and returns how long after that the gateway ended the
+/// connection, checking it was counted under `reason`.
+async fn h2_request_then_closed(
+    gw: &TestGateway,
+    builder: h2::client::Builder,
+    drain: bool,
+    reason: &str,
+) -> Duration {
+    let (send, ping, ended) = h2_client(gw.addr, builder).await;
+    keep_pinging(ping);
+    // The head leaves even with a window of 0: it is not flow-controlled.
+    let (_send, response) = h2_get(send, gw.addr).await;
+    // No key: 401, which is what an attacker gets.
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    // Held until the end, so the client never cancels the stream itself.
+    let mut body = response.into_body();
+    if drain {
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+    }
+    let took = ended_within(ended, Instant::now(), reason).await;
+    assert!(
+        took >= Duration::from_millis(800),
+        "{reason}: closed early, {took:?}"
+    );
+    wait_closed(gw, reason, 1.0).await;
+    took
+}
+
 /// An HTTP/2 connection that was answered and then stays without a stream, answering PINGs,
 /// is closed at `idle_timeout` (1 s here), though its head deadline (30 s) is far away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,20 +226,8 @@ async fn idle_http2_connection_answering_pings_closes_at_idle_timeout() {
         c.server.idle_timeout = Duration::from_secs(1);
     })
     .await;
-    let (send, ping, ended) = h2_client(gw.addr, h2::client::Builder::new()).await;
-    keep_pinging(ping);
-    let response = h2_get(send, gw.addr).await;
-    // No key: 401, which is what an attacker gets; reading its body ends the stream.
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    let mut body = response.into_body();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.expect("data");
-        let _ = body.flow_control().release_capacity(chunk.len());
-    }
-    let took = ended_within(ended, Instant::now(), "idle HTTP/2 connection").await;
+    let took = h2_request_then_closed(&gw, h2::client::Builder::new(), true, "idle_timeout").await;
     eprintln!("idle HTTP/2 with PINGs: closed {took:?} after its last stream");
-    assert!(took >= Duration::from_millis(800), "closed early: {took:?}");
-    wait_closed(&gw, "idle_timeout", 1.0).await;
     gw.stop().await;
 }
 
@@ -220,14 +244,8 @@ async fn stalled_http2_answer_closes_its_connection_at_send_timeout() {
     .await;
     let mut builder = h2::client::Builder::new();
     builder.initial_window_size(0);
-    let (send, _ping, ended) = h2_client(gw.addr, builder).await;
-    // The head leaves (it needs no window); the body cannot.
-    let response = h2_get(send, gw.addr).await;
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    let took = ended_within(ended, Instant::now(), "stalled connection").await;
-    eprintln!("stalled HTTP/2 answer: connection closed after {took:?}");
-    assert!(took >= Duration::from_millis(800), "closed early: {took:?}");
-    wait_closed(&gw, "send_timeout", 1.0).await;
+    let took = h2_request_then_closed(&gw, builder, false, "send_timeout").await;
+    eprintln!("stalled HTTP/2 answer: connection closed {took:?} after its answer's head");
     gw.stop().await;
 }
 
@@ -481,6 +499,9 @@ struct GatewayProcess {
     admin: SocketAddr,
     /// Log lines after the listening lines.
     log: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Its HubSpot, and the directory of its config.
+    _sim: hubspot_files_gateway::simulator::RunningSimulator,
+    dir: std::path::PathBuf,
 }
 
 impl GatewayProcess {
@@ -506,18 +527,18 @@ impl Drop for GatewayProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-/// Starts `serve --config` with `server_lines` added under `[server]`, under an open-file
-/// limit of `file_limit` (soft and hard) if given.
-fn spawn_gateway(
-    dir: &std::path::Path,
-    upstream: &str,
-    server_lines: &str,
-    file_limit: Option<u32>,
-) -> GatewayProcess {
+/// Starts a simulator and `serve --config` in front of it, with `server_lines` added under
+/// `[server]`, under an open-file limit of `file_limit` (soft and hard) if given.
+async fn spawn_gateway(name: &str, server_lines: &str, file_limit: Option<u32>) -> GatewayProcess {
     use std::io::BufRead;
+    let sim = simulator(SimConfig::default()).await;
+    let upstream = sim.base_url();
+    let dir = std::env::temp_dir().join(format!("hfg-conn-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("gateway.toml");
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server_lines}\n\
@@ -580,6 +601,8 @@ fn spawn_gateway(
         }
     });
     GatewayProcess {
+        _sim: sim,
+        dir,
         log,
         child,
         service: service.expect("service addr"),
@@ -606,15 +629,7 @@ fn rss_bytes(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_window_attack_memory_stays_bounded() {
     const STREAMS: usize = 1000;
-    let sim = simulator(SimConfig::default()).await;
-    let dir = std::env::temp_dir().join(format!("hfg-conn-zw-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let gw = spawn_gateway(
-        &dir,
-        &sim.base_url(),
-        "send_timeout = \"5s\"\nidle_timeout = \"5s\"",
-        None,
-    );
+    let gw = spawn_gateway("zw", "send_timeout = \"5s\"\nidle_timeout = \"5s\"", None).await;
     let pid = gw.child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_bytes(pid);
@@ -697,7 +712,6 @@ async fn zero_window_attack_memory_stays_bounded() {
     );
     assert!(peak < 150_000_000, "peak RSS {:.1} MB", mb(peak));
     drop(gw);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The connection keys parse with their units, default as documented, and out-of-range
@@ -757,10 +771,7 @@ async fn idle_sockets(addr: SocketAddr, n: usize) -> Vec<TcpStream> {
 async fn default_cap_from_the_file_limit_keeps_the_gateway_answering() {
     // The test process holds the other end of every socket.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let sim = simulator(SimConfig::default()).await;
-    let dir = std::env::temp_dir().join(format!("hfg-conn-cap-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let gw = spawn_gateway(&dir, &sim.base_url(), "", Some(512));
+    let gw = spawn_gateway("cap", "", Some(512)).await;
     let caller = client();
     let auth = format!("Bearer {KEY}");
     let headers = [("authorization", auth.as_str())];
@@ -803,7 +814,6 @@ async fn default_cap_from_the_file_limit_keeps_the_gateway_answering() {
     assert!(rejected >= 300.0, "rejected {rejected}");
     assert_eq!(gw.log_lines("accept failing"), 0);
     drop(sockets);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// When `accept` fails (EMFILE: `max_connections` set above an open-file limit of 128), the
@@ -813,10 +823,7 @@ async fn default_cap_from_the_file_limit_keeps_the_gateway_answering() {
 async fn accept_failures_back_off_with_one_log_line_per_burst() {
     // The test process holds the other end of every socket.
     let _ = rlimit::increase_nofile_limit(u64::MAX);
-    let sim = simulator(SimConfig::default()).await;
-    let dir = std::env::temp_dir().join(format!("hfg-conn-emfile-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let gw = spawn_gateway(&dir, &sim.base_url(), "max_connections = 1000", Some(128));
+    let gw = spawn_gateway("emfile", "max_connections = 1000", Some(128)).await;
     let sockets = idle_sockets(gw.service, 300).await;
     // Long enough for many accept attempts to fail.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -853,5 +860,4 @@ async fn accept_failures_back_off_with_one_log_line_per_burst() {
         failures >= 4.0 * bursts as f64,
         "{bursts} warnings for {failures} failures"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
