@@ -249,6 +249,41 @@ async fn stalled_http2_answer_closes_its_connection_at_send_timeout() {
     gw.stop().await;
 }
 
+/// With `max_pending_responses` (5 here) answers stalled behind a window of 0, the next
+/// request, from another caller, gets a bodiless 503 with `Retry-After: 1` at once and is
+/// counted; once the stalled connection is closed (`send_timeout`), callers are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_answers_past_the_global_bound_are_shed_with_503() {
+    let (_sim, gw) = gateway_with(|c| {
+        c.server.max_pending_responses = 5;
+        c.server.send_timeout = Duration::from_secs(2);
+    })
+    .await;
+    wait_ready(&gw).await;
+    let mut builder = h2::client::Builder::new();
+    builder.initial_window_size(0);
+    let (mut send, _ping, ended) = h2_client(gw.addr, builder).await;
+    let mut stalled = Vec::new();
+    for _ in 0..5 {
+        let (next, response) = h2_get(send, gw.addr).await;
+        send = next;
+        stalled.push(response);
+    }
+    let shed = get(&gw.status_url("complete-abc")).await;
+    assert_eq!(shed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(shed.header("retry-after"), "1");
+    assert!(shed.body.is_empty());
+    assert_eq!(
+        metric(&gw, "hubspot_gateway_responses_shed_total").await,
+        Some(1.0)
+    );
+    ended_within(ended, Instant::now(), "stalled connection").await;
+    drop(stalled);
+    let served = get(&gw.status_url("complete-abc")).await;
+    assert_eq!(served.status, StatusCode::OK);
+    gw.stop().await;
+}
+
 /// Writes a CA and a server certificate for 127.0.0.1 into `dir`; returns the CA to trust.
 fn test_pki(dir: &std::path::Path) -> rustls::pki_types::CertificateDer<'static> {
     let ca_key = KeyPair::generate().expect("key");
