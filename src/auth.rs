@@ -20,6 +20,10 @@ pub enum AuthError {
     UnknownKey,
     #[error("unknown_certificate")]
     UnknownCertificate,
+    /// More than one `Authorization` header: which one names the caller would depend on who
+    /// reads the request, so none does.
+    #[error("duplicate")]
+    Duplicate,
 }
 
 impl AuthError {
@@ -30,6 +34,7 @@ impl AuthError {
             AuthError::Malformed => "malformed",
             AuthError::UnknownKey => "unknown_key",
             AuthError::UnknownCertificate => "unknown_certificate",
+            AuthError::Duplicate => "duplicate",
         }
     }
 }
@@ -141,6 +146,12 @@ impl Authenticator {
         headers: &HeaderMap,
         peer: Option<&PeerCertName>,
     ) -> Result<Arc<str>, AuthError> {
+        // Refused in every mode: a proxy in front may read the other header than we would.
+        let mut values = headers.get_all(AUTHORIZATION).iter();
+        let first = values.next();
+        if values.next().is_some() {
+            return Err(AuthError::Duplicate);
+        }
         match self.mode {
             AuthMode::None => Ok(Arc::from(ANONYMOUS)),
             AuthMode::Mtls => {
@@ -154,7 +165,7 @@ impl Authenticator {
                     .ok_or(AuthError::UnknownCertificate)
             }
             AuthMode::ApiKeys => {
-                let value = headers.get(AUTHORIZATION).ok_or(AuthError::Missing)?;
+                let value = first.ok_or(AuthError::Missing)?;
                 let key = bearer(value.as_bytes()).ok_or(AuthError::Malformed)?;
                 // Looking up by hash keeps the comparison independent of the key's bytes.
                 let hash: [u8; 32] = Sha256::digest(key).into();
@@ -249,6 +260,14 @@ mod tests {
             a.authenticate(&HeaderMap::new(), None),
             Err(AuthError::Missing)
         );
+    }
+
+    /// Two `Authorization` headers are refused even when both carry a valid key.
+    #[test]
+    fn two_authorization_headers_are_refused() {
+        let mut h = headers("Bearer k-123");
+        h.append(AUTHORIZATION, "Bearer k-123".parse().expect("header"));
+        assert_eq!(auth().authenticate(&h, None), Err(AuthError::Duplicate));
     }
 
     #[test]

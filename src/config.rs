@@ -115,6 +115,27 @@ pub struct ServerConfig {
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
     pub client_ca_file: Option<PathBuf>,
+    /// A connection with no request in progress (HTTP/1 keep-alive, HTTP/2 with no open
+    /// stream) is closed after this, PINGs or not.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// A response the peer does not take (HTTP/2 window left at 0, or a socket it does not
+    /// read) within this closes its connection.
+    #[serde(with = "duration")]
+    pub send_timeout: Duration,
+    /// Open service connections at most; more are closed at once. Unset: the open-file
+    /// limit (raised to its hard limit at start) minus a reserve for the admin port,
+    /// HubSpot connections and files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Concurrent HTTP/2 streams per connection.
+    pub http2_max_concurrent_streams: u32,
+    /// Answers produced but not yet taken by their callers, across all connections; past it
+    /// new requests get a bodiless 503.
+    pub max_pending_responses: u32,
+    /// Largest request head (request line and headers); larger ones get 431.
+    #[serde(with = "bytesize")]
+    pub max_header_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -127,6 +148,46 @@ impl Default for ServerConfig {
             tls_cert_file: None,
             tls_key_file: None,
             client_ca_file: None,
+            idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(10),
+            max_connections: None,
+            http2_max_concurrent_streams: 100,
+            max_pending_responses: 10_000,
+            max_header_bytes: 16 << 10,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Ranges of the connection limits: each bound must exist and stay usable.
+    fn validate_limits(&self, invalid: &mut impl FnMut(String)) {
+        let counts = [
+            (
+                "max_connections",
+                self.max_connections.unwrap_or(1),
+                1,
+                1_000_000,
+            ),
+            (
+                "http2_max_concurrent_streams",
+                self.http2_max_concurrent_streams,
+                1,
+                1000,
+            ),
+            (
+                "max_pending_responses",
+                self.max_pending_responses,
+                1,
+                1_000_000,
+            ),
+        ];
+        for (name, n, min, max) in counts {
+            if !(min..=max).contains(&n) {
+                invalid(format!("server.{name} must be between {min} and {max}"));
+            }
+        }
+        if !(1024..=1 << 20).contains(&self.max_header_bytes) {
+            invalid("server.max_header_bytes must be between 1KiB and 1MiB".into());
         }
     }
 }
@@ -523,6 +584,7 @@ impl Config {
                 humantime::format_duration(*WATCH_INTERVAL.end())
             ));
         }
+        self.server.validate_limits(&mut invalid);
         if self.cache.max_bytes == 0 {
             invalid("cache.max_bytes must be > 0".into());
         }
@@ -555,7 +617,7 @@ impl Config {
     }
 
     /// Every duration with the range it must lie in.
-    fn durations(&self) -> [(&'static str, Duration, RangeInclusive<Duration>); 7] {
+    fn durations(&self) -> [(&'static str, Duration, RangeInclusive<Duration>); 9] {
         let s = &self.server;
         [
             (
@@ -574,6 +636,16 @@ impl Config {
                 SANE,
             ),
             ("server.header_read_timeout", s.header_read_timeout, SANE),
+            (
+                "server.idle_timeout",
+                s.idle_timeout,
+                Duration::from_millis(100)..=Duration::from_secs(3600),
+            ),
+            (
+                "server.send_timeout",
+                s.send_timeout,
+                Duration::from_millis(100)..=Duration::from_secs(600),
+            ),
             // 0 closes open connections at once on shutdown.
             (
                 "server.shutdown_grace",

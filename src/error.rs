@@ -69,6 +69,7 @@ impl GatewayError {
                 (StatusCode::METHOD_NOT_ALLOWED, "VALIDATION_ERROR", "Only GET and HEAD are allowed on this route.".to_owned(), None)
             }
             GatewayError::Route(RouteError::InvalidTaskId) => (StatusCode::BAD_REQUEST, "VALIDATION_ERROR", "Invalid taskId: it must be 1-128 characters of A-Z a-z 0-9 - _ . ~ (and not . or ..).".to_owned(), None),
+            GatewayError::Auth(AuthError::Duplicate) => (StatusCode::BAD_REQUEST, "VALIDATION_ERROR", "More than one Authorization header: send exactly one.".to_owned(), None),
             GatewayError::Auth(_) => {
                 extra.push((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"hubspot-files-gateway\"")));
                 (StatusCode::UNAUTHORIZED, "INVALID_AUTHENTICATION", "Authentication credentials not found or not valid. Send Authorization: Bearer <your gateway API key>.".to_owned(), None)

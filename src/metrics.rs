@@ -283,3 +283,90 @@ impl RequestSeries {
         self.duration[outcome].observe(elapsed.as_secs_f64());
     }
 }
+
+// ---- Connection limits: families registered by the listeners, kept apart from the request
+// families above so each set can change on its own.
+
+/// What the listeners count: connections held, refused and closed by a deadline, accept
+/// failures, and answers waiting for their callers.
+#[derive(Clone)]
+pub struct ConnectionMetrics {
+    /// Open connections, by `port` (`service` or `admin`).
+    pub open: IntGaugeVec,
+    /// Connections closed at once because `port` was at its cap.
+    pub rejected_total: IntCounterVec,
+    /// Connections the gateway closed, by `reason`: `head_timeout`, `idle_timeout`,
+    /// `send_timeout`, `shutdown`.
+    pub closed_total: IntCounterVec,
+    /// `accept()` failures (EMFILE, ENFILE, ...), by `port`.
+    pub accept_errors_total: IntCounterVec,
+    /// Answers produced but not yet taken by their callers.
+    pub pending_responses: IntGauge,
+    /// Requests answered with a bodiless 503 because `max_pending_responses` was reached.
+    pub shed_total: IntCounter,
+}
+
+impl Metrics {
+    /// Registers the connection families in this registry; call once per registry.
+    pub fn register_connections(&self) -> ConnectionMetrics {
+        let register = |c: Box<dyn prometheus::core::Collector>| {
+            self.registry
+                .register(c)
+                .expect("connection families registered once per registry");
+        };
+        let vec = |name: &str, help: &str, label: &str| {
+            IntCounterVec::new(Opts::new(name, help).namespace(PREFIX), &[label])
+                .expect("static metric definition")
+        };
+        let open = IntGaugeVec::new(
+            Opts::new("connections_open", "Open connections, by port.").namespace(PREFIX),
+            &["port"],
+        )
+        .expect("static metric definition");
+        let rejected_total = vec(
+            "connections_rejected_total",
+            "Connections closed at once because the port was at its connection cap.",
+            "port",
+        );
+        let closed_total = vec(
+            "connections_closed_total",
+            "Connections the gateway closed: head_timeout (no complete request head in time), idle_timeout, send_timeout (an answer not taken in time), shutdown.",
+            "reason",
+        );
+        let accept_errors_total = vec(
+            "accept_errors_total",
+            "accept() failures such as EMFILE, by port.",
+            "port",
+        );
+        let pending_responses = IntGauge::with_opts(
+            Opts::new(
+                "pending_responses",
+                "Answers produced but not yet taken by their callers.",
+            )
+            .namespace(PREFIX),
+        )
+        .expect("static metric definition");
+        let shed_total = IntCounter::with_opts(
+            Opts::new(
+                "responses_shed_total",
+                "Requests answered with a bodiless 503 because too many answers were waiting for their callers.",
+            )
+            .namespace(PREFIX),
+        )
+        .expect("static metric definition");
+        register(Box::new(open.clone()));
+        register(Box::new(rejected_total.clone()));
+        register(Box::new(closed_total.clone()));
+        register(Box::new(accept_errors_total.clone()));
+        register(Box::new(pending_responses.clone()));
+        register(Box::new(shed_total.clone()));
+        ConnectionMetrics {
+            open,
+            rejected_total,
+            closed_total,
+            accept_errors_total,
+            pending_responses,
+            shed_total,
+        }
+    }
+}

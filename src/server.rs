@@ -1,28 +1,40 @@
-//! Listeners: the service port (plain TCP or TLS), the admin port, accept loops and graceful
-//! shutdown. The caller binds the sockets and decides what shutdown means.
+//! Listeners: the service port (plain TCP or TLS), the admin port, accept loops, per-connection
+//! deadlines and limits, and graceful shutdown. The caller binds the sockets and decides what
+//! shutdown means.
+//!
+//! Every connection is watched from accept to close: it must send a complete request head
+//! within `header_read_timeout` (TLS handshake and protocol detection included), it is closed
+//! after `idle_timeout` without a request in progress, and an answer its peer does not take
+//! within `send_timeout` (an HTTP/2 window left at 0, a socket it does not read) closes it.
+//! Connections beyond the cap are closed at once, and a global bound on answers in progress
+//! keeps stalled callers from holding memory without limit.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 
 use crate::auth::{Authenticator, PeerCertName};
 use crate::cache::AnswerCache;
-use crate::config::{Config, Credentials};
+use crate::config::{Config, Credentials, ServerConfig};
 use crate::gateway::Gateway;
-use crate::metrics::Metrics;
+use crate::metrics::{ConnectionMetrics, Metrics};
 use crate::reload::{ReloadSource, Reloader};
 use crate::tls::{TlsError, TlsFiles, TlsHolder};
 use crate::token::TokenManager;
@@ -41,6 +53,43 @@ pub enum RunError {
 pub struct Listeners {
     pub service: TcpListener,
     pub admin: TcpListener,
+}
+
+/// Connections the admin port holds at most: probes and a scraper need a handful.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// File descriptors kept out of `max_connections` when it is derived from the file limit:
+/// the admin port, HubSpot connections, and the one an over-cap connection needs until it is
+/// closed.
+const RESERVED_FDS: u64 = 256 + ADMIN_MAX_CONNECTIONS as u64;
+/// How long an idle connection asked to close politely (HTTP/2 GOAWAY) may take to do so.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Raises the soft open-file limit to the hard limit and returns the limit in force, if the
+/// platform has one.
+pub fn raise_file_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => Some(limit),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit");
+            rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .ok()
+                .map(|(soft, _)| soft)
+        }
+    }
+}
+
+/// `server.max_connections`, or the file limit less a reserve when it is unset.
+pub fn max_connections(configured: Option<u32>, file_limit: Option<u64>) -> usize {
+    if let Some(n) = configured {
+        return n as usize;
+    }
+    let limit = file_limit.unwrap_or(1024);
+    let usable = if limit > 2 * RESERVED_FDS {
+        limit - RESERVED_FDS
+    } else {
+        limit / 2
+    };
+    usable.clamp(16, 1_000_000) as usize
 }
 
 /// Runs the gateway until `shutdown` resolves, then drains for up to `shutdown_grace`.
@@ -66,7 +115,9 @@ pub async fn run_with_reload(
         Some(files) => Some(TlsHolder::new(files.acceptor()?)),
         None => None,
     };
+    let file_limit = raise_file_limit();
     let metrics = Metrics::new();
+    let connection_metrics = metrics.register_connections();
     let hubspot =
         Arc::new(HubSpot::new(&config.upstream, metrics.clone()).map_err(RunError::Upstream)?);
     let auth = Authenticator::new(&config.auth);
@@ -106,8 +157,20 @@ pub async fn run_with_reload(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
+    let service_limits = Limits::service(&config.server, file_limit);
+    tracing::info!(
+        max_connections = service_limits.max_connections,
+        file_limit = file_limit.unwrap_or(0),
+        "connection limits"
+    );
     let refresh = tokio::spawn(refresher.run(stopped()));
-    let admin = tokio::spawn(serve_admin(listeners.admin, gateway.clone(), stopped()));
+    let admin = tokio::spawn(serve_admin(
+        listeners.admin,
+        gateway.clone(),
+        Limits::admin(&config.server),
+        connection_metrics.clone(),
+        stopped(),
+    ));
     let hub = tokio::spawn(follow_token_hub(gateway.clone(), stopped()));
     let reloading =
         reloader.map(|(reloader, requests)| tokio::spawn(reloader.run(requests, stopped())));
@@ -117,8 +180,6 @@ pub async fn run_with_reload(
         let gateway = gateway.clone();
         move |req: Request<Incoming>| gateway.clone().handle(req)
     };
-    let grace = config.server.shutdown_grace;
-    let header_timeout = config.server.header_read_timeout;
     let gateway_for_shutdown = gateway.clone();
     let shutdown = async move {
         shutdown.await;
@@ -129,8 +190,8 @@ pub async fn run_with_reload(
         listeners.service,
         tls,
         service,
-        header_timeout,
-        grace,
+        service_limits,
+        connection_metrics,
         shutdown,
     )
     .await;
@@ -145,75 +206,223 @@ pub async fn run_with_reload(
     Ok(())
 }
 
-/// Accepts connections until `shutdown`, then waits for open ones up to `grace`.
+/// The bounds one listener applies.
+#[derive(Debug, Clone)]
+struct Limits {
+    /// The `port` label of the connection metrics.
+    port: &'static str,
+    header_read_timeout: Duration,
+    idle_timeout: Duration,
+    send_timeout: Duration,
+    shutdown_grace: Duration,
+    max_connections: usize,
+    max_pending_responses: usize,
+    http2_max_concurrent_streams: u32,
+    max_header_bytes: usize,
+}
+
+impl Limits {
+    fn service(server: &ServerConfig, file_limit: Option<u64>) -> Limits {
+        Limits {
+            port: "service",
+            header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            send_timeout: server.send_timeout,
+            shutdown_grace: server.shutdown_grace,
+            max_connections: max_connections(server.max_connections, file_limit),
+            max_pending_responses: server.max_pending_responses as usize,
+            http2_max_concurrent_streams: server.http2_max_concurrent_streams,
+            max_header_bytes: usize::try_from(server.max_header_bytes).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// The admin port keeps its own small cap, so a flood of the service port never reaches
+    /// it, and the service port's deadlines.
+    fn admin(server: &ServerConfig) -> Limits {
+        Limits {
+            port: "admin",
+            shutdown_grace: Duration::from_secs(1),
+            max_connections: ADMIN_MAX_CONNECTIONS,
+            max_pending_responses: ADMIN_MAX_CONNECTIONS * 4,
+            http2_max_concurrent_streams: 4,
+            ..Limits::service(server, None)
+        }
+    }
+
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            // hyper's read buffer bounds the head; past it hyper answers 431 itself.
+            .max_buf_size(self.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.http2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX))
+            // Answers are small JSON documents: a stream never needs more queued than this.
+            .max_send_buf_size(64 << 10)
+            // Pings find peers that went away; idle_timeout closes the ones that answer.
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        builder
+    }
+}
+
+/// What one listener's connections share.
+struct Listener {
+    limits: Limits,
+    metrics: ConnectionMetrics,
+    builder: auto::Builder<TokioExecutor>,
+    tls: Option<TlsHolder>,
+    /// One permit per request from its head until its answer is taken.
+    pending: Arc<Semaphore>,
+}
+
+/// Why the gateway closed a connection; the `reason` label of `connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    HeadTimeout,
+    IdleTimeout,
+    SendTimeout,
+    Shutdown,
+}
+
+impl Close {
+    fn label(self) -> &'static str {
+        match self {
+            Close::HeadTimeout => "head_timeout",
+            Close::IdleTimeout => "idle_timeout",
+            Close::SendTimeout => "send_timeout",
+            Close::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Accepts connections until `shutdown`, then waits for open ones up to the grace period.
 async fn accept_loop<S, F>(
     listener: TcpListener,
     tls: Option<TlsHolder>,
     service: S,
-    header_timeout: Duration,
-    grace: Duration,
+    limits: Limits,
+    metrics: ConnectionMetrics,
     shutdown: impl Future<Output = ()>,
 ) where
     S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(1024)
-        // HTTP/2 has no header-read timeout: pings find peers that went away.
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    let max = limits.max_connections;
+    let shared = Arc::new(Listener {
+        builder: limits.builder(),
+        pending: Arc::new(Semaphore::new(limits.max_pending_responses)),
+        limits,
+        metrics,
+        tls,
+    });
+    let connections = Arc::new(Semaphore::new(max));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let port = shared.limits.port;
+    let mut failures: u64 = 0;
+    let mut backoff = Duration::from_millis(5);
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
+                Ok((stream, _peer)) => stream,
                 Err(e) => {
-                    // Usually EMFILE: wait a little rather than spin.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Usually EMFILE: one line per burst and a counter, never a line per
+                    // attempt, and a growing pause so the loop does not spin.
+                    shared.metrics.accept_errors_total.with_label_values(&[port]).inc();
+                    if failures == 0 {
+                        tracing::warn!(error = %e, port, "accept failing; backing off until it recovers");
+                    }
+                    failures += 1;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = &mut shutdown => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
                     continue;
                 }
             },
             _ = &mut shutdown => break,
         };
+        if failures > 0 {
+            tracing::info!(failures, port, "accept recovered");
+            failures = 0;
+            backoff = Duration::from_millis(5);
+        }
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            // Closing at once keeps the file descriptor free for callers already connected
+            // and for the admin port.
+            shared
+                .metrics
+                .rejected_total
+                .with_label_values(&[port])
+                .inc();
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let service = service.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let result = match tls {
-                None => {
-                    watcher
-                        .watch(
-                            builder
-                                .serve_connection(TokioIo::new(stream), service_fn(service))
-                                .into_owned(),
-                        )
-                        .await
-                }
-                Some(holder) => {
-                    // Asked per connection: a reload changes the certificate for new
-                    // connections and leaves open ones alone.
-                    let acceptor = holder.acceptor();
-                    let stream =
-                        match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => return,
-                        };
+        tokio::spawn(serve_connection(
+            shared.clone(),
+            stream,
+            service.clone(),
+            permit,
+            stop_rx.clone(),
+        ));
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let grace = shared.limits.shutdown_grace;
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    tokio::select! {
+        _ = connections.acquire_many(all) => tracing::info!(port, "all connections drained"),
+        _ = tokio::time::sleep(grace) => tracing::warn!(port, grace_s = grace.as_secs_f64(), "shutdown grace elapsed; closing remaining connections"),
+    }
+}
+
+/// One connection from accept to close, under its deadlines.
+async fn serve_connection<S, F>(
+    shared: Arc<Listener>,
+    stream: TcpStream,
+    service: S,
+    _permit: OwnedSemaphorePermit,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    let metrics = &shared.metrics;
+    let port = shared.limits.port;
+    let open = metrics.open.with_label_values(&[port]);
+    open.inc();
+    let state = Arc::new(ConnState::new(Instant::now()));
+    let closed = match &shared.tls {
+        None => {
+            let svc = tracked(&shared, &state, service, None);
+            drive(&shared, &state, TokioIo::new(stream), svc, &mut stop).await
+        }
+        Some(holder) => {
+            // Asked per connection: a reload changes the certificate for new connections
+            // and leaves open ones alone.
+            let acceptor = holder.acceptor();
+            let head_deadline = state.accepted + shared.limits.header_read_timeout;
+            let handshake = tokio::select! {
+                done = acceptor.accept(stream) => match done {
+                    Ok(stream) => Ok(stream),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        Err(None)
+                    }
+                },
+                _ = tokio::time::sleep_until(head_deadline) => Err(Some(Close::HeadTimeout)),
+                _ = stop.wait_for(|s| *s) => Err(Some(Close::Shutdown)),
+            };
+            match handshake {
+                Ok(stream) => {
                     // The verified client certificate names the caller for every request
                     // on this connection.
                     let peer = stream
@@ -223,29 +432,296 @@ async fn accept_loop<S, F>(
                         .and_then(|certs| certs.first())
                         .map(|der| PeerCertName::from_der(der))
                         .unwrap_or(PeerCertName(None));
-                    let svc = service_fn(move |mut req: Request<Incoming>| {
-                        req.extensions_mut().insert(peer.clone());
-                        service(req)
-                    });
-                    watcher
-                        .watch(
-                            builder
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .into_owned(),
-                        )
-                        .await
+                    let svc = tracked(&shared, &state, service, Some(peer));
+                    drive(&shared, &state, TokioIo::new(stream), svc, &mut stop).await
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
+                Err(reason) => reason,
             }
-        });
+        }
+    };
+    if let Some(reason) = closed {
+        metrics
+            .closed_total
+            .with_label_values(&[reason.label()])
+            .inc();
     }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => tracing::info!("all connections drained"),
-        _ = tokio::time::sleep(grace) => tracing::warn!(grace_s = grace.as_secs_f64(), "shutdown grace elapsed; closing remaining connections"),
+    open.dec();
+}
+
+/// Serves HTTP on `io` until it ends or a deadline closes it; returns why the gateway
+/// closed it, if it did.
+async fn drive<I, Svc>(
+    shared: &Listener,
+    state: &ConnState,
+    io: I,
+    svc: Svc,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Close>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    Svc: hyper::service::Service<Request<Incoming>, Response = Response<Tracked>, Error = Infallible>
+        + Send
+        + 'static,
+    Svc::Future: Send + 'static,
+{
+    let limits = &shared.limits;
+    let conn = shared.builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    // Set once the connection was asked to close politely: it must be gone by then.
+    let mut closing: Option<(Instant, Close)> = None;
+    let mut stopping = false;
+    loop {
+        let (deadline, reason) = match closing {
+            Some(c) => c,
+            None => state.deadline(limits),
+        };
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                if closing.is_some() {
+                    return closing.map(|(_, reason)| reason);
+                }
+                // hyper's own HTTP/1 header timer fires at the same moment as ours.
+                let (deadline, reason) = state.deadline(limits);
+                return (deadline <= Instant::now()).then_some(reason);
+            }
+            _ = state.changed.notified() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                if closing.is_some() {
+                    return Some(reason);
+                }
+                // The state may have moved since the deadline was computed.
+                let (now_deadline, now_reason) = state.deadline(limits);
+                if now_deadline > Instant::now() {
+                    continue;
+                }
+                match now_reason {
+                    // Nothing in progress: a GOAWAY lets an HTTP/2 peer know not to retry on
+                    // this connection; HTTP/1 closes at once.
+                    Close::IdleTimeout => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some((Instant::now() + CLOSE_GRACE, Close::IdleTimeout));
+                    }
+                    other => return Some(other),
+                }
+            }
+            _ = stop.wait_for(|s| *s), if !stopping => {
+                stopping = true;
+                if !state.busy() {
+                    // Idle or still sending its head: nothing to finish, close now.
+                    return Some(Close::Shutdown);
+                }
+                conn.as_mut().graceful_shutdown();
+                closing = Some((Instant::now() + limits.shutdown_grace, Close::Shutdown));
+            }
+        }
     }
+}
+
+/// What the watchdog of one connection knows about it.
+struct ConnState {
+    accepted: Instant,
+    /// A complete request head has arrived.
+    spoke: AtomicBool,
+    /// Requests from their head until their answer is taken.
+    in_progress: AtomicUsize,
+    /// When `in_progress` last dropped to 0.
+    idle_since: Mutex<Instant>,
+    /// Answers produced and not yet taken, by request number: since when.
+    waiting: Mutex<HashMap<u64, Instant>>,
+    next_id: AtomicU64,
+    /// Wakes the watchdog when any of the above changes.
+    changed: Notify,
+}
+
+impl ConnState {
+    fn new(accepted: Instant) -> ConnState {
+        ConnState {
+            accepted,
+            spoke: AtomicBool::new(false),
+            in_progress: AtomicUsize::new(0),
+            idle_since: Mutex::new(accepted),
+            waiting: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.spoke.load(Ordering::Acquire) && self.in_progress.load(Ordering::Acquire) > 0
+    }
+
+    /// The next deadline and what it enforces.
+    fn deadline(&self, limits: &Limits) -> (Instant, Close) {
+        if !self.spoke.load(Ordering::Acquire) {
+            return (
+                self.accepted + limits.header_read_timeout,
+                Close::HeadTimeout,
+            );
+        }
+        if self.in_progress.load(Ordering::Acquire) == 0 {
+            let since = *self.idle_since.lock().unwrap_or_else(|e| e.into_inner());
+            return (since + limits.idle_timeout, Close::IdleTimeout);
+        }
+        let oldest = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .min()
+            .copied();
+        match oldest {
+            Some(since) => (since + limits.send_timeout, Close::SendTimeout),
+            // Requests still being answered: the gateway's own deadlines bound them, and
+            // the watchdog is woken when they finish.
+            None => (Instant::now() + limits.idle_timeout, Close::IdleTimeout),
+        }
+    }
+}
+
+/// One request, from its head until its answer is taken (or dropped with its stream).
+struct InFlight {
+    conn: Arc<ConnState>,
+    id: u64,
+    _permit: Option<OwnedSemaphorePermit>,
+    pending: Option<prometheus::IntGauge>,
+}
+
+impl InFlight {
+    fn start(
+        conn: &Arc<ConnState>,
+        permit: Option<OwnedSemaphorePermit>,
+        pending: Option<prometheus::IntGauge>,
+    ) -> InFlight {
+        conn.in_progress.fetch_add(1, Ordering::AcqRel);
+        conn.spoke.store(true, Ordering::Release);
+        conn.changed.notify_one();
+        if let Some(gauge) = &pending {
+            gauge.inc();
+        }
+        InFlight {
+            conn: conn.clone(),
+            id: conn.next_id.fetch_add(1, Ordering::Relaxed),
+            _permit: permit,
+            pending,
+        }
+    }
+
+    /// The answer exists: from now on, the peer has `send_timeout` to take it.
+    fn answered(&self) {
+        self.conn
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(self.id, Instant::now());
+        self.conn.changed.notify_one();
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.conn
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+        if self.conn.in_progress.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self
+                .conn
+                .idle_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+        if let Some(gauge) = &self.pending {
+            gauge.dec();
+        }
+        self.conn.changed.notify_one();
+    }
+}
+
+/// An answer's body that keeps its request counted until hyper has taken all of it.
+struct Tracked {
+    inner: Full<Bytes>,
+    _request: InFlight,
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Wraps `service` so every request is counted on its connection and against the listener's
+/// bound on answers in progress; past that bound the answer is a bodiless 503, which needs
+/// no flow-control window to leave.
+fn tracked<S, F>(
+    shared: &Arc<Listener>,
+    state: &Arc<ConnState>,
+    service: S,
+    peer: Option<PeerCertName>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Tracked>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Tracked>, Infallible>> + Send + 'static,
+> + Send
++ 'static
+where
+    S: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
+{
+    let shared = shared.clone();
+    let state = state.clone();
+    service_fn(move |mut req: Request<Incoming>| {
+        if let Some(peer) = &peer {
+            req.extensions_mut().insert(peer.clone());
+        }
+        let permit = shared.pending.clone().try_acquire_owned().ok();
+        let shed = permit.is_none();
+        let gauge = (!shed).then(|| shared.metrics.pending_responses.clone());
+        let request = InFlight::start(&state, permit, gauge);
+        let answer = (!shed).then(|| service(req));
+        if shed {
+            shared.metrics.shed_total.inc();
+        }
+        async move {
+            let response = match answer {
+                Some(answer) => answer.await?,
+                None => overloaded(),
+            };
+            request.answered();
+            Ok(response.map(|inner| Tracked {
+                inner,
+                _request: request,
+            }))
+        }
+    })
+}
+
+/// The answer when too many answers are already waiting: no body, so it needs no window.
+fn overloaded() -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
 }
 
 /// Tells the gateway about every new token, so the cache follows the token's HubSpot account
@@ -271,6 +747,8 @@ async fn follow_token_hub(gateway: Arc<Gateway>, shutdown: impl Future<Output = 
 async fn serve_admin(
     listener: TcpListener,
     gateway: Arc<Gateway>,
+    limits: Limits,
+    metrics: ConnectionMetrics,
     shutdown: impl Future<Output = ()>,
 ) {
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin listening");
@@ -278,15 +756,7 @@ async fn serve_admin(
         let gateway = gateway.clone();
         async move { Ok::<_, Infallible>(admin(&gateway, &req)) }
     };
-    accept_loop(
-        listener,
-        None,
-        service,
-        Duration::from_secs(10),
-        Duration::from_secs(1),
-        shutdown,
-    )
-    .await;
+    accept_loop(listener, None, service, limits, metrics, shutdown).await;
 }
 
 fn admin(gateway: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
