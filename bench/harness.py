@@ -76,13 +76,15 @@ def raise_file_limit():
 # machine state: load and other compilers, recorded with every workload
 
 
+def all_pids():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
 def machine_state():
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     busy = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid in all_pids():
         try:
             with open(f"/proc/{pid}/comm") as f:
                 comm = f.read().strip()
@@ -123,14 +125,12 @@ class Sampler:
 
 def children_of(pid):
     kids = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
+    for p in all_pids():
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
             if int(fields[1]) == pid:
-                kids.append(int(p))
+                kids.append(p)
         except (OSError, IndexError, ValueError):
             continue
     return kids

@@ -29,7 +29,9 @@ async fn main() {
     let addr: SocketAddr = addr.parse().expect("LISTEN_ADDR is host:port");
     let body = Bytes::from(std::fs::read(&body_file).expect("BODY_FILE is readable"));
     let listener = TcpListener::bind(addr).await.expect("can listen");
-    let bound = listener.local_addr().expect("a bound socket has an address");
+    let bound = listener
+        .local_addr()
+        .expect("a bound socket has an address");
     eprintln!("bare-hyper listening on {bound}, {} byte body", body.len());
     let content_type = HeaderValue::from_static("application/json;charset=utf-8");
     loop {
