@@ -418,8 +418,8 @@ class Servers:
         self.admin.pop(name, None)
 
     def start_bare(self, body_file):
-        self.procs.start("bare_hyper", [BARE_BIN, "127.0.0.1:0", body_file])
-        self.addr["bare"] = self.procs.logged_addr("bare_hyper",
+        self.procs.start("bare-hyper", [BARE_BIN, "127.0.0.1:0", body_file])
+        self.addr["bare"] = self.procs.logged_addr("bare-hyper",
                                                    r"bare-hyper listening on (\S+),")
         wait_http(f"http://{self.addr['bare']}/")
 
@@ -478,7 +478,7 @@ class Servers:
         if server == "direct":
             return [self.procs.pid("simulator")]
         if server == "bare":
-            return [self.procs.pid("bare_hyper")]
+            return [self.procs.pid("bare-hyper")]
         return [self.procs.pid(server)]
 
     def all_server_pids(self):
