@@ -10,11 +10,12 @@
 //! the first interval so the clients are not synchronised. Records every poll's latency.
 //!
 //! ```text
-//! bench_client wave  ADDR PATH N [HEADER]
-//! bench_client storm ADDR PATH_TEMPLATE CLIENTS TASKS INTERVAL_MS DURATION_MS [HEADER]
+//! bench-client wave  ADDR PATH N [HEADER]
+//! bench-client storm ADDR PATH_TEMPLATE CLIENTS TASKS INTERVAL_MS DURATION_MS [HEADER]
 //! ```
 //! `PATH_TEMPLATE` has `{}` where the task number goes; `HEADER` is one extra request header,
 //! e.g. `Authorization: Bearer KEY`.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -234,7 +235,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = || -> ! {
         eprintln!(
-            "usage: bench_client wave ADDR PATH N [HEADER]\n       bench_client storm ADDR PATH_TEMPLATE CLIENTS TASKS INTERVAL_MS DURATION_MS [HEADER]"
+            "usage: bench-client wave ADDR PATH N [HEADER]\n       bench-client storm ADDR PATH_TEMPLATE CLIENTS TASKS INTERVAL_MS DURATION_MS [HEADER]"
         );
         std::process::exit(64)
     };

@@ -3,7 +3,9 @@
 //! bytes from memory: the body of one terminal status answer, read once from a file, with
 //! HubSpot's content type. No routing, no auth, no cache lookup, no metrics, no logging.
 //!
-//! `cargo run --release --example bare_hyper -- 127.0.0.1:18082 body.json`
+//! `bare-hyper 127.0.0.1:0 body.json` binds the address (port 0: any free port) and prints
+//! `bare-hyper listening on ADDR` with the address it bound, which is how `bench/run` learns it.
+#![forbid(unsafe_code)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,13 +23,16 @@ use tokio::net::TcpListener;
 async fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(addr), Some(body_file)) = (args.next(), args.next()) else {
-        eprintln!("usage: bare_hyper LISTEN_ADDR BODY_FILE");
+        eprintln!("usage: bare-hyper LISTEN_ADDR BODY_FILE");
         std::process::exit(64);
     };
     let addr: SocketAddr = addr.parse().expect("LISTEN_ADDR is host:port");
     let body = Bytes::from(std::fs::read(&body_file).expect("BODY_FILE is readable"));
     let listener = TcpListener::bind(addr).await.expect("can listen");
-    eprintln!("bare_hyper listening on {addr}, {} byte body", body.len());
+    let bound = listener
+        .local_addr()
+        .expect("a bound socket has an address");
+    eprintln!("bare-hyper listening on {bound}, {} byte body", body.len());
     let content_type = HeaderValue::from_static("application/json;charset=utf-8");
     loop {
         let Ok((stream, _)) = listener.accept().await else {
