@@ -52,6 +52,9 @@ pub struct Config {
     pub cache: CacheConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    /// `[cluster]`: budget, cache and flights shared through Redis; absent = per replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// `[server]`: the two listeners and shutdown.
@@ -454,6 +457,9 @@ impl Config {
                 }
             }
             AuthMode::None => {}
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(self.upstream.request_timeout)?;
         }
         Ok(())
     }
