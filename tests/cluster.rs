@@ -78,7 +78,11 @@ impl RedisServer {
     }
 
     fn pid(&self) -> String {
-        self.child.as_ref().expect("server running").id().to_string()
+        self.child
+            .as_ref()
+            .expect("server running")
+            .id()
+            .to_string()
     }
 
     fn kill(&mut self) {
@@ -128,8 +132,7 @@ async fn replica_with(
     config.timeout = Duration::from_millis(500);
     config.key_prefix = "t:".into();
     tweak(&mut config);
-    let metrics =
-        ClusterMetrics::register(&prometheus::Registry::new()).expect("fresh registry");
+    let metrics = ClusterMetrics::register(&prometheus::Registry::new()).expect("fresh registry");
     let backend = ClusterBackend::connect_with(config, None, metrics.clone(), options)
         .await
         .expect("backend set up");
@@ -154,8 +157,14 @@ fn answer(hub_id: u64, status: &str) -> Answer {
         hub_id,
         status: 200,
         headers: vec![
-            ("content-type".into(), Bytes::from_static(b"application/json")),
-            ("x-hubspot-correlation-id".into(), Bytes::from_static(b"corr-1")),
+            (
+                "content-type".into(),
+                Bytes::from_static(b"application/json"),
+            ),
+            (
+                "x-hubspot-correlation-id".into(),
+                Bytes::from_static(b"corr-1"),
+            ),
         ],
         body: Bytes::from(format!("{{\"id\":\"t-1\",\"status\":\"{status}\"}}")),
     }
@@ -240,7 +249,11 @@ async fn rolling_window_holds_across_replicas() {
     times.sort_unstable();
     assert!(refused > 0, "the budget never refused");
     // 12 s covers the first window and the refill after it.
-    assert!(times.len() >= 60, "only {} calls allowed in 12 s", times.len());
+    assert!(
+        times.len() >= 60,
+        "only {} calls allowed in 12 s",
+        times.len()
+    );
     assert!(times.len() <= 90, "{} calls allowed in 12 s", times.len());
     for pair in times.windows(31) {
         assert!(
@@ -275,7 +288,9 @@ async fn hold_is_seen_by_every_replica() {
     let (b, _) = replica(&server).await;
     let p = policy(100, Duration::from_secs(10));
     a.hold(1, Duration::from_millis(1500)).await.expect("hold");
-    a.hold(1, Duration::from_millis(10)).await.expect("short hold");
+    a.hold(1, Duration::from_millis(10))
+        .await
+        .expect("short hold");
     match b.acquire(1, &p).await.expect("acquire") {
         Admission::Refused { wait, reason } => {
             assert_eq!(reason, Refusal::Hold);
@@ -316,7 +331,10 @@ async fn daily_hold_and_daily_limit_last_until_the_reset() {
     a.hold(3, Duration::from_secs(1)).await.expect("hold");
     assert!(matches!(
         b.acquire(3, &p).await.expect("acquire"),
-        Admission::Refused { reason: Refusal::DailyHold, .. }
+        Admission::Refused {
+            reason: Refusal::DailyHold,
+            ..
+        }
     ));
 
     let offset = Duration::from_secs(5 * 3600);
@@ -325,8 +343,8 @@ async fn daily_hold_and_daily_limit_last_until_the_reset() {
         daily_reset_offset: offset,
         ..p
     };
-    for _ in 0..3 {
-        let r = [&a, &b][0].acquire(4, &daily).await.expect("acquire");
+    for i in 0..3 {
+        let r = [&a, &b][i % 2].acquire(4, &daily).await.expect("acquire");
         assert!(matches!(r, Admission::Allowed { .. }), "{r:?}");
     }
     match b.acquire(4, &daily).await.expect("acquire") {
@@ -366,7 +384,8 @@ async fn second_level_cache_is_shared_with_its_age() {
     let other_version = TaskKey::new(11, "2026-03", "complete-1");
     assert!(b.cache_get(&other_version).await.expect("get").is_none());
     assert!(matches!(
-        a.cache_put(&other_hub, &stored, Duration::from_secs(60)).await,
+        a.cache_put(&other_hub, &stored, Duration::from_secs(60))
+            .await,
         Err(ClusterError::WrongHub)
     ));
 
@@ -421,7 +440,11 @@ async fn one_leader_and_pubsub_wakes_the_waiters() {
     let mut replicas = Vec::new();
     for _ in 0..5 {
         let slow_poll = |c: &mut ClusterConfig| c.poll_interval = Duration::from_secs(5);
-        replicas.push(replica_with(&server, slow_poll, ClusterOptions::default()).await.0);
+        replicas.push(
+            replica_with(&server, slow_poll, ClusterOptions::default())
+                .await
+                .0,
+        );
     }
     wait_subscribers(&server, 5).await;
     let started = Instant::now();
@@ -430,7 +453,11 @@ async fn one_leader_and_pubsub_wakes_the_waiters() {
     assert_eq!(answers.len(), 4);
     assert!(answers.iter().all(|a| *a == answer(21, "PENDING")));
     // Polling alone would take 5 s: the wake-up came by pub/sub.
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// Without pub/sub (every message lost), waiters still get the leader's answer by polling.
@@ -488,7 +515,11 @@ async fn dead_leader_is_taken_over() {
     let Flight::Leader(taken) = b.join_flight(&key, far()).await.expect("join") else {
         panic!("the waiter must take over");
     };
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(b_metrics.lease_takeovers_total.get(), 1);
 
     // Dropped without an answer: released, so the next waiter leads before the lease ends.
@@ -541,7 +572,10 @@ async fn redis_killed_then_restarted() {
     server.run();
     let deadline = Instant::now() + Duration::from_secs(15);
     while !backend.is_up() {
-        assert!(Instant::now() < deadline, "backend not up 15 s after restart");
+        assert!(
+            Instant::now() < deadline,
+            "backend not up 15 s after restart"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(metrics.backend_up.get(), 1);
@@ -549,6 +583,35 @@ async fn redis_killed_then_restarted() {
         backend.acquire(41, &p).await.expect("shared again"),
         Admission::Allowed { .. }
     ));
+}
+
+/// A replica started while Redis is unreachable starts down (no error, no panic) and comes
+/// up by itself once Redis listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_down_and_comes_up_by_itself() {
+    let mut server = RedisServer::start();
+    server.kill();
+    let fast = ClusterOptions {
+        probe_interval: Duration::from_millis(100),
+        ..ClusterOptions::default()
+    };
+    let (backend, metrics) = replica_with(&server, |_| {}, fast).await;
+    assert!(!backend.is_up());
+    assert_eq!(metrics.backend_up.get(), 0);
+    assert!(matches!(
+        backend.cache_get(&TaskKey::new(1, "v3", "t")).await,
+        Err(ClusterError::Down)
+    ));
+    server.run();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !backend.is_up() {
+        assert!(
+            Instant::now() < deadline,
+            "backend not up 15 s after Redis started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(backend.cache_get(&TaskKey::new(1, "v3", "t")).await.is_ok());
 }
 
 /// Redis frozen (SIGSTOP): every kind of call returns within the 50 ms timeout (with margin
@@ -586,8 +649,18 @@ async fn frozen_redis_never_holds_a_call() {
     for _ in 0..3 {
         let started = Instant::now();
         assert!(backend.cache_get(&key).await.is_err());
-        assert!(backend.cache_put(&key, &answer(51, "COMPLETE"), Duration::from_secs(5)).await.is_err());
-        assert!(backend.join_flight(&key, Instant::now() + Duration::from_secs(5)).await.is_err());
+        assert!(
+            backend
+                .cache_put(&key, &answer(51, "COMPLETE"), Duration::from_secs(5))
+                .await
+                .is_err()
+        );
+        assert!(
+            backend
+                .join_flight(&key, Instant::now() + Duration::from_secs(5))
+                .await
+                .is_err()
+        );
         assert!(backend.hold(51, Duration::from_secs(1)).await.is_err());
         assert!(started.elapsed() < bound * 4, "{:?}", started.elapsed());
     }
@@ -595,7 +668,10 @@ async fn frozen_redis_never_holds_a_call() {
     server.signal("-CONT");
     let deadline = Instant::now() + Duration::from_secs(15);
     while !backend.is_up() {
-        assert!(Instant::now() < deadline, "backend not up 15 s after SIGCONT");
+        assert!(
+            Instant::now() < deadline,
+            "backend not up 15 s after SIGCONT"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(backend.acquire(51, &p).await.is_ok());
@@ -613,9 +689,15 @@ async fn password_authenticates() {
         .await
         .expect("set up");
     assert!(with.is_up());
-    assert!(with.acquire(1, &policy(5, Duration::from_secs(1))).await.is_ok());
+    assert!(
+        with.acquire(1, &policy(5, Duration::from_secs(1)))
+            .await
+            .is_ok()
+    );
     let metrics = ClusterMetrics::register(&prometheus::Registry::new()).expect("registry");
-    let without = ClusterBackend::connect(config, None, metrics).await.expect("set up");
+    let without = ClusterBackend::connect(config, None, metrics)
+        .await
+        .expect("set up");
     assert!(!without.is_up());
     assert!(matches!(
         without.acquire(1, &policy(5, Duration::from_secs(1))).await,

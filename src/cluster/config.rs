@@ -207,6 +207,25 @@ mod tests {
         assert!(parse(both).unwrap_err().contains("not both"));
     }
 
+    /// `[cluster]` in the gateway's file is read and validated with the rest of it.
+    #[test]
+    fn the_gateway_config_carries_it() {
+        let base =
+            "[auth]\nmode = \"none\"\n[token]\nmode = \"static\"\nstatic_token_env = \"T\"\n";
+        let none = crate::config::Config::parse(base).expect("valid");
+        assert!(none.cluster.is_none());
+        let with = format!("{base}[cluster]\nredis_url = \"redis://valkey:6379\"\n");
+        let c = crate::config::Config::parse(&with).expect("valid");
+        assert_eq!(c.cluster.expect("present").redis_url, "redis://valkey:6379");
+        let short = format!(
+            "{base}[upstream]\nrequest_timeout = \"20s\"\n[cluster]\nredis_url = \"redis://v\"\n"
+        );
+        let err = crate::config::Config::parse(&short)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lease_ttl"), "{err}");
+    }
+
     /// Bounds that would make the cluster unsafe are refused.
     #[test]
     fn unsafe_values_are_refused() {

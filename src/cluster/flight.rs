@@ -221,15 +221,6 @@ pub struct Lease {
     finished: bool,
 }
 
-impl std::fmt::Debug for ClusterBackend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterBackend")
-            .field("prefix", &self.inner.config.key_prefix)
-            .field("up", &self.is_up())
-            .finish()
-    }
-}
-
 impl Lease {
     fn start(
         backend: ClusterBackend,

@@ -141,6 +141,16 @@ impl Drop for Inner {
     }
 }
 
+/// Prints the key prefix and the state, never the URL or the password.
+impl std::fmt::Debug for ClusterBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBackend")
+            .field("prefix", &self.inner.config.key_prefix)
+            .field("up", &self.is_up())
+            .finish()
+    }
+}
+
 impl ClusterBackend {
     /// Sets up the backend with default options; see [`ClusterBackend::connect_with`].
     pub async fn connect(
