@@ -183,7 +183,7 @@ fn until_reset(offset: Duration) -> Duration {
 }
 
 fn assert_close(got: Duration, want: Duration, slack: Duration) {
-    let diff = if got > want { got - want } else { want - got };
+    let diff = got.abs_diff(want);
     assert!(diff <= slack, "got {got:?}, want {want:?} ± {slack:?}");
 }
 

@@ -63,6 +63,12 @@ pub enum ClusterError {
     Setup(String),
 }
 
+/// A setup failure naming the step and the error's kind only: the crate's message may quote
+/// the URL.
+fn setup_error(step: &'static str) -> impl Fn(redis::RedisError) -> ClusterError {
+    move |e| ClusterError::Setup(format!("{step}: {:?}", e.kind()))
+}
+
 /// Knobs that are not configuration: for tests and embedding.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -173,9 +179,7 @@ impl ClusterBackend {
             .redis_url
             .as_str()
             .into_connection_info()
-            .map_err(|e| {
-                ClusterError::Setup(format!("redis_url: {}", format!("{:?}", e.kind())))
-            })?;
+            .map_err(setup_error("redis_url"))?;
         let mut settings = info.redis_settings().clone();
         if let Some(user) = &config.redis_username {
             settings = settings.set_username(user);
@@ -184,18 +188,14 @@ impl ClusterBackend {
             settings = settings.set_password(password.expose());
         }
         info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(|e| {
-            ClusterError::Setup(format!("redis client: {}", format!("{:?}", e.kind())))
-        })?;
+        let client = redis::Client::open(info).map_err(setup_error("redis client"))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(health::connect_bound(config.timeout)))
             .set_response_timeout(None)
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
-            .map_err(|e| {
-                ClusterError::Setup(format!("redis connection: {}", format!("{:?}", e.kind())))
-            })?;
+            .map_err(setup_error("redis connection"))?;
         let (published, _) = broadcast::channel(1024);
         metrics.backend_up.set(0);
         let backend = ClusterBackend {
