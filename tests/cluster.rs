@@ -187,6 +187,23 @@ fn assert_close(got: Duration, want: Duration, slack: Duration) {
     assert!(diff <= slack, "got {got:?}, want {want:?} ± {slack:?}");
 }
 
+/// Options of a replica that notices Redis is back within 100 ms.
+fn fast_probe() -> ClusterOptions {
+    ClusterOptions {
+        probe_interval: Duration::from_millis(100),
+        ..ClusterOptions::default()
+    }
+}
+
+/// Waits (15 s at most) until the backend's probe finds Redis answering again.
+async fn wait_up(backend: &ClusterBackend, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !backend.is_up() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until `n` connections subscribe to the flights channel, so a test that relies on
 /// pub/sub does not race the subscriber's start.
 async fn wait_subscribers(server: &RedisServer, n: i64) {
@@ -538,10 +555,7 @@ async fn dead_leader_is_taken_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_then_restarted() {
     let mut server = RedisServer::start();
-    let fast = ClusterOptions {
-        probe_interval: Duration::from_millis(100),
-        ..ClusterOptions::default()
-    };
+    let fast = fast_probe();
     let timeout = Duration::from_millis(50);
     let (backend, metrics) = replica_with(&server, |c| c.timeout = timeout, fast).await;
     assert!(backend.is_up());
@@ -570,14 +584,7 @@ async fn redis_killed_then_restarted() {
     assert_eq!(backend.local_share(90), 45);
 
     server.run();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !backend.is_up() {
-        assert!(
-            Instant::now() < deadline,
-            "backend not up 15 s after restart"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_up(&backend, "backend not up 15 s after restart").await;
     assert_eq!(metrics.backend_up.get(), 1);
     assert!(matches!(
         backend.acquire(41, &p).await.expect("shared again"),
@@ -591,10 +598,7 @@ async fn redis_killed_then_restarted() {
 async fn starts_down_and_comes_up_by_itself() {
     let mut server = RedisServer::start();
     server.kill();
-    let fast = ClusterOptions {
-        probe_interval: Duration::from_millis(100),
-        ..ClusterOptions::default()
-    };
+    let fast = fast_probe();
     let (backend, metrics) = replica_with(&server, |_| {}, fast).await;
     assert!(!backend.is_up());
     assert_eq!(metrics.backend_up.get(), 0);
@@ -603,14 +607,7 @@ async fn starts_down_and_comes_up_by_itself() {
         Err(ClusterError::Down)
     ));
     server.run();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !backend.is_up() {
-        assert!(
-            Instant::now() < deadline,
-            "backend not up 15 s after Redis started"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_up(&backend, "backend not up 15 s after Redis started").await;
     assert!(backend.cache_get(&TaskKey::new(1, "v3", "t")).await.is_ok());
 }
 
@@ -619,10 +616,7 @@ async fn starts_down_and_comes_up_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_redis_never_holds_a_call() {
     let server = RedisServer::start();
-    let fast = ClusterOptions {
-        probe_interval: Duration::from_millis(100),
-        ..ClusterOptions::default()
-    };
+    let fast = fast_probe();
     let timeout = Duration::from_millis(50);
     let (backend, metrics) = replica_with(&server, |c| c.timeout = timeout, fast).await;
     assert!(backend.is_up());
@@ -666,14 +660,7 @@ async fn frozen_redis_never_holds_a_call() {
     }
 
     server.signal("-CONT");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !backend.is_up() {
-        assert!(
-            Instant::now() < deadline,
-            "backend not up 15 s after SIGCONT"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_up(&backend, "backend not up 15 s after SIGCONT").await;
     assert!(backend.acquire(51, &p).await.is_ok());
 }
 

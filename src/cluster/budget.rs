@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use redis::Script;
 
-use super::{ClusterBackend, ClusterError};
+use super::{ClusterBackend, ClusterError, millis};
 
 /// What the budget allows, for one hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,8 +193,4 @@ impl ClusterBackend {
             .await?;
         Ok(Duration::from_millis(ms))
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use redis::Script;
 
-use super::{Answer, ClusterBackend, ClusterError, TaskKey};
+use super::{Answer, ClusterBackend, ClusterError, TaskKey, millis};
 
 /// An answer read from the shared cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,7 +63,7 @@ impl ClusterBackend {
             return Err(ClusterError::WrongHub);
         }
         let bytes = answer.encode()?;
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ttl_ms = millis(ttl).max(1);
         let _: u64 = self
             .call(
                 "cache_put",

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::codec::{decode_published, encode_published};
 use super::health::connect_bound;
-use super::{Answer, ClusterBackend, ClusterError, TaskKey};
+use super::{Answer, ClusterBackend, ClusterError, TaskKey, millis};
 
 /// How long a published answer stays readable by pollers. Waiters poll far more often; the
 /// key only has to outlive the slowest poll after the message.
@@ -378,8 +378,4 @@ pub(crate) fn spawn_subscriber(backend: &ClusterBackend, client: redis::Client) 
         }
     })
     .abort_handle()
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -69,6 +69,11 @@ fn setup_error(step: &'static str) -> impl Fn(redis::RedisError) -> ClusterError
     move |e| ClusterError::Setup(format!("{step}: {:?}", e.kind()))
 }
 
+/// A duration in whole milliseconds, as Redis takes them.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Knobs that are not configuration: for tests and embedding.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
