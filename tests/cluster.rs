@@ -3,6 +3,7 @@
 //! flights across replicas, and Redis killed, restarted and frozen.
 
 use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,6 +14,7 @@ use hubspot_files_gateway::cluster::{
     ClusterOptions, Flight, Refusal, TaskKey,
 };
 use hubspot_files_gateway::secret::Secret;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::time::Instant;
 
 /// A redis-server process of our own on a free loopback port; killed on drop.
@@ -20,6 +22,8 @@ struct RedisServer {
     port: u16,
     child: Option<Child>,
     extra: Vec<String>,
+    /// With TLS: the directory of `ca.pem`, `server.pem`, `server.key`; removed on drop.
+    tls: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -36,6 +40,41 @@ impl RedisServer {
             port,
             child: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls: None,
+        };
+        server.run();
+        server
+    }
+
+    /// A server that speaks only TLS, with a certificate for 127.0.0.1 from a test CA.
+    fn start_tls() -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("cluster-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "cluster test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("signed");
+        std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
+        std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write");
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let mut server = RedisServer {
+            port,
+            child: None,
+            extra: Vec::new(),
+            tls: Some(dir),
         };
         server.run();
         server
@@ -43,8 +82,29 @@ impl RedisServer {
 
     /// Starts (or restarts) the process on this server's port and waits until it answers.
     fn run(&mut self) {
+        let port = self.port.to_string();
+        let ports = match &self.tls {
+            None => vec!["--port".to_string(), port],
+            Some(dir) => {
+                let file = |name: &str| dir.join(name).display().to_string();
+                vec![
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    port,
+                    "--tls-cert-file".into(),
+                    file("server.pem"),
+                    "--tls-key-file".into(),
+                    file("server.key"),
+                    "--tls-ca-cert-file".into(),
+                    file("ca.pem"),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]
+            }
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+            .args(&ports)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--loglevel", "warning"])
             .args(&self.extra)
@@ -74,7 +134,12 @@ impl RedisServer {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     fn pid(&self) -> String {
@@ -117,6 +182,9 @@ impl Drop for RedisServer {
             let _ = Command::new("kill").args(["-CONT", &self.pid()]).status();
         }
         self.kill();
+        if let Some(dir) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -691,6 +759,31 @@ async fn password_authenticates() {
         Err(ClusterError::Down)
     ));
     assert!(!format!("{with:?}").contains("s3cret"));
+}
+
+/// `rediss://` with `redis_ca_file`: the backend speaks TLS (rustls, ring) to a server whose
+/// certificate the CA signed; without the CA the certificate is refused and the backend
+/// stays down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca() {
+    let server = RedisServer::start_tls();
+    let ca = server.tls.as_ref().expect("tls").join("ca.pem");
+    let (trusting, _) = replica_with(
+        &server,
+        |c| c.redis_ca_file = Some(ca.clone()),
+        ClusterOptions::default(),
+    )
+    .await;
+    assert!(trusting.is_up());
+    let key = TaskKey::new(71, "v3", "complete-tls");
+    trusting
+        .cache_put(&key, &answer(71, "COMPLETE"), Duration::from_secs(60))
+        .await
+        .expect("put over TLS");
+    let hit = trusting.cache_get(&key).await.expect("get over TLS");
+    assert_eq!(hit.expect("hit").answer, answer(71, "COMPLETE"));
+    let (public_roots_only, _) = replica(&server).await;
+    assert!(!public_roots_only.is_up());
 }
 
 /// What a miss costs in Redis round trips on loopback (printed with `--nocapture`): cache

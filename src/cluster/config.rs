@@ -22,6 +22,10 @@ pub struct ClusterConfig {
     pub redis_password_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_password_env: Option<String>,
+    /// PEM file of the CA that signed the Redis server's certificate (`rediss://` only);
+    /// unset, the server must present a certificate from a public CA (webpki roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_ca_file: Option<PathBuf>,
     /// Prepended to every key and channel, so several gateways can share one Redis.
     #[serde(default = "default_prefix")]
     pub key_prefix: String,
@@ -65,6 +69,7 @@ impl ClusterConfig {
             redis_username: None,
             redis_password_file: None,
             redis_password_env: None,
+            redis_ca_file: None,
             key_prefix: default_prefix(),
             timeout: default_timeout(),
             replicas_hint: default_replicas_hint(),
@@ -90,6 +95,9 @@ impl ClusterConfig {
         }
         if !url.username().is_empty() && self.redis_username.is_some() {
             return invalid("redis_username: set it in redis_url or here, not both");
+        }
+        if self.redis_ca_file.is_some() && url.scheme() != "rediss" {
+            return invalid("redis_ca_file needs a rediss:// (TLS) redis_url");
         }
         if url.query().is_some() {
             return invalid("redis_url must not have a query");
@@ -235,6 +243,8 @@ mod tests {
         assert!(t.contains("timeout"), "{t}");
         let r = parse("redis_url = \"redis://v\"\nreplicas_hint = 0").unwrap_err();
         assert!(r.contains("replicas_hint"), "{r}");
+        let ca = parse("redis_url = \"redis://v\"\nredis_ca_file = \"/ca.pem\"").unwrap_err();
+        assert!(ca.contains("rediss://"), "{ca}");
         let unknown = parse("redis_url = \"redis://v\"\nredis_password = \"x\"").unwrap_err();
         assert!(unknown.contains("redis_password"), "{unknown}");
     }

@@ -193,7 +193,20 @@ impl ClusterBackend {
             settings = settings.set_password(password.expose());
         }
         info = info.set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(setup_error("redis client"))?;
+        let client = match &config.redis_ca_file {
+            Some(path) => {
+                let root_cert = std::fs::read(path).map_err(|e| {
+                    ClusterError::Setup(format!("redis_ca_file {}: {e}", path.display()))
+                })?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                redis::Client::build_with_tls(info, certificates)
+            }
+            None => redis::Client::open(info),
+        }
+        .map_err(setup_error("redis client"))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(health::connect_bound(config.timeout)))
             .set_response_timeout(None)
