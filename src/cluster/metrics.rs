@@ -93,3 +93,30 @@ impl ClusterMetrics {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The families register beside the gateway's own without a name clash and render with
+    /// the gateway's prefix.
+    #[test]
+    fn registers_on_the_gateway_registry() {
+        let gateway = crate::metrics::Metrics::new();
+        let cluster = ClusterMetrics::register(gateway.registry()).expect("no clash");
+        cluster.backend_up.set(1);
+        cluster
+            .redis_calls_total
+            .with_label_values(&["cache_get", "ok"])
+            .inc();
+        let text = String::from_utf8(gateway.render()).expect("utf-8");
+        assert!(
+            text.contains("hubspot_gateway_cluster_backend_up 1"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "hubspot_gateway_cluster_redis_calls_total{op=\"cache_get\",result=\"ok\"} 1"
+        ));
+        assert!(ClusterMetrics::register(gateway.registry()).is_err());
+    }
+}
