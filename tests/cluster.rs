@@ -791,7 +791,7 @@ async fn tls_with_a_private_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miss_round_trips_are_measured() {
     let server = RedisServer::start();
-    let (backend, _) = replica(&server).await;
+    let (backend, metrics) = replica(&server).await;
     let p = policy(1_000_000, Duration::from_secs(10));
     let rounds = 200u32;
     let started = Instant::now();
@@ -818,5 +818,17 @@ async fn miss_round_trips_are_measured() {
     }
     let per_miss = started.elapsed() / rounds;
     eprintln!("miss path: 5 Redis round trips, {per_miss:?} per miss on loopback");
+    for op in [
+        "cache_get",
+        "flight_join",
+        "budget_acquire",
+        "flight_publish",
+        "cache_put",
+    ] {
+        let h = metrics.redis_call_duration_seconds.with_label_values(&[op]);
+        assert_eq!(h.get_sample_count(), u64::from(rounds), "{op}");
+        let mean = h.get_sample_sum() / f64::from(rounds);
+        eprintln!("  {op}: mean {:.3} ms", mean * 1000.0);
+    }
     assert!(per_miss < Duration::from_millis(250), "{per_miss:?}");
 }
