@@ -459,7 +459,10 @@ impl Config {
             AuthMode::None => {}
         }
         if let Some(cluster) = &self.cluster {
-            cluster.validate(self.upstream.request_timeout)?;
+            let problems = cluster.problems(self.upstream.request_timeout);
+            if !problems.is_empty() {
+                return invalid(problems.join("; "));
+            }
         }
         Ok(())
     }

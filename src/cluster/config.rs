@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, duration, read_secret};
+use crate::config::{duration, read_secret};
 use crate::secret::Secret;
 
 /// `[cluster]`: the Redis (or Valkey) every replica shares. Absent, each replica keeps its own
@@ -78,34 +78,36 @@ impl ClusterConfig {
         }
     }
 
-    /// Checks what the types cannot; `request_timeout` is `upstream.request_timeout`, which
-    /// the lease must outlive. Messages never echo the URL: it may hold a pasted password.
-    pub fn validate(&self, request_timeout: Duration) -> Result<(), ConfigError> {
-        let invalid = |m: &str| Err(ConfigError::Invalid(format!("cluster.{m}")));
-        let Some(url) = redis::parse_redis_url(&self.redis_url) else {
-            return invalid("redis_url must be a redis:// or rediss:// URL");
-        };
-        if !matches!(url.scheme(), "redis" | "rediss") || url.host().is_none() {
-            return invalid("redis_url must be a redis:// or rediss:// URL with a host");
-        }
-        if url.password().is_some() {
-            return invalid(
-                "redis_url must not hold a password: use redis_password_file or redis_password_env",
-            );
-        }
-        if !url.username().is_empty() && self.redis_username.is_some() {
-            return invalid("redis_username: set it in redis_url or here, not both");
-        }
-        if self.redis_ca_file.is_some() && url.scheme() != "rediss" {
-            return invalid("redis_ca_file needs a rediss:// (TLS) redis_url");
-        }
-        if url.query().is_some() {
-            return invalid("redis_url must not have a query");
+    /// Every problem with the table, each a sentence naming its key (empty = valid);
+    /// `request_timeout` is `upstream.request_timeout`, which the lease must outlive. No
+    /// message echoes a value: the URL may hold a pasted password.
+    pub fn problems(&self, request_timeout: Duration) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut invalid = |m: &str| problems.push(format!("cluster.{m}"));
+        match redis::parse_redis_url(&self.redis_url) {
+            None => invalid("redis_url must be a redis:// or rediss:// URL"),
+            Some(url) => {
+                if !matches!(url.scheme(), "redis" | "rediss") || url.host().is_none() {
+                    invalid("redis_url must be a redis:// or rediss:// URL with a host");
+                }
+                if url.password().is_some() {
+                    invalid(
+                        "redis_url must not hold a password: use redis_password_file or redis_password_env",
+                    );
+                }
+                if !url.username().is_empty() && self.redis_username.is_some() {
+                    invalid("redis_username: set it in redis_url or here, not both");
+                }
+                if self.redis_ca_file.is_some() && url.scheme() != "rediss" {
+                    invalid("redis_ca_file needs a rediss:// (TLS) redis_url");
+                }
+                if url.query().is_some() {
+                    invalid("redis_url must not have a query");
+                }
+            }
         }
         if self.redis_password_file.is_some() && self.redis_password_env.is_some() {
-            return invalid(
-                "redis_password: set redis_password_file or redis_password_env, not both",
-            );
+            invalid("redis_password: set redis_password_file or redis_password_env, not both");
         }
         if let Some(var) = &self.redis_password_env {
             let mut bytes = var.bytes();
@@ -114,7 +116,7 @@ impl ClusterConfig {
                 .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
                 && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !ok {
-                return invalid(
+                invalid(
                     "redis_password_env must name an environment variable (letters, digits, _)",
                 );
             }
@@ -123,28 +125,26 @@ impl ClusterConfig {
             || self.key_prefix.len() > 64
             || !self.key_prefix.bytes().all(|b| b.is_ascii_graphic())
         {
-            return invalid("key_prefix must be 1-64 printable ASCII characters without spaces");
+            invalid("key_prefix must be 1-64 printable ASCII characters without spaces");
         }
         if self.timeout.is_zero() || self.timeout > Duration::from_secs(5) {
-            return invalid("timeout must be > 0 and at most 5s (it is paid on every request)");
+            invalid("timeout must be > 0 and at most 5s (it is paid on every request)");
         }
         if self.replicas_hint == 0 {
-            return invalid("replicas_hint must be at least 1");
+            invalid("replicas_hint must be at least 1");
         }
         if self.lease_ttl <= request_timeout {
-            return invalid("lease_ttl must be longer than upstream.request_timeout");
+            invalid("lease_ttl must be longer than upstream.request_timeout");
         }
         if self.poll_interval.is_zero() || self.poll_interval >= self.lease_ttl {
-            return invalid("poll_interval must be > 0 and shorter than lease_ttl");
+            invalid("poll_interval must be > 0 and shorter than lease_ttl");
         }
-        Ok(())
+        problems
     }
 
-    /// The Redis password from its file or environment variable, if one is configured.
-    pub fn password(
-        &self,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Option<Secret>, ConfigError> {
+    /// The Redis password from its file or environment variable, if one is configured. The
+    /// error is the config module's message (never the secret).
+    pub fn password(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Secret>, String> {
         if self.redis_password_file.is_none() && self.redis_password_env.is_none() {
             return Ok(None);
         }
@@ -155,6 +155,7 @@ impl ClusterConfig {
             env,
         )
         .map(Some)
+        .map_err(|e| e.to_string())
     }
 
     /// This replica's share of an account `limit` while Redis is unreachable (at least 1, so
@@ -172,7 +173,10 @@ mod tests {
 
     fn parse(text: &str) -> Result<ClusterConfig, String> {
         let c: ClusterConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        c.validate(REQUEST_TIMEOUT).map_err(|e| e.to_string())?;
+        let problems = c.problems(REQUEST_TIMEOUT);
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
         Ok(c)
     }
 
