@@ -222,8 +222,11 @@ mod tests {
     /// `[cluster]` in the gateway's file is read and validated with the rest of it.
     #[test]
     fn the_gateway_config_carries_it() {
-        let base =
-            "[auth]\nmode = \"none\"\n[token]\nmode = \"static\"\nstatic_token_env = \"T\"\n";
+        let base = concat!(
+            "[token]\nmode = \"static\"\nstatic_token_env = \"T\"\n",
+            "[[auth.clients]]\nname = \"billing\"\n",
+            "key_sha256 = \"8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4\"\n",
+        );
         let none = crate::config::Config::parse(base).expect("valid");
         assert!(none.cluster.is_none());
         let with = format!("{base}[cluster]\nredis_url = \"redis://valkey:6379\"\n");
