@@ -23,6 +23,7 @@ use super::{ClusterBackend, ClusterError, millis};
 pub struct BudgetPolicy {
     /// Calls per `per` for the whole account (every replica together).
     pub limit: u32,
+    /// The rolling window's length.
     pub per: Duration,
     /// Calls per day for the whole account; `None` counts nothing.
     pub daily_limit: Option<u64>,
@@ -34,9 +35,19 @@ pub struct BudgetPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
     /// The call may go; it is recorded at `at_ms` (Redis' clock, ms since the epoch).
-    Allowed { remaining: u32, at_ms: u64 },
+    Allowed {
+        /// Calls left in the window after this one.
+        remaining: u32,
+        /// When the call was recorded.
+        at_ms: u64,
+    },
     /// The call must not go for `wait` (always > 0).
-    Refused { wait: Duration, reason: Refusal },
+    Refused {
+        /// How long until a call may be allowed.
+        wait: Duration,
+        /// Which rule refused.
+        reason: Refusal,
+    },
 }
 
 /// Why a call was refused.

@@ -14,6 +14,7 @@ use super::{Answer, ClusterBackend, ClusterError, TaskKey, millis};
 /// An answer read from the shared cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachedAnswer {
+    /// The answer as the storing replica had it.
     pub answer: Answer,
     /// Time since a replica stored it, by Redis' clock.
     pub age: Duration,

@@ -12,9 +12,11 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub struct Answer {
     /// The HubSpot account the answer belongs to.
     pub hub_id: u64,
+    /// HubSpot's HTTP status.
     pub status: u16,
     /// Header names (lower case) and raw values, in order.
     pub headers: Vec<(String, Bytes)>,
+    /// HubSpot's body bytes, unchanged.
     pub body: Bytes,
 }
 
@@ -33,12 +35,16 @@ const CREDENTIAL_HEADERS: &[&str] = &[
 /// Why bytes are not an answer, or an answer cannot be stored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {
+    /// Not a complete answer.
     #[error("stored answer is truncated or malformed")]
     Malformed,
+    /// Written by a build with another format version.
     #[error("stored answer has format version {0}, this build reads {VERSION}")]
     Version(u8),
+    /// The answer carries a credential header.
     #[error("header {0} carries credentials and is never stored")]
     Credential(String),
+    /// A header or the body exceeds the format's length fields.
     #[error("answer part too large to encode")]
     TooLarge,
 }

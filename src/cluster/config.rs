@@ -18,8 +18,10 @@ pub struct ClusterConfig {
     /// ACL user name; unset means the `default` user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_username: Option<String>,
+    /// A mounted file holding the Redis password (trailing newline ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_password_file: Option<PathBuf>,
+    /// The name of an environment variable holding the Redis password.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_password_env: Option<String>,
     /// PEM file of the CA that signed the Redis server's certificate (`rediss://` only);

@@ -50,15 +50,27 @@ pub enum ClusterError {
     /// Redis was found unreachable by an earlier call; no network call was made.
     #[error("cluster backend is down")]
     Down,
+    /// The call took longer than `timeout`; the backend is now down.
     #[error("redis call {op} timed out")]
-    Timeout { op: &'static str },
+    Timeout {
+        /// The operation, as in the metrics' `op` label.
+        op: &'static str,
+    },
+    /// Redis answered with an error, or the connection failed.
     #[error("redis call {op} failed: {message}")]
-    Redis { op: &'static str, message: String },
+    Redis {
+        /// The operation, as in the metrics' `op` label.
+        op: &'static str,
+        /// The client's message (never a credential).
+        message: String,
+    },
+    /// A stored answer could not be read, or an answer cannot be stored.
     #[error("shared answer unreadable: {0}")]
     Codec(#[from] CodecError),
     /// A stored answer names another hub than its key: it is never returned.
     #[error("shared answer belongs to another hub")]
     WrongHub,
+    /// The URL or the CA file cannot be used.
     #[error("cluster backend cannot be set up: {0}")]
     Setup(String),
 }
@@ -97,8 +109,11 @@ impl Default for ClusterOptions {
 /// hubs share a key whatever the strings hold.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TaskKey {
+    /// The HubSpot account (hub id) whose token asks.
     pub hub_id: u64,
+    /// The API version of the route (`v3`, `2026-03`).
     pub version: String,
+    /// The validated taskId.
     pub task_id: String,
 }
 
