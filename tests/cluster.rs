@@ -32,6 +32,11 @@ impl RedisServer {
     }
 
     fn start_with(extra: &[&str]) -> RedisServer {
+        Self::launch(extra.iter().map(|s| s.to_string()).collect(), None)
+    }
+
+    /// Picks a free port (bound, then released) and starts the server on it.
+    fn launch(extra: Vec<String>, tls: Option<PathBuf>) -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
@@ -39,8 +44,8 @@ impl RedisServer {
         let mut server = RedisServer {
             port,
             child: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            tls: None,
+            extra,
+            tls,
         };
         server.run();
         server
@@ -66,18 +71,7 @@ impl RedisServer {
         std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
         std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
         std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write");
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        let mut server = RedisServer {
-            port,
-            child: None,
-            extra: Vec::new(),
-            tls: Some(dir),
-        };
-        server.run();
-        server
+        Self::launch(Vec::new(), Some(dir))
     }
 
     /// Starts (or restarts) the process on this server's port and waits until it answers.
