@@ -80,6 +80,9 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// `[cluster]`: budget, cache and flights shared through Redis; absent = per replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// `[reload]`: how changes to the config and the files it names are noticed. SIGHUP always
@@ -585,6 +588,12 @@ impl Config {
             ));
         }
         self.server.validate_limits(&mut invalid);
+        if let Some(cluster) = &self.cluster {
+            cluster
+                .problems(self.upstream.request_timeout)
+                .into_iter()
+                .for_each(&mut invalid);
+        }
         if self.cache.max_bytes == 0 {
             invalid("cache.max_bytes must be > 0".into());
         }

@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod gateway;

@@ -252,6 +252,14 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// The registry, for modules that register their own block of families
+    /// (`cluster::ClusterMetrics::register`).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()

@@ -1,0 +1,381 @@
+//! One upstream call per task across replicas.
+//!
+//! The first replica to ask takes a lease (`SET lease token NX PX lease_ttl`) and becomes
+//! the leader; it renews the lease while its call runs, then publishes the answer (PENDING
+//! ones included) under a short-lived key and on a pub/sub channel, and releases the lease
+//! by compare-and-delete. Other replicas wait: a pub/sub message wakes them at once, and they
+//! poll every `poll_interval` because pub/sub may drop messages. A waiter accepts only an
+//! answer stamped with the token of a leader it waited for, so an older answer is never
+//! replayed. If the lease disappears without an answer (the leader died and it expired, or
+//! it gave up), the next poll takes it over and that waiter becomes the leader.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::Script;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
+
+use super::codec::{decode_published, encode_published};
+use super::health::connect_bound;
+use super::{Answer, ClusterBackend, ClusterError, TaskKey, millis};
+
+/// How long a published answer stays readable by pollers. Waiters poll far more often; the
+/// key only has to outlive the slowest poll after the message.
+const ANSWER_TTL: Duration = Duration::from_secs(10);
+
+/// What joining a task's flight gave.
+#[derive(Debug)]
+pub enum Flight {
+    /// This replica calls HubSpot, then [`Lease::publish`]es the answer.
+    Leader(Lease),
+    /// Another replica's call answered.
+    Answer(Answer),
+    /// The caller's deadline came first.
+    DeadlineReached,
+}
+
+/// An answer received by pub/sub, fanned out to this replica's waiters.
+#[derive(Debug)]
+pub(crate) struct Published {
+    lease_key: String,
+    token: String,
+    answer: Answer,
+}
+
+/// KEYS: lease, answer. ARGV: new token, lease ms, then the tokens of leaders waited for.
+/// Returns {1, token, answer} (an awaited leader's answer), {0, holder, ''} (wait), or
+/// {2, token, ''} (the lease was free: the caller leads).
+static JOIN: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local tok = redis.call('HGET', KEYS[2], 'tok')
+if tok then
+  for i = 3, #ARGV do
+    if ARGV[i] == tok then return {1, tok, redis.call('HGET', KEYS[2], 'v')} end
+  end
+end
+local holder = redis.call('GET', KEYS[1])
+if holder then return {0, holder, ''} end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {2, ARGV[1], ''}
+"#,
+    )
+});
+
+/// KEYS: lease. ARGV: token, lease ms. 1 if still held and extended.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"#,
+    )
+});
+
+/// KEYS: lease. ARGV: token. Deletes only our own lease.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#,
+    )
+});
+
+/// KEYS: lease, answer. ARGV: token, encoded answer, answer ttl ms, channel, message.
+static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'tok', ARGV[1], 'v', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"#,
+    )
+});
+
+impl ClusterBackend {
+    fn flight_keys(&self, key: &TaskKey) -> (String, String) {
+        let suffix = key.suffix();
+        (self.key("lease", &suffix), self.key("ans", &suffix))
+    }
+
+    fn channel(&self) -> String {
+        self.key("flights", "v1")
+    }
+
+    /// Joins the cluster-wide flight for `key`: leads it, or waits (until `deadline`) for
+    /// its leader's answer, taking it over if the leader disappears. On `Err` the caller
+    /// uses its local single-flight.
+    pub async fn join_flight(
+        &self,
+        key: &TaskKey,
+        deadline: Instant,
+    ) -> Result<Flight, ClusterError> {
+        let (lease_key, answer_key) = self.flight_keys(key);
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let lease_ms = millis(self.inner.config.lease_ttl);
+        // Subscribed before the first look, so an answer published in between is not missed.
+        let mut messages = self.inner.published.subscribe();
+        let mut awaited: Vec<String> = Vec::new();
+        let waits = &self.inner.metrics.flight_waits_total;
+        loop {
+            let step: Result<(i64, String, Vec<u8>), _> = self
+                .call(
+                    "flight_join",
+                    JOIN.key(&lease_key)
+                        .key(&answer_key)
+                        .arg(&token)
+                        .arg(lease_ms)
+                        .arg(&awaited)
+                        .invoke_async(&mut self.conn()),
+                )
+                .await;
+            let (code, holder, bytes) = match step {
+                Ok(step) => step,
+                Err(e) => {
+                    if !awaited.is_empty() {
+                        waits.with_label_values(&["error"]).inc();
+                    }
+                    return Err(e);
+                }
+            };
+            match code {
+                1 => {
+                    let answer = Answer::decode(&bytes)?;
+                    if answer.hub_id != key.hub_id {
+                        return Err(ClusterError::WrongHub);
+                    }
+                    waits.with_label_values(&["answer"]).inc();
+                    return Ok(Flight::Answer(answer));
+                }
+                2 => {
+                    if !awaited.is_empty() {
+                        self.inner.metrics.lease_takeovers_total.inc();
+                        waits.with_label_values(&["takeover"]).inc();
+                    }
+                    return Ok(Flight::Leader(Lease::start(
+                        self.clone(),
+                        lease_key,
+                        answer_key,
+                        token,
+                    )));
+                }
+                _ => {
+                    if !awaited.contains(&holder) {
+                        awaited.push(holder);
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                waits.with_label_values(&["deadline"]).inc();
+                return Ok(Flight::DeadlineReached);
+            }
+            let nap = tokio::time::sleep_until(deadline.min(now + self.inner.config.poll_interval));
+            tokio::pin!(nap);
+            loop {
+                tokio::select! {
+                    () = &mut nap => break,
+                    message = messages.recv() => match message {
+                        Ok(p) if p.lease_key == lease_key && awaited.contains(&p.token) => {
+                            if p.answer.hub_id != key.hub_id {
+                                return Err(ClusterError::WrongHub);
+                            }
+                            waits.with_label_values(&["answer"]).inc();
+                            return Ok(Flight::Answer(p.answer.clone()));
+                        }
+                        Ok(_) => {}
+                        // Messages were lost locally: poll now instead of waiting.
+                        Err(RecvError::Lagged(_)) => break,
+                        Err(RecvError::Closed) => {
+                            (&mut nap).await;
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// The lease of a flight's leader. It is renewed in the background every third of
+/// `lease_ttl` until [`Lease::publish`], [`Lease::abandon`] or drop; dropped without an
+/// answer, it is released so a waiter takes over at its next poll.
+#[derive(Debug)]
+pub struct Lease {
+    backend: ClusterBackend,
+    lease_key: String,
+    answer_key: String,
+    token: String,
+    held: Arc<AtomicBool>,
+    renewer: Option<JoinHandle<()>>,
+    finished: bool,
+}
+
+impl Lease {
+    fn start(
+        backend: ClusterBackend,
+        lease_key: String,
+        answer_key: String,
+        token: String,
+    ) -> Lease {
+        let held = Arc::new(AtomicBool::new(true));
+        let renewer = {
+            let (backend, key, token, held) = (
+                backend.clone(),
+                lease_key.clone(),
+                token.clone(),
+                held.clone(),
+            );
+            let ttl = backend.inner.config.lease_ttl;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(Instant::now() + ttl / 3, ttl / 3);
+                loop {
+                    tick.tick().await;
+                    let renewed = backend
+                        .call(
+                            "lease_renew",
+                            RENEW
+                                .key(&key)
+                                .arg(&token)
+                                .arg(millis(ttl))
+                                .invoke_async::<i64>(&mut backend.conn()),
+                        )
+                        .await;
+                    // An error is retried at the next tick; only Redis saying "not yours"
+                    // ends the lease.
+                    if let Ok(0) = renewed {
+                        held.store(false, Ordering::Release);
+                        break;
+                    }
+                }
+            })
+        };
+        Lease {
+            backend,
+            lease_key,
+            answer_key,
+            token,
+            held,
+            renewer: Some(renewer),
+            finished: false,
+        }
+    }
+
+    /// False once a renewal found the lease gone (expired while Redis was unreachable, then
+    /// taken by another replica): this replica's answer is still published, but another
+    /// call may be running.
+    pub fn is_held(&self) -> bool {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Publishes the answer to every waiter (key and pub/sub message) and releases the lease.
+    pub async fn publish(mut self, answer: &Answer) -> Result<(), ClusterError> {
+        self.stop_renewing();
+        self.finished = true;
+        let bytes = answer.encode()?;
+        let message = encode_published(&self.lease_key, &self.token, &bytes)?;
+        let backend = self.backend.clone();
+        let _: i64 = backend
+            .call(
+                "flight_publish",
+                PUBLISH
+                    .key(&self.lease_key)
+                    .key(&self.answer_key)
+                    .arg(&self.token)
+                    .arg(bytes)
+                    .arg(millis(ANSWER_TTL))
+                    .arg(backend.channel())
+                    .arg(message)
+                    .invoke_async(&mut backend.conn()),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Stops renewing and leaves the lease to expire, as a replica that died would: waiters
+    /// take over after `lease_ttl`. For shutdown paths that must not wait, and for tests.
+    pub fn abandon(mut self) {
+        self.stop_renewing();
+        self.finished = true;
+    }
+
+    fn stop_renewing(&mut self) {
+        if let Some(renewer) = self.renewer.take() {
+            renewer.abort();
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.stop_renewing();
+        if self.finished {
+            return;
+        }
+        // Outside a runtime nothing can be sent; the lease then simply expires.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (backend, key, token) = (
+                self.backend.clone(),
+                std::mem::take(&mut self.lease_key),
+                std::mem::take(&mut self.token),
+            );
+            runtime.spawn(async move {
+                let _ = backend
+                    .call(
+                        "lease_release",
+                        RELEASE
+                            .key(&key)
+                            .arg(&token)
+                            .invoke_async::<i64>(&mut backend.conn()),
+                    )
+                    .await;
+            });
+        }
+    }
+}
+
+/// Listens on the flights channel and fans answers out to local waiters; reconnects after
+/// any failure. Polling covers the gaps.
+pub(crate) fn spawn_subscriber(backend: &ClusterBackend, client: redis::Client) -> AbortHandle {
+    let channel = backend.channel();
+    let sender = backend.inner.published.clone();
+    let bound = connect_bound(backend.inner.config.timeout);
+    tokio::spawn(async move {
+        loop {
+            if let Ok(Ok(mut pubsub)) = tokio::time::timeout(bound, client.get_async_pubsub()).await
+            {
+                if let Ok(Ok(())) = tokio::time::timeout(bound, pubsub.subscribe(&channel)).await {
+                    let mut stream = pubsub.into_on_message();
+                    while let Some(message) = stream.next().await {
+                        let Ok((lease_key, token, bytes)) =
+                            decode_published(message.get_payload_bytes())
+                        else {
+                            continue;
+                        };
+                        let Ok(answer) = Answer::decode(bytes) else {
+                            continue;
+                        };
+                        // No receiver is normal: nobody on this replica waits.
+                        let _ = sender.send(Arc::new(Published {
+                            lease_key,
+                            token,
+                            answer,
+                        }));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .abort_handle()
+}

@@ -1,0 +1,828 @@
+//! The cluster backend against a real `redis-server` on loopback, with several backends
+//! standing in for replicas: the shared rolling window, holds, the second-level cache,
+//! flights across replicas, and Redis killed, restarted and frozen.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hubspot_files_gateway::cluster::{
+    Admission, Answer, BudgetPolicy, ClusterBackend, ClusterConfig, ClusterError, ClusterMetrics,
+    ClusterOptions, Flight, Refusal, TaskKey,
+};
+use hubspot_files_gateway::secret::Secret;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use tokio::time::Instant;
+
+/// A redis-server process of our own on a free loopback port; killed on drop.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+    extra: Vec<String>,
+    /// With TLS: the directory of `ca.pem`, `server.pem`, `server.key`; removed on drop.
+    tls: Option<PathBuf>,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> RedisServer {
+        Self::launch(extra.iter().map(|s| s.to_string()).collect(), None)
+    }
+
+    /// Picks a free port (bound, then released) and starts the server on it.
+    fn launch(extra: Vec<String>, tls: Option<PathBuf>) -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let mut server = RedisServer {
+            port,
+            child: None,
+            extra,
+            tls,
+        };
+        server.run();
+        server
+    }
+
+    /// A server that speaks only TLS, with a certificate for 127.0.0.1 from a test CA.
+    fn start_tls() -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("cluster-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "cluster test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("signed");
+        std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
+        std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write");
+        Self::launch(Vec::new(), Some(dir))
+    }
+
+    /// Starts (or restarts) the process on this server's port and waits until it answers.
+    fn run(&mut self) {
+        let port = self.port.to_string();
+        let ports = match &self.tls {
+            None => vec!["--port".to_string(), port],
+            Some(dir) => {
+                let file = |name: &str| dir.join(name).display().to_string();
+                vec![
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    port,
+                    "--tls-cert-file".into(),
+                    file("server.pem"),
+                    "--tls-key-file".into(),
+                    file("server.key"),
+                    "--tls-ca-cert-file".into(),
+                    file("ca.pem"),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]
+            }
+        };
+        let child = Command::new("redis-server")
+            .args(&ports)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--loglevel", "warning"])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start redis-server ({e}); these tests need it: \
+                     apt-get update && apt-get install -y redis-server"
+                )
+            });
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                drop(s);
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not listen on port {} within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    fn pid(&self) -> String {
+        self.child
+            .as_ref()
+            .expect("server running")
+            .id()
+            .to_string()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// A plain connection for checking what the backend stored.
+    async fn inspect(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("inspection connection")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // A frozen process cannot die until it is continued.
+            let _ = Command::new("kill").args(["-CONT", &self.pid()]).status();
+        }
+        self.kill();
+        if let Some(dir) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// One replica: a backend with its own metrics registry.
+async fn replica_with(
+    server: &RedisServer,
+    tweak: impl FnOnce(&mut ClusterConfig),
+    options: ClusterOptions,
+) -> (ClusterBackend, ClusterMetrics) {
+    let mut config = ClusterConfig::new(server.url());
+    // Functional tests must not fail because a loaded machine took 50 ms for one call; the
+    // tests about slowness set the production default back.
+    config.timeout = Duration::from_millis(500);
+    config.key_prefix = "t:".into();
+    tweak(&mut config);
+    let metrics = ClusterMetrics::register(&prometheus::Registry::new()).expect("fresh registry");
+    let backend = ClusterBackend::connect_with(config, None, metrics.clone(), options)
+        .await
+        .expect("backend set up");
+    (backend, metrics)
+}
+
+async fn replica(server: &RedisServer) -> (ClusterBackend, ClusterMetrics) {
+    replica_with(server, |_| {}, ClusterOptions::default()).await
+}
+
+fn policy(limit: u32, per: Duration) -> BudgetPolicy {
+    BudgetPolicy {
+        limit,
+        per,
+        daily_limit: None,
+        daily_reset_offset: Duration::ZERO,
+    }
+}
+
+fn answer(hub_id: u64, status: &str) -> Answer {
+    Answer {
+        hub_id,
+        status: 200,
+        headers: vec![
+            (
+                "content-type".into(),
+                Bytes::from_static(b"application/json"),
+            ),
+            (
+                "x-hubspot-correlation-id".into(),
+                Bytes::from_static(b"corr-1"),
+            ),
+        ],
+        body: Bytes::from(format!("{{\"id\":\"t-1\",\"status\":\"{status}\"}}")),
+    }
+}
+
+/// Time until the next UTC midnight plus `offset`, by this machine's clock (Redis runs on
+/// the same machine).
+fn until_reset(offset: Duration) -> Duration {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64;
+    let day = 86_400_000u64;
+    let offset = offset.as_millis() as u64;
+    Duration::from_millis(day - ((now + day - offset) % day))
+}
+
+fn assert_close(got: Duration, want: Duration, slack: Duration) {
+    let diff = got.abs_diff(want);
+    assert!(diff <= slack, "got {got:?}, want {want:?} ± {slack:?}");
+}
+
+/// Options of a replica that notices Redis is back within 100 ms.
+fn fast_probe() -> ClusterOptions {
+    ClusterOptions {
+        probe_interval: Duration::from_millis(100),
+        ..ClusterOptions::default()
+    }
+}
+
+/// Waits (15 s at most) until the backend's probe finds Redis answering again.
+async fn wait_up(backend: &ClusterBackend, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !backend.is_up() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `n` connections subscribe to the flights channel, so a test that relies on
+/// pub/sub does not race the subscriber's start.
+async fn wait_subscribers(server: &RedisServer, n: i64) {
+    let mut conn = server.inspect().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, count): (String, i64) = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg("t:flights:v1")
+            .query_async::<Vec<(String, i64)>>(&mut conn)
+            .await
+            .expect("PUBSUB NUMSUB")
+            .pop()
+            .expect("one channel");
+        if count >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "only {count} of {n} subscribers");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Four replicas hammering one hub with a 30/10 s budget: no 10 s span of the recorded call
+/// times ever holds more than 30, refused calls get a positive wait, and the window fills
+/// again once its oldest calls leave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_window_holds_across_replicas() {
+    let server = RedisServer::start();
+    let per = Duration::from_secs(10);
+    let run_for = Duration::from_secs(12);
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (backend, _) = replica(&server).await;
+        tasks.push(tokio::spawn(async move {
+            let (mut allowed, mut refused, mut errors) = (Vec::new(), 0u32, Vec::new());
+            let end = Instant::now() + run_for;
+            while Instant::now() < end {
+                match backend.acquire(7, &policy(30, per)).await {
+                    Ok(Admission::Allowed { at_ms, .. }) => allowed.push(at_ms),
+                    Ok(Admission::Refused { wait, reason }) => {
+                        assert_eq!(reason, Refusal::Window);
+                        assert!(wait > Duration::ZERO && wait <= per, "wait {wait:?}");
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            (allowed, refused, errors)
+        }));
+    }
+    let mut times = Vec::new();
+    let mut refused = 0;
+    for task in tasks {
+        let (allowed, r, errors) = task.await.expect("replica task");
+        assert!(errors.is_empty(), "Redis calls failed: {errors:?}");
+        times.extend(allowed);
+        refused += r;
+    }
+    times.sort_unstable();
+    assert!(refused > 0, "the budget never refused");
+    // 12 s covers the first window and the refill after it.
+    assert!(
+        times.len() >= 60,
+        "only {} calls allowed in 12 s",
+        times.len()
+    );
+    assert!(times.len() <= 90, "{} calls allowed in 12 s", times.len());
+    for pair in times.windows(31) {
+        assert!(
+            pair[30] - pair[0] >= 10_000,
+            "31 calls within {} ms: {:?}",
+            pair[30] - pair[0],
+            pair
+        );
+    }
+    // The sorted set holds exactly the calls of the current window, at the times reported.
+    let mut conn = server.inspect().await;
+    let recorded: Vec<(String, u64)> = redis::cmd("ZRANGE")
+        .arg("t:rl:7")
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await
+        .expect("ZRANGE");
+    assert!(!recorded.is_empty() && recorded.len() <= 30);
+    for (_, score) in recorded {
+        assert!(times.binary_search(&score).is_ok(), "unknown time {score}");
+    }
+}
+
+/// A 429 hold set by one replica refuses every replica's calls for that hub until it ends,
+/// a shorter hold never shortens it, and other hubs are not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_is_seen_by_every_replica() {
+    let server = RedisServer::start();
+    let (a, _) = replica(&server).await;
+    let (b, _) = replica(&server).await;
+    let p = policy(100, Duration::from_secs(10));
+    a.hold(1, Duration::from_millis(1500)).await.expect("hold");
+    a.hold(1, Duration::from_millis(10))
+        .await
+        .expect("short hold");
+    match b.acquire(1, &p).await.expect("acquire") {
+        Admission::Refused { wait, reason } => {
+            assert_eq!(reason, Refusal::Hold);
+            assert!(wait > Duration::from_millis(800) && wait <= Duration::from_millis(1500));
+        }
+        other => panic!("held hub allowed: {other:?}"),
+    }
+    assert!(matches!(
+        b.acquire(2, &p).await.expect("acquire"),
+        Admission::Allowed { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert!(matches!(
+        a.acquire(1, &p).await.expect("acquire"),
+        Admission::Allowed { .. }
+    ));
+}
+
+/// A DAILY hold lasts until the configured reset (UTC midnight plus the offset) on every
+/// replica, and a daily limit refuses once spent, with the wait until the reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_hold_and_daily_limit_last_until_the_reset() {
+    let server = RedisServer::start();
+    let (a, _) = replica(&server).await;
+    let (b, _) = replica(&server).await;
+    let slack = Duration::from_secs(5);
+    let p = policy(100, Duration::from_secs(10));
+    let held = a.hold_daily(3, &p).await.expect("daily hold");
+    assert_close(held, until_reset(Duration::ZERO), slack);
+    match b.acquire(3, &p).await.expect("acquire") {
+        Admission::Refused { wait, reason } => {
+            assert_eq!(reason, Refusal::DailyHold);
+            assert_close(wait, until_reset(Duration::ZERO), slack);
+        }
+        other => panic!("daily-held hub allowed: {other:?}"),
+    }
+    // A 429 hold never shortens the daily one.
+    a.hold(3, Duration::from_secs(1)).await.expect("hold");
+    assert!(matches!(
+        b.acquire(3, &p).await.expect("acquire"),
+        Admission::Refused {
+            reason: Refusal::DailyHold,
+            ..
+        }
+    ));
+
+    let offset = Duration::from_secs(5 * 3600);
+    let daily = BudgetPolicy {
+        daily_limit: Some(3),
+        daily_reset_offset: offset,
+        ..p
+    };
+    for i in 0..3 {
+        let r = [&a, &b][i % 2].acquire(4, &daily).await.expect("acquire");
+        assert!(matches!(r, Admission::Allowed { .. }), "{r:?}");
+    }
+    match b.acquire(4, &daily).await.expect("acquire") {
+        Admission::Refused { wait, reason } => {
+            assert_eq!(reason, Refusal::DailyLimit);
+            assert_close(wait, until_reset(offset), slack);
+        }
+        other => panic!("daily limit not enforced: {other:?}"),
+    }
+    let held = a.hold_daily(5, &daily).await.expect("daily hold");
+    assert_close(held, until_reset(offset), slack);
+}
+
+/// An answer stored by one replica is read by another with its true age; another hub, another
+/// API version or an expired entry gives nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_level_cache_is_shared_with_its_age() {
+    let server = RedisServer::start();
+    let (a, _) = replica(&server).await;
+    let (b, b_metrics) = replica(&server).await;
+    let key = TaskKey::new(11, "v3", "complete-1");
+    let stored = answer(11, "COMPLETE");
+    a.cache_put(&key, &stored, Duration::from_secs(60))
+        .await
+        .expect("put");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let hit = b.cache_get(&key).await.expect("get").expect("a hit");
+    assert_eq!(hit.answer, stored);
+    assert!(
+        hit.age >= Duration::from_millis(1000) && hit.age < Duration::from_secs(10),
+        "age {:?}",
+        hit.age
+    );
+    assert_eq!(b_metrics.cache_hits_total.get(), 1);
+    let other_hub = TaskKey::new(12, "v3", "complete-1");
+    assert!(b.cache_get(&other_hub).await.expect("get").is_none());
+    let other_version = TaskKey::new(11, "2026-03", "complete-1");
+    assert!(b.cache_get(&other_version).await.expect("get").is_none());
+    assert!(matches!(
+        a.cache_put(&other_hub, &stored, Duration::from_secs(60))
+            .await,
+        Err(ClusterError::WrongHub)
+    ));
+
+    let short = TaskKey::new(11, "v3", "complete-2");
+    a.cache_put(&short, &stored, Duration::from_millis(200))
+        .await
+        .expect("put");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(b.cache_get(&short).await.expect("get").is_none());
+}
+
+/// Runs `k` replicas into one flight at once; the leader answers after `work`. Returns how
+/// many led and every answer the others got.
+async fn race_flight(replicas: Vec<ClusterBackend>, work: Duration) -> (usize, Vec<Answer>) {
+    let key = TaskKey::new(21, "v3", "pending-1");
+    let barrier = Arc::new(tokio::sync::Barrier::new(replicas.len()));
+    let mut tasks = Vec::new();
+    for backend in replicas {
+        let (key, barrier) = (key.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let deadline = Instant::now() + Duration::from_secs(8);
+            match backend.join_flight(&key, deadline).await.expect("join") {
+                Flight::Leader(lease) => {
+                    tokio::time::sleep(work).await;
+                    lease
+                        .publish(&answer(21, "PENDING"))
+                        .await
+                        .expect("publish");
+                    None
+                }
+                Flight::Answer(a) => Some(a),
+                Flight::DeadlineReached => panic!("waiter reached its deadline"),
+            }
+        }));
+    }
+    let (mut leaders, mut answers) = (0, Vec::new());
+    for task in tasks {
+        match task.await.expect("replica task") {
+            None => leaders += 1,
+            Some(a) => answers.push(a),
+        }
+    }
+    (leaders, answers)
+}
+
+/// Of five replicas joining one flight at once, exactly one leads and the four others get
+/// its PENDING answer through the pub/sub wake-up, well before their next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_leader_and_pubsub_wakes_the_waiters() {
+    let server = RedisServer::start();
+    let mut replicas = Vec::new();
+    for _ in 0..5 {
+        let slow_poll = |c: &mut ClusterConfig| c.poll_interval = Duration::from_secs(5);
+        replicas.push(
+            replica_with(&server, slow_poll, ClusterOptions::default())
+                .await
+                .0,
+        );
+    }
+    wait_subscribers(&server, 5).await;
+    let started = Instant::now();
+    let (leaders, answers) = race_flight(replicas, Duration::from_millis(300)).await;
+    assert_eq!(leaders, 1);
+    assert_eq!(answers.len(), 4);
+    assert!(answers.iter().all(|a| *a == answer(21, "PENDING")));
+    // Polling alone would take 5 s: the wake-up came by pub/sub.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Without pub/sub (every message lost), waiters still get the leader's answer by polling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_poll_when_pubsub_messages_are_lost() {
+    let server = RedisServer::start();
+    let no_pubsub = ClusterOptions {
+        subscribe: false,
+        ..ClusterOptions::default()
+    };
+    let mut replicas = Vec::new();
+    let mut metrics = Vec::new();
+    for _ in 0..4 {
+        let (b, m) = replica_with(&server, |_| {}, no_pubsub.clone()).await;
+        replicas.push(b);
+        metrics.push(m);
+    }
+    let (leaders, answers) = race_flight(replicas, Duration::from_millis(300)).await;
+    assert_eq!(leaders, 1);
+    assert_eq!(answers.len(), 3);
+    assert!(answers.iter().all(|a| *a == answer(21, "PENDING")));
+    let answered: u64 = metrics
+        .iter()
+        .map(|m| m.flight_waits_total.with_label_values(&["answer"]).get())
+        .sum();
+    assert_eq!(answered, 3);
+}
+
+/// A leader that stops renewing loses its lease when it expires and a waiter takes it over;
+/// a leader that keeps renewing keeps it past `lease_ttl`; a leader dropped without an
+/// answer releases it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_leader_is_taken_over() {
+    let server = RedisServer::start();
+    let short_lease = |c: &mut ClusterConfig| c.lease_ttl = Duration::from_secs(1);
+    let (a, _) = replica_with(&server, short_lease, ClusterOptions::default()).await;
+    let (b, b_metrics) = replica_with(&server, short_lease, ClusterOptions::default()).await;
+    let key = TaskKey::new(31, "v3", "processing-1");
+    let far = || Instant::now() + Duration::from_secs(8);
+
+    // Alive: renewed past three lease lives, so the waiter reaches its own deadline.
+    let Flight::Leader(lease) = a.join_flight(&key, far()).await.expect("join") else {
+        panic!("first replica must lead");
+    };
+    let waited = b
+        .join_flight(&key, Instant::now() + Duration::from_millis(3000))
+        .await
+        .expect("join");
+    assert!(matches!(waited, Flight::DeadlineReached), "{waited:?}");
+    assert!(lease.is_held());
+
+    // Dead: no renewal, so the lease expires and the waiter leads.
+    lease.abandon();
+    let started = Instant::now();
+    let Flight::Leader(taken) = b.join_flight(&key, far()).await.expect("join") else {
+        panic!("the waiter must take over");
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(b_metrics.lease_takeovers_total.get(), 1);
+
+    // Dropped without an answer: released, so the next waiter leads before the lease ends.
+    let waiter = tokio::spawn({
+        let (a, key) = (a.clone(), key.clone());
+        async move { a.join_flight(&key, far()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(taken);
+    let led = waiter.await.expect("task").expect("join");
+    assert!(matches!(led, Flight::Leader(_)), "{led:?}");
+}
+
+/// Redis killed: the next call fails within the timeout, the backend goes down, further calls
+/// fail at once without the network, and all come back once Redis is started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_then_restarted() {
+    let mut server = RedisServer::start();
+    let fast = fast_probe();
+    let timeout = Duration::from_millis(50);
+    let (backend, metrics) = replica_with(&server, |c| c.timeout = timeout, fast).await;
+    assert!(backend.is_up());
+    assert_eq!(metrics.backend_up.get(), 1);
+    let p = policy(10, Duration::from_secs(10));
+    backend.acquire(41, &p).await.expect("shared budget");
+
+    server.kill();
+    let key = TaskKey::new(41, "v3", "t");
+    for _ in 0..5 {
+        let started = Instant::now();
+        assert!(backend.acquire(41, &p).await.is_err());
+        assert!(backend.cache_get(&key).await.is_err());
+        // One call's timeout plus scheduling on a loaded machine.
+        assert!(started.elapsed() < timeout * 2 + Duration::from_millis(400));
+    }
+    assert!(!backend.is_up());
+    assert_eq!(metrics.backend_up.get(), 0);
+    assert!(
+        metrics
+            .local_fallbacks_total
+            .with_label_values(&["budget_acquire"])
+            .get()
+            >= 5
+    );
+    assert_eq!(backend.local_share(90), 45);
+
+    server.run();
+    wait_up(&backend, "backend not up 15 s after restart").await;
+    assert_eq!(metrics.backend_up.get(), 1);
+    assert!(matches!(
+        backend.acquire(41, &p).await.expect("shared again"),
+        Admission::Allowed { .. }
+    ));
+}
+
+/// A replica started while Redis is unreachable starts down (no error, no panic) and comes
+/// up by itself once Redis listens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_down_and_comes_up_by_itself() {
+    let mut server = RedisServer::start();
+    server.kill();
+    let fast = fast_probe();
+    let (backend, metrics) = replica_with(&server, |_| {}, fast).await;
+    assert!(!backend.is_up());
+    assert_eq!(metrics.backend_up.get(), 0);
+    assert!(matches!(
+        backend.cache_get(&TaskKey::new(1, "v3", "t")).await,
+        Err(ClusterError::Down)
+    ));
+    server.run();
+    wait_up(&backend, "backend not up 15 s after Redis started").await;
+    assert!(backend.cache_get(&TaskKey::new(1, "v3", "t")).await.is_ok());
+}
+
+/// Redis frozen (SIGSTOP): every kind of call returns within the 50 ms timeout (with margin
+/// for a loaded machine) instead of hanging; after SIGCONT the backend is up again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_redis_never_holds_a_call() {
+    let server = RedisServer::start();
+    let fast = fast_probe();
+    let timeout = Duration::from_millis(50);
+    let (backend, metrics) = replica_with(&server, |c| c.timeout = timeout, fast).await;
+    assert!(backend.is_up());
+    let p = policy(10, Duration::from_secs(10));
+    let key = TaskKey::new(51, "v3", "t");
+    let bound = timeout + Duration::from_millis(400);
+
+    server.signal("-STOP");
+    let started = Instant::now();
+    let first = backend.acquire(51, &p).await;
+    assert!(
+        matches!(first, Err(ClusterError::Timeout { .. })),
+        "{first:?}"
+    );
+    assert!(started.elapsed() < bound, "{:?}", started.elapsed());
+    assert!(!backend.is_up());
+    assert_eq!(
+        metrics
+            .redis_calls_total
+            .with_label_values(&["budget_acquire", "timeout"])
+            .get(),
+        1
+    );
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert!(backend.cache_get(&key).await.is_err());
+        assert!(
+            backend
+                .cache_put(&key, &answer(51, "COMPLETE"), Duration::from_secs(5))
+                .await
+                .is_err()
+        );
+        assert!(
+            backend
+                .join_flight(&key, Instant::now() + Duration::from_secs(5))
+                .await
+                .is_err()
+        );
+        assert!(backend.hold(51, Duration::from_secs(1)).await.is_err());
+        assert!(started.elapsed() < bound * 4, "{:?}", started.elapsed());
+    }
+
+    server.signal("-CONT");
+    wait_up(&backend, "backend not up 15 s after SIGCONT").await;
+    assert!(backend.acquire(51, &p).await.is_ok());
+}
+
+/// With `requirepass`, the password from the config authenticates; without it the backend
+/// stays down (and says so) instead of failing open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_authenticates() {
+    let server = RedisServer::start_with(&["--requirepass", "s3cret-pw"]);
+    let metrics = ClusterMetrics::register(&prometheus::Registry::new()).expect("registry");
+    let mut config = ClusterConfig::new(server.url());
+    config.timeout = Duration::from_millis(500);
+    let with = ClusterBackend::connect(config.clone(), Some(Secret::new("s3cret-pw")), metrics)
+        .await
+        .expect("set up");
+    assert!(with.is_up());
+    assert!(
+        with.acquire(1, &policy(5, Duration::from_secs(1)))
+            .await
+            .is_ok()
+    );
+    let metrics = ClusterMetrics::register(&prometheus::Registry::new()).expect("registry");
+    let without = ClusterBackend::connect(config, None, metrics)
+        .await
+        .expect("set up");
+    assert!(!without.is_up());
+    assert!(matches!(
+        without.acquire(1, &policy(5, Duration::from_secs(1))).await,
+        Err(ClusterError::Down)
+    ));
+    assert!(!format!("{with:?}").contains("s3cret"));
+}
+
+/// `rediss://` with `redis_ca_file`: the backend speaks TLS (rustls, ring) to a server whose
+/// certificate the CA signed; without the CA the certificate is refused and the backend
+/// stays down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_private_ca() {
+    let server = RedisServer::start_tls();
+    let ca = server.tls.as_ref().expect("tls").join("ca.pem");
+    let (trusting, _) = replica_with(
+        &server,
+        |c| c.redis_ca_file = Some(ca.clone()),
+        ClusterOptions::default(),
+    )
+    .await;
+    assert!(trusting.is_up());
+    let key = TaskKey::new(71, "v3", "complete-tls");
+    trusting
+        .cache_put(&key, &answer(71, "COMPLETE"), Duration::from_secs(60))
+        .await
+        .expect("put over TLS");
+    let hit = trusting.cache_get(&key).await.expect("get over TLS");
+    assert_eq!(hit.expect("hit").answer, answer(71, "COMPLETE"));
+    let (public_roots_only, _) = replica(&server).await;
+    assert!(!public_roots_only.is_up());
+}
+
+/// What a miss costs in Redis round trips on loopback (printed with `--nocapture`): cache
+/// read, flight join, budget, publish, cache write; each well under the 50 ms default timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miss_round_trips_are_measured() {
+    let server = RedisServer::start();
+    let (backend, metrics) = replica(&server).await;
+    let p = policy(1_000_000, Duration::from_secs(10));
+    let rounds = 200u32;
+    let started = Instant::now();
+    for i in 0..rounds {
+        let key = TaskKey::new(61, "v3", format!("task-{i}"));
+        assert!(backend.cache_get(&key).await.expect("get").is_none());
+        let Flight::Leader(lease) = backend
+            .join_flight(&key, Instant::now() + Duration::from_secs(5))
+            .await
+            .expect("join")
+        else {
+            panic!("a fresh task has no flight");
+        };
+        assert!(matches!(
+            backend.acquire(61, &p).await.expect("budget"),
+            Admission::Allowed { .. }
+        ));
+        let a = answer(61, "COMPLETE");
+        lease.publish(&a).await.expect("publish");
+        backend
+            .cache_put(&key, &a, Duration::from_secs(60))
+            .await
+            .expect("put");
+    }
+    let per_miss = started.elapsed() / rounds;
+    eprintln!("miss path: 5 Redis round trips, {per_miss:?} per miss on loopback");
+    for op in [
+        "cache_get",
+        "flight_join",
+        "budget_acquire",
+        "flight_publish",
+        "cache_put",
+    ] {
+        let h = metrics.redis_call_duration_seconds.with_label_values(&[op]);
+        assert_eq!(h.get_sample_count(), u64::from(rounds), "{op}");
+        let mean = h.get_sample_sum() / f64::from(rounds);
+        eprintln!("  {op}: mean {:.3} ms", mean * 1000.0);
+    }
+    assert!(per_miss < Duration::from_millis(250), "{per_miss:?}");
+}
