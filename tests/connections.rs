@@ -23,10 +23,7 @@ use tokio::net::TcpStream;
 /// for readiness (the deadline tests do not need HubSpot).
 async fn gateway_with(
     tune: impl FnOnce(&mut Config),
-) -> (
-    hubspot_sim::RunningSimulator,
-    TestGateway,
-) {
+) -> (hubspot_sim::RunningSimulator, TestGateway) {
     let sim = simulator(SimConfig::default()).await;
     let mut c = config(&sim.base_url());
     tune(&mut c);
