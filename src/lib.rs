@@ -4,14 +4,17 @@
 //! - [`server`]: listeners (TCP or TLS), accept loops, the admin port, graceful shutdown.
 //! - [`route`]: a path becomes a typed status request (version + validated taskId).
 //! - [`auth`]: who is calling (API key sha256 or client certificate) → a client name.
-//! - [`gateway`]: the request handler, reading top to bottom as design §1.
+//! - [`gateway`]: the request handler, reading top to bottom as route → auth → cache →
+//!   coalesce → token → upstream → classify → respond.
 //! - [`cache`]: terminal answers in memory, and single-flight for every miss.
 //! - [`token`]: the HubSpot credential: refresh ahead of expiry, scope verification.
 //! - [`upstream`]: the pooled HubSpot client: deadlines, retries, the rate budget.
 //! - [`error`]: the one place failures become HubSpot-shaped responses.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`config`], [`secret`]: the TOML config and credentials that never print.
-//! - [`simulator`]: the HubSpot stand-in for tests, `demo` and benchmarks.
+//!
+//! The HubSpot stand-in for tests, `demo` and benchmarks is its own crate,
+//! `crates/hubspot-sim`; nothing here depends on it.
 #![forbid(unsafe_code)]
 
 pub mod auth;
@@ -23,6 +26,5 @@ pub mod metrics;
 pub mod route;
 pub mod secret;
 pub mod server;
-pub mod simulator;
 pub mod token;
 pub mod upstream;

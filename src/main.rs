@@ -5,21 +5,18 @@ use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use hubspot_files_gateway::config::{Config, duration};
+use hubspot_files_gateway::auth;
+use hubspot_files_gateway::config::Config;
 use hubspot_files_gateway::server::{self, Listeners};
-use hubspot_files_gateway::{auth, simulator};
 use tokio::net::TcpListener;
+
+#[cfg(feature = "demo")]
+mod demo;
 
 const USAGE: u8 = 64;
 const RUNTIME: u8 = 1;
-
-/// The configuration `demo` runs, embedded so `demo` works from anywhere.
-const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
-/// The API key `demo` accepts; `config/demo.toml` holds its sha256.
-const DEMO_API_KEY: &str = "demo-key-change-me";
 
 #[derive(Parser)]
 #[command(
@@ -40,50 +37,15 @@ enum Command {
     /// Run the gateway (the default).
     Serve,
     /// Run the HubSpot simulator and the gateway together on loopback.
-    Demo,
-    /// Run the HubSpot simulator alone.
-    Simulate(Box<SimulateArgs>),
+    #[cfg(feature = "demo")]
+    Demo(demo::DemoArgs),
+    /// Run the HubSpot simulator alone (the same as the `hubspot-sim` binary).
+    #[cfg(feature = "demo")]
+    Simulate(Box<hubspot_sim::cli::SimulateArgs>),
     /// Validate a config file and print it as the gateway understands it.
     CheckConfig,
     /// Read an API key on stdin and print its sha256 for `key_sha256`.
     HashKey,
-}
-
-#[derive(clap::Args)]
-struct SimulateArgs {
-    #[arg(long, default_value = "127.0.0.1:8081")]
-    listen: SocketAddr,
-    /// Scopes granted to issued tokens, comma-separated.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "files,files.ui_hidden.read"
-    )]
-    scopes: Vec<String>,
-    /// Lifetime of issued access tokens, in seconds.
-    #[arg(long, default_value_t = 1800)]
-    token_ttl: u64,
-    /// HubSpot's rolling limit, e.g. `100/10s`; `0` for none.
-    #[arg(long, default_value = "100/10s")]
-    rate_limit: String,
-    /// Added to every status answer, e.g. `250ms`.
-    #[arg(long, value_parser = duration::parse, default_value = "0s")]
-    latency: Duration,
-    /// Share of status requests answered with a 5xx, 0 to 1.
-    #[arg(long, default_value_t = 0.0)]
-    fail_rate: f64,
-    /// The only client id accepted (default: any).
-    #[arg(long)]
-    client_id: Option<String>,
-    /// The only client secret accepted (default: any).
-    #[arg(long)]
-    client_secret: Option<String>,
-    /// The only refresh token accepted (default: any).
-    #[arg(long)]
-    refresh_token: Option<String>,
-    /// A private-app token to accept, with the granted scopes.
-    #[arg(long)]
-    static_token: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -109,7 +71,9 @@ fn main() -> ExitCode {
         .init();
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.config),
-        Command::Demo => demo(),
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => demo::run(&args),
+        #[cfg(feature = "demo")]
         Command::Simulate(args) => simulate(*args),
         Command::CheckConfig => check_config(&cli.config),
         Command::HashKey => hash_key(),
@@ -147,115 +111,15 @@ fn serve(path: &Path) -> ExitCode {
     })
 }
 
-fn demo() -> ExitCode {
-    let config = match Config::parse(DEMO_CONFIG) {
-        Ok(c) => c,
-        Err(e) => return usage_error(&e),
-    };
-    // The simulator accepts any non-empty OAuth client, so the demo supplies its own values
-    // instead of reading the environment.
-    let credentials =
-        match config.credentials(&|name| Some(format!("demo-{}", name.to_lowercase()))) {
-            Ok(c) => c,
-            Err(e) => return usage_error(&e),
-        };
-    runtime().block_on(async {
-        let sim_addr: SocketAddr = ([127, 0, 0, 1], 8081).into();
-        let sim = match simulator::start_on(sim_addr, simulator::SimConfig::default()).await {
-            Ok(sim) => sim,
-            Err(e) => {
-                eprintln!("cannot start the simulator on {sim_addr}: {e}");
-                return ExitCode::from(RUNTIME);
-            }
-        };
-        let listeners = match bind(&config).await {
-            Ok(l) => l,
-            Err(code) => return code,
-        };
-        let base = format!("http://{}", config.server.listen);
-        let status =
-            |id: &str| format!("{base}/files/v3/files/import-from-url/async/tasks/{id}/status");
-        println!(
-            "hubspot-files-gateway demo: gateway {base}, admin http://{}, HubSpot simulator {}",
-            config.server.admin_listen,
-            sim.base_url()
-        );
-        println!("API key: {DEMO_API_KEY}\n");
-        println!(
-            "curl -i -H 'Authorization: Bearer {DEMO_API_KEY}' {}",
-            status("complete-demo")
-        );
-        println!(
-            "curl -i -H 'Authorization: Bearer {DEMO_API_KEY}' {}   # again: X-Cache: HIT",
-            status("complete-demo")
-        );
-        println!(
-            "curl -i -H 'Authorization: Bearer {DEMO_API_KEY}' {}",
-            status("pending-demo")
-        );
-        println!("curl -i {}   # no key: 401", status("complete-demo"));
-        println!(
-            "curl -s http://{}/metrics | grep hubspot_gateway_requests_total",
-            config.server.admin_listen
-        );
-        println!("\nCtrl-C stops both.");
-        let result = server::run(config, credentials, listeners, signal()).await;
-        sim.stop().await;
-        match result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(error = %e, "gateway failed");
-                ExitCode::from(RUNTIME)
-            }
+#[cfg(feature = "demo")]
+fn simulate(args: hubspot_sim::cli::SimulateArgs) -> ExitCode {
+    match runtime().block_on(hubspot_sim::cli::run(args, signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(e.exit_code())
         }
-    })
-}
-
-fn simulate(args: SimulateArgs) -> ExitCode {
-    let rate_limit = if args.rate_limit.trim() == "0" {
-        None
-    } else {
-        match simulator::parse_rate_limit(&args.rate_limit) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                eprintln!("--rate-limit: {e}");
-                return ExitCode::from(USAGE);
-            }
-        }
-    };
-    if !(0.0..=1.0).contains(&args.fail_rate) {
-        eprintln!("--fail-rate must be between 0 and 1");
-        return ExitCode::from(USAGE);
     }
-    let config = simulator::SimConfig {
-        scopes: args.scopes,
-        token_ttl: Duration::from_secs(args.token_ttl),
-        rate_limit,
-        latency: args.latency,
-        fail_rate: args.fail_rate,
-        client_id: args.client_id,
-        client_secret: args.client_secret,
-        refresh_token: args.refresh_token,
-        static_token: args.static_token,
-        ..simulator::SimConfig::default()
-    };
-    runtime().block_on(async {
-        let listener = match TcpListener::bind(args.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("cannot listen on {}: {e}", args.listen);
-                return ExitCode::from(RUNTIME);
-            }
-        };
-        tracing::info!(addr = %args.listen, "HubSpot simulator listening");
-        match simulator::serve(listener, config, signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("simulator failed: {e}");
-                ExitCode::from(RUNTIME)
-            }
-        }
-    })
 }
 
 fn check_config(path: &Path) -> ExitCode {

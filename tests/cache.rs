@@ -4,14 +4,14 @@ mod support;
 
 use std::time::Duration;
 
-use hubspot_files_gateway::simulator::SimConfig;
+use hubspot_sim::SimConfig;
 use hyper::{Method, StatusCode};
 use support::*;
 use tokio::io::AsyncWriteExt;
 
 /// A simulator without HubSpot's rate limit (these tests count calls, not budgets) and with
 /// `latency` on every status answer, so concurrent callers overlap.
-async fn slow_simulator(latency: Duration) -> hubspot_files_gateway::simulator::RunningSimulator {
+async fn slow_simulator(latency: Duration) -> hubspot_sim::RunningSimulator {
     simulator(SimConfig {
         latency,
         rate_limit: None,

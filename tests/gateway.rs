@@ -4,7 +4,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use hubspot_files_gateway::simulator::SimConfig;
+use hubspot_sim::SimConfig;
 use hyper::{Method, StatusCode};
 use support::*;
 

@@ -3,100 +3,23 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use hubspot_files_gateway::simulator::SimConfig;
+use hubspot_sim::SimConfig;
 use hyper::{Method, StatusCode};
 use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_hubspot-files-gateway");
-
-/// A fresh directory for one test's files.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hfg-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
-/// Writes a gateway config for `upstream` with loopback port-0 listeners; OAuth secrets come
-/// from the environment variables the test gives the child process.
-fn write_config(dir: &std::path::Path, upstream: &str) -> PathBuf {
+/// Writes a gateway config for `upstream`; OAuth secrets come from the environment variables
+/// the test gives the child process.
+fn write_config(dir: &Path, upstream: &str) -> PathBuf {
     let path = dir.join("gateway.toml");
-    let text = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-shutdown_grace = "10s"
-[upstream]
-base_url = "{upstream}"
-request_timeout = "10s"
-[token]
-client_id_env = "T_CLIENT_ID"
+    let token = r#"client_id_env = "T_CLIENT_ID"
 client_secret_env = "T_CLIENT_SECRET"
-refresh_token_env = "T_REFRESH_TOKEN"
-[[auth.clients]]
-name = "tests"
-key_sha256 = "{}"
-"#,
-        hubspot_files_gateway::auth::hash_key(KEY)
-    );
-    std::fs::write(&path, text).expect("write config");
+refresh_token_env = "T_REFRESH_TOKEN""#;
+    std::fs::write(&path, config_toml(upstream, token)).expect("write config");
     path
-}
-
-fn kill(child: &Child, signal: &str) {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(child.id().to_string())
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-}
-
-/// Waits for the child to exit, failing after `limit`.
-fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "process did not exit within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Reads the child's log until both listen addresses are printed.
-fn listen_addrs(child: &mut Child) -> (String, String) {
-    let stderr = child.stderr.take().expect("stderr piped");
-    let mut lines = BufReader::new(stderr).lines();
-    let (mut service, mut admin) = (None, None);
-    while service.is_none() || admin.is_none() {
-        let line = lines
-            .next()
-            .expect("log line before exit")
-            .expect("utf-8 log");
-        let addr = || {
-            line.split("addr=")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .map(str::to_owned)
-        };
-        if line.contains("gateway listening") {
-            service = addr();
-        } else if line.contains("admin listening") {
-            admin = addr();
-        }
-    }
-    // Keep draining the log so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (service.expect("service addr"), admin.expect("admin addr"))
 }
 
 /// SIGTERM while a slow HubSpot call is in flight: readiness turns off, the call still gets
@@ -110,17 +33,18 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     .await;
     let dir = temp_dir("sigterm");
     let config = write_config(&dir, &sim.base_url());
+    let log = dir.join("gateway.log");
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)
         .env("T_CLIENT_ID", "id")
         .env("T_CLIENT_SECRET", "secret")
         .env("T_REFRESH_TOKEN", "refresh")
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log file"))
         .stdout(Stdio::null())
         .spawn()
         .expect("gateway starts");
-    let (service, admin) = listen_addrs(&mut child);
+    let (service, admin) = listen_addrs(&log).await;
     let ready_url = format!("http://{admin}/readyz");
     wait_for(
         || async { send(Method::GET, &ready_url, &[]).await.status == StatusCode::OK },
@@ -156,36 +80,68 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     assert_eq!(status.code(), Some(0));
 }
 
-/// `demo` starts the simulator and the gateway, and every curl line it prints works as the
-/// README says.
+/// `demo` starts the simulator and the gateway, prints the addresses it bound (port 0 here,
+/// so a demo already running on the documented ports does not matter), and every curl line
+/// it prints works as the README says.
+#[cfg(feature = "demo")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_answers_its_curl_lines() {
     let mut child = Command::new(BIN)
-        .arg("demo")
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .args([
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--sim-listen",
+            "127.0.0.1:0",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("demo starts");
     let stdout = child.stdout.take().expect("stdout");
-    let mut curls = Vec::new();
+    let (mut banner, mut curls) = (None, Vec::new());
     for line in BufReader::new(stdout).lines() {
         let line = line.expect("utf-8");
         if line.starts_with("Ctrl-C") {
             break;
         }
-        if line.starts_with("curl ") {
+        if line.starts_with("hubspot-files-gateway demo:") {
+            banner = Some(line);
+        } else if line.starts_with("curl ") {
             curls.push(line);
         }
     }
+    let banner = banner.expect("the demo names its addresses");
+    let bound = |what: &str| {
+        let addr = banner
+            .split(&format!("{what} http://"))
+            .nth(1)
+            .and_then(|rest| rest.split([',', ' ']).next())
+            .unwrap_or_else(|| panic!("no {what} address in {banner:?}"));
+        let addr: std::net::SocketAddr = addr.parse().expect("an address");
+        assert!(
+            addr.ip().is_loopback() && addr.port() != 0,
+            "{what} bound {addr}"
+        );
+        addr
+    };
+    let (service, admin) = (bound("gateway"), bound("admin"));
+    bound("HubSpot simulator");
     assert_eq!(curls.len(), 5, "{curls:?}");
+    assert!(
+        curls[..4]
+            .iter()
+            .all(|c| c.contains(&format!("http://{service}/"))),
+        "{curls:?}"
+    );
+    assert!(
+        curls[4].contains(&format!("http://{admin}/metrics")),
+        "{curls:?}"
+    );
+    let ready_url = format!("http://{admin}/readyz");
     wait_for(
-        || async {
-            send(Method::GET, "http://127.0.0.1:9090/readyz", &[])
-                .await
-                .status
-                == StatusCode::OK
-        },
+        || async { send(Method::GET, &ready_url, &[]).await.status == StatusCode::OK },
         "demo ready",
     )
     .await;
@@ -197,11 +153,8 @@ async fn demo_answers_its_curl_lines() {
             .expect("curl runs");
         String::from_utf8_lossy(&out.stdout).to_lowercase()
     };
-    assert!(
-        run(&curls[0]).starts_with("http/1.1 200"),
-        "{}",
-        run(&curls[0])
-    );
+    let first = run(&curls[0]);
+    assert!(first.starts_with("http/1.1 200"), "{first}");
     let again = run(&curls[1]);
     assert!(
         again.starts_with("http/1.1 200") && again.contains("x-cache: hit"),
@@ -215,6 +168,61 @@ async fn demo_answers_its_curl_lines() {
         wait_exit(&mut child, Duration::from_secs(10)).code(),
         Some(0)
     );
+}
+
+/// `simulate` (the gateway binary's copy of `hubspot-sim`) serves the simulator on the
+/// address it is given and stops cleanly on SIGTERM.
+#[cfg(feature = "demo")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_serves_until_sigterm() {
+    let dir = temp_dir("simulate");
+    let log = dir.join("simulate.log");
+    let mut child = Command::new(BIN)
+        .args(["simulate", "--listen", "127.0.0.1:0", "--rate-limit", "0"])
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("simulate starts");
+    let mut addr = None;
+    wait_for(
+        || {
+            addr = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .find(|l| l.contains("HubSpot simulator listening"))
+                .and_then(|l| l.split("addr=").nth(1))
+                .and_then(|r| r.split_whitespace().next())
+                .map(str::to_owned);
+            let found = addr.is_some();
+            async move { found }
+        },
+        "the simulator's address in its log",
+    )
+    .await;
+    let addr = addr.expect("address");
+    let stats = send(Method::GET, &format!("http://{addr}/__sim/stats"), &[]).await;
+    assert_eq!(stats.status, StatusCode::OK);
+    assert_eq!(stats.json()["status_requests"], 0);
+    kill(&child, "TERM");
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(10)).code(),
+        Some(0)
+    );
+    let bad = Command::new(BIN)
+        .args(["simulate", "--fail-rate", "2"])
+        .output()
+        .expect("runs");
+    assert_eq!(bad.status.code(), Some(64), "a bad flag is a usage error");
+}
+
+/// Built without the `demo` feature, the binary has no `demo` or `simulate` command.
+#[cfg(not(feature = "demo"))]
+#[test]
+fn no_demo_without_the_feature() {
+    for command in ["demo", "simulate"] {
+        let out = Command::new(BIN).arg(command).output().expect("runs");
+        assert_eq!(out.status.code(), Some(64), "{command} is not a command");
+    }
 }
 
 /// check-config: 0 and the effective config for a valid file (no secret printed), 64 for an

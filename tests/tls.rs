@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hubspot_files_gateway::config::{AuthMode, ClientConfig, Config};
-use hubspot_files_gateway::simulator::SimConfig;
+use hubspot_sim::SimConfig;
 use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -84,13 +84,6 @@ impl Pki {
     }
 }
 
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("hfg-tls-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
-    dir
-}
-
 fn tls_config(dir: &Path, upstream: &str) -> Config {
     let mut c = config(upstream);
     c.server.tls_cert_file = Some(dir.join("server.pem"));
@@ -132,7 +125,7 @@ where
 /// still required.
 #[tokio::test]
 async fn tls_listener_serves_api_key_callers() {
-    let dir = temp_dir("keys");
+    let dir = temp_dir("tls-keys");
     let pki = Pki::new(&dir);
     let sim = simulator(SimConfig::default()).await;
     let gw = gateway(tls_config(&dir, &sim.base_url()), oauth()).await;
@@ -178,7 +171,7 @@ async fn client_plain_fails(url: &str) -> bool {
 /// connection.
 #[tokio::test]
 async fn client_certificates_name_the_caller() {
-    let dir = temp_dir("mtls");
+    let dir = temp_dir("tls-mtls");
     let pki = Pki::new(&dir);
     let sim = simulator(SimConfig::default()).await;
     let mut cfg = tls_config(&dir, &sim.base_url());

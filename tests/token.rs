@@ -1,15 +1,15 @@
-//! The HubSpot credential under stress and failure (issue 3): single-flight refresh, backoff,
+//! The HubSpot credential under stress and failure: single-flight refresh, backoff,
 //! verification, forced refreshes, rotation, static tokens and secrets kept out of sight.
 //! Each test runs the simulator and a gateway on loopback and injects faults at run time.
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hubspot_files_gateway::config::{Credentials, OauthApi};
 use hubspot_files_gateway::secret::Secret;
-use hubspot_files_gateway::simulator::{RunningSimulator, SimConfig};
+use hubspot_sim::{RunningSimulator, SimConfig};
 use hyper::{Method, StatusCode};
 use serde_json::json;
 use support::*;
@@ -60,14 +60,6 @@ async fn bearers(sim: &RunningSimulator) -> Vec<String> {
 /// The bearer token of the latest status request HubSpot received.
 async fn last_bearer(sim: &RunningSimulator) -> String {
     bearers(sim).await.pop().expect("a status request")
-}
-
-/// A fresh directory for one test's files.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("hfg-token-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
 }
 
 /// Static-mode credentials reading `file`, which holds `initial` now.
@@ -767,32 +759,6 @@ async fn static_token_replaced_by_one_lacking_scopes_is_not_used() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-const BIN: &str = env!("CARGO_BIN_EXE_hubspot-files-gateway");
-
-/// Waits until the log file names both listen addresses.
-async fn listen_addrs(log: &Path) -> (String, String) {
-    let (mut service, mut admin) = (None, None);
-    wait_for(
-        || {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
-            let addr = |marker: &str| {
-                text.lines()
-                    .find(|l| l.contains(marker))
-                    .and_then(|l| l.split("addr=").nth(1))
-                    .and_then(|r| r.split_whitespace().next())
-                    .map(str::to_owned)
-            };
-            service = addr("gateway listening");
-            admin = addr("admin listening");
-            let found = service.is_some() && admin.is_some();
-            async move { found }
-        },
-        "listen addresses in the log",
-    )
-    .await;
-    (service.expect("service"), admin.expect("admin"))
-}
-
 /// The binary at log level trace through a full scenario (requests, a bad key, a forced 401
 /// refresh, a 403 re-verification, a token-endpoint outage, rotated refresh tokens): no
 /// client secret, refresh token (configured or rotated), access token or API key appears in
@@ -821,32 +787,13 @@ async fn no_secret_reaches_logs_metrics_or_bodies_at_trace_level() {
         std::fs::write(dir.join(name), format!("{value}\n")).expect("secret file");
     }
     let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-shutdown_grace = "5s"
-[upstream]
-base_url = "{}"
-request_timeout = "3s"
-rate_limit = {{ requests = 10000, per = "10s" }}
-[token]
-client_id_file = "{d}/client_id"
+    let token = format!(
+        r#"client_id_file = "{d}/client_id"
 client_secret_file = "{d}/client_secret"
-refresh_token_file = "{d}/refresh_token"
-[[auth.clients]]
-name = "tests"
-key_sha256 = "{}"
-"#,
-            sim.base_url(),
-            hubspot_files_gateway::auth::hash_key(KEY),
-            d = dir.display(),
-        ),
-    )
-    .expect("config");
+refresh_token_file = "{d}/refresh_token""#,
+        d = dir.display()
+    );
+    std::fs::write(&config, config_toml(&sim.base_url(), &token)).expect("config");
     let log = dir.join("gateway.log");
     let mut child = std::process::Command::new(BIN)
         .args(["serve", "--config"])
@@ -925,11 +872,7 @@ key_sha256 = "{}"
     );
     bodies.push(metrics.into());
 
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
+    kill(&child, "TERM");
     let exit = tokio::task::spawn_blocking(move || child.wait())
         .await
         .expect("join")

@@ -1,7 +1,10 @@
-//! Shared test helpers: start the simulator and a gateway on port 0, and make requests.
+//! Shared test helpers: start the simulator and a gateway on port 0, make requests, and run
+//! the binary (its path, a temp dir, a config file, its log, signals).
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -10,7 +13,7 @@ use hubspot_files_gateway::auth::hash_key;
 use hubspot_files_gateway::config::{ClientConfig, Config, Credentials};
 use hubspot_files_gateway::secret::Secret;
 use hubspot_files_gateway::server::{self, Listeners};
-use hubspot_files_gateway::simulator::{self, RunningSimulator, SimConfig};
+use hubspot_sim::{self as simulator, RunningSimulator, SimConfig};
 use hyper::header::HeaderMap;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;
@@ -273,4 +276,88 @@ pub async fn sim_requests(sim: &RunningSimulator) -> Vec<serde_json::Value> {
     .await
     .json();
     seen.as_array().expect("a list of requests").clone()
+}
+
+/// The gateway binary cargo built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_hubspot-files-gateway");
+
+/// A fresh, empty directory for one test's files (per process, so test binaries never share).
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hfg-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// A gateway config file's text for `upstream`: loopback port-0 listeners, a budget tests
+/// never exhaust, client `tests` with [`KEY`], and `token` as the `[token]` table's lines.
+pub fn config_toml(upstream: &str, token: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+shutdown_grace = "10s"
+[upstream]
+base_url = "{upstream}"
+request_timeout = "10s"
+rate_limit = {{ requests = 10000, per = "10s" }}
+[token]
+{token}
+[[auth.clients]]
+name = "tests"
+key_sha256 = "{}"
+"#,
+        hash_key(KEY)
+    )
+}
+
+/// Waits until the log file the binary writes names both listen addresses (service, admin),
+/// which the binary chose itself since the config asks for port 0.
+pub async fn listen_addrs(log: &Path) -> (String, String) {
+    let (mut service, mut admin) = (None, None);
+    wait_for(
+        || {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let addr = |marker: &str| {
+                text.lines()
+                    .find(|l| l.contains(marker))
+                    .and_then(|l| l.split("addr=").nth(1))
+                    .and_then(|r| r.split_whitespace().next())
+                    .map(str::to_owned)
+            };
+            service = addr("gateway listening");
+            admin = addr("admin listening");
+            let found = service.is_some() && admin.is_some();
+            async move { found }
+        },
+        "listen addresses in the log",
+    )
+    .await;
+    (service.expect("service"), admin.expect("admin"))
+}
+
+/// Sends `signal` (e.g. `TERM`, `INT`) to the child process.
+pub fn kill(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+/// Waits for the child to exit, failing after `limit`.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

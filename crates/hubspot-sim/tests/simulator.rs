@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hubspot_files_gateway::simulator::{self, RunningSimulator, SimConfig, parse_rate_limit};
+use hubspot_sim::{self as simulator, RunningSimulator, SimConfig, parse_rate_limit};
 use hyper::header::HeaderMap;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::client::legacy::Client;

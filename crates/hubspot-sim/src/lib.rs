@@ -1,11 +1,15 @@
 //! The HubSpot stand-in: OAuth token endpoints, the Files import-status route and a
-//! `/__sim/*` control surface, served over plain HTTP/1.1 and h2c (design §8).
+//! `/__sim/*` control surface, served over plain HTTP/1.1 and h2c, and the `simulate` command
+//! line ([`cli`]) that the `hubspot-sim` binary and the gateway's `simulate` subcommand share.
 //!
-//! Files: `mod.rs` config, server and routing · `oauth.rs` token endpoints · `files.rs`
-//! import and status · `state.rs` tokens, rate window, counters · `faults.rs` injected faults
-//! · `control.rs` `/__sim/*` · `body.rs` HubSpot's response and error bodies.
+//! Files: `lib.rs` config, server and routing · `cli.rs` the `simulate` flags · `oauth.rs`
+//! token endpoints · `files.rs` import and status · `state.rs` tokens, rate window, counters
+//! · `faults.rs` injected faults · `control.rs` `/__sim/*` · `body.rs` HubSpot's response and
+//! error bodies.
+#![forbid(unsafe_code)]
 
 mod body;
+pub mod cli;
 mod control;
 mod faults;
 mod files;
