@@ -95,6 +95,10 @@ pub struct UpstreamConfig {
     #[serde(with = "duration")]
     pub request_timeout: Duration,
     pub rate_limit: RateLimit,
+    /// The longest hold after a HubSpot 429 other than `DAILY`: a longer `Retry-After` is
+    /// cut to this (logged, shown on `/readyz`). `DAILY` holds last until the daily reset.
+    #[serde(with = "duration")]
+    pub max_hold: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -104,6 +108,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
             rate_limit: RateLimit::default(),
+            max_hold: Duration::from_secs(60),
         }
     }
 }
@@ -317,6 +322,7 @@ impl Config {
         for (name, d) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.request_timeout", self.upstream.request_timeout),
+            ("upstream.max_hold", self.upstream.max_hold),
             (
                 "server.header_read_timeout",
                 self.server.header_read_timeout,
