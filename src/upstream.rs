@@ -139,7 +139,9 @@ pub fn until_midnight_utc(now: SystemTime) -> Duration {
 /// `wait` as a `Retry-After` value: whole seconds, rounded up, at least 1 (what HubSpot's
 /// clients and RFC 9110 expect; `0` would invite an immediate retry).
 pub fn retry_after_value(wait: Duration) -> HeaderValue {
-    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let secs = wait
+        .as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0));
     HeaderValue::from(secs.max(1))
 }
 
