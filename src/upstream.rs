@@ -124,16 +124,23 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// How long until the next midnight UTC after `now`. HubSpot resets daily limits at midnight
-/// in the account's time zone, which the gateway does not know: it takes UTC.
-pub fn until_midnight_utc(now: SystemTime) -> Duration {
-    const DAY: u64 = 24 * 3600;
+/// How long a `DAILY` 429 without `Retry-After` holds, from `now`. HubSpot resets daily
+/// limits at midnight in the account's time zone, which the gateway does not know:
+///
+/// - the first `DAILY` hold lasts until the next midnight UTC;
+/// - a `DAILY` 429 within a day after a `DAILY` hold ended (`probing`) means the account's
+///   midnight is later than UTC's (or the limit was spent again): it holds until the next
+///   whole hour UTC, so the reset is found within the hour (every time zone's midnight falls
+///   on a UTC hour, or at :30/:45 for a few), for at most one call an hour.
+pub fn daily_hold(now: SystemTime, probing: bool) -> Duration {
+    const HOUR: u64 = 3600;
+    let period = if probing { HOUR } else { 24 * HOUR };
     let since_epoch = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
-    let into_day = Duration::from_secs(since_epoch.as_secs() % DAY)
+    let into_period = Duration::from_secs(since_epoch.as_secs() % period)
         + Duration::from_nanos(u64::from(since_epoch.subsec_nanos()));
-    Duration::from_secs(DAY) - into_day
+    Duration::from_secs(period) - into_period
 }
 
 /// `wait` as a `Retry-After` value: whole seconds, rounded up, at least 1 (what HubSpot's
@@ -502,9 +509,9 @@ impl HubSpot {
             .inc();
         let (asked, cap) = match policy {
             // HubSpot resets daily limits at midnight in the account's time zone, which the
-            // gateway cannot know: without a Retry-After it holds until midnight UTC.
+            // gateway cannot know: without a Retry-After, see `daily_hold`.
             Policy::Daily => (
-                retry_after.unwrap_or_else(|| until_midnight_utc(now)),
+                retry_after.unwrap_or_else(|| daily_hold(now, self.budget.daily_probing())),
                 MAX_DAILY_HOLD,
             ),
             Policy::TenSecondlyRolling | Policy::Secondly | Policy::Unknown => (
@@ -562,6 +569,8 @@ struct RateBudget {
 struct BudgetState {
     sent: VecDeque<Instant>,
     hold: Option<Hold>,
+    /// When the latest `DAILY` hold ends or ended.
+    daily_until: Option<Instant>,
 }
 
 /// One hold after a 429.
@@ -588,6 +597,7 @@ impl RateBudget {
             state: Mutex::new(BudgetState {
                 sent: VecDeque::with_capacity(limit as usize),
                 hold: None,
+                daily_until: None,
             }),
         }
     }
@@ -646,10 +656,21 @@ impl RateBudget {
             _ => new,
         };
         s.hold = Some(kept);
+        if kept.policy == Policy::Daily {
+            s.daily_until = Some(kept.until);
+        }
         HoldSet {
             remaining: kept.until - now,
             newly_capped: newly_capped && kept.capped_from.is_some(),
         }
+    }
+
+    /// Whether a `DAILY` hold ended less than a day ago (see [`daily_hold`]).
+    fn daily_probing(&self) -> bool {
+        let now = Instant::now();
+        self.lock()
+            .daily_until
+            .is_some_and(|t| t <= now && now - t < Duration::from_secs(24 * 3600))
     }
 
     fn hold_status(&self) -> Option<HoldStatus> {
@@ -728,6 +749,19 @@ mod tests {
         }
     }
 
+    /// A DAILY hold that has ended puts the budget in probing mode for a day; one still in
+    /// force, or none, does not.
+    #[test]
+    fn probing_follows_an_ended_daily_hold() {
+        let b = RateBudget::new(100, Duration::from_secs(10));
+        assert!(!b.daily_probing());
+        b.hold(Duration::from_millis(50), MAX_DAILY_HOLD, Policy::Daily);
+        assert!(!b.daily_probing(), "the hold is still in force");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(b.daily_probing());
+        assert!(b.acquire().is_ok(), "the hold ended");
+    }
+
     /// A 429's hold stops every call, for the policy it named.
     #[test]
     fn a_429_holds_every_call() {
@@ -762,18 +796,25 @@ mod tests {
         assert!(b.hold_status().expect("a hold").remaining > Duration::from_secs(3));
     }
 
-    /// Midnight UTC is reached from any time of day, and from midnight itself a whole day
-    /// ahead (the limit just reset; a DAILY 429 now means the next reset).
+    /// A first DAILY hold ends at the next midnight UTC (from midnight itself, a whole day
+    /// ahead: the limit just reset, so a DAILY 429 now means the next reset); while probing
+    /// after one, at the next whole hour UTC.
     #[test]
-    fn daily_reset_is_the_next_midnight_utc() {
+    fn daily_reset_is_the_next_midnight_utc_then_hourly() {
         let midnight = SystemTime::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400);
-        assert_eq!(until_midnight_utc(midnight), Duration::from_secs(86_400));
+        assert_eq!(daily_hold(midnight, false), Duration::from_secs(86_400));
         let evening =
             midnight + Duration::from_secs(23 * 3600 + 59 * 60) + Duration::from_millis(500);
         assert_eq!(
-            until_midnight_utc(evening),
+            daily_hold(evening, false),
             Duration::from_secs(59) + Duration::from_millis(500)
         );
+        let morning = midnight + Duration::from_secs(4 * 3600 + 10 * 60);
+        assert_eq!(
+            daily_hold(morning, false),
+            Duration::from_secs(19 * 3600 + 50 * 60)
+        );
+        assert_eq!(daily_hold(morning, true), Duration::from_secs(50 * 60));
         // The same instant, written as HubSpot would in a Retry-After, is read back exactly.
         let date = httpdate::fmt_http_date(midnight + Duration::from_secs(86_400));
         assert_eq!(

@@ -46,7 +46,9 @@ fn retry_after(r: &Reply) -> u64 {
 
 /// `/readyz` as JSON.
 async fn readyz(gw: &TestGateway) -> Value {
-    send(Method::GET, &gw.admin_url("/readyz"), &[]).await.json()
+    send(Method::GET, &gw.admin_url("/readyz"), &[])
+        .await
+        .json()
 }
 
 /// Seconds until the next midnight UTC, as the test computes it on its own.
@@ -71,7 +73,11 @@ async fn daily_429_holds_until_the_daily_reset() {
     assert_eq!(first.json()["policyName"], "DAILY", "HubSpot's body passes");
     let expected = secs_to_midnight_utc();
     let near = |secs: u64| secs.abs_diff(expected) <= 5;
-    assert!(near(retry_after(&first)), "{} vs {expected}", retry_after(&first));
+    assert!(
+        near(retry_after(&first)),
+        "{} vs {expected}",
+        retry_after(&first)
+    );
     for task in ["pending-d2", "pending-d1", "processing-d3"] {
         let held = get(&gw.status_url(task)).await;
         assert_eq!(held.status, StatusCode::TOO_MANY_REQUESTS);
@@ -79,17 +85,34 @@ async fn daily_429_holds_until_the_daily_reset() {
         assert_eq!(body["policyName"], "DAILY", "{body}");
         assert_eq!(body["errorType"], "RATE_LIMIT");
         assert_eq!(body["category"], "RATE_LIMITS");
-        assert!(near(retry_after(&held)), "{} vs {expected}", retry_after(&held));
+        assert!(
+            near(retry_after(&held)),
+            "{} vs {expected}",
+            retry_after(&held)
+        );
     }
-    assert_eq!(status_requests(&sim).await, 1, "no HubSpot call during the hold");
+    assert_eq!(
+        status_requests(&sim).await,
+        1,
+        "no HubSpot call during the hold"
+    );
     let ready = readyz(&gw).await;
     assert_eq!(ready["ready"], true);
     assert_eq!(ready["upstream_hold"]["policy"], "DAILY");
-    assert_eq!(ready["upstream_hold"]["capped"], false, "max_hold does not cut DAILY");
-    let left = ready["upstream_hold"]["seconds_left"].as_f64().expect("seconds");
+    assert_eq!(
+        ready["upstream_hold"]["capped"], false,
+        "max_hold does not cut DAILY"
+    );
+    let left = ready["upstream_hold"]["seconds_left"]
+        .as_f64()
+        .expect("seconds");
     assert!(left > 60.0 || expected <= 65, "{left}");
     assert_eq!(
-        metric(&gw, r#"hubspot_gateway_upstream_429_total{policy_name="DAILY"}"#).await,
+        metric(
+            &gw,
+            r#"hubspot_gateway_upstream_429_total{policy_name="DAILY"}"#
+        )
+        .await,
         Some(1.0)
     );
     assert_eq!(
@@ -113,18 +136,28 @@ async fn http_date_retry_after_is_honoured() {
     let first = get(&gw.status_url("pending-h")).await;
     assert_eq!(first.status, StatusCode::TOO_MANY_REQUESTS);
     let secs = retry_after(&first);
-    assert!((17..=20).contains(&secs), "Retry-After {secs} for a date 20 s ahead");
+    assert!(
+        (17..=20).contains(&secs),
+        "Retry-After {secs} for a date 20 s ahead"
+    );
     // Ask every second past the 10 s a fallback would have held, up to 13 s in.
     let asked_from = Instant::now();
     while asked_from.elapsed() < Duration::from_secs(13) {
         let held = get(&gw.status_url("pending-h")).await;
         assert_eq!(held.status, StatusCode::TOO_MANY_REQUESTS);
         assert!(retry_after(&held) <= secs);
-        assert_eq!(status_requests(&sim).await, 1, "HubSpot asked before its date");
+        assert_eq!(
+            status_requests(&sim).await,
+            1,
+            "HubSpot asked before its date"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     tokio::time::sleep_until((until + Duration::from_secs(2)).into()).await;
-    assert_eq!(get(&gw.status_url("pending-h")).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&gw.status_url("pending-h")).await.status,
+        StatusCode::OK
+    );
     assert_eq!(status_requests(&sim).await, 2);
 }
 
@@ -178,7 +211,10 @@ async fn hold_over_max_hold_is_capped_and_visible() {
     assert!(retry_after(&held) <= 3);
     assert_eq!(status_requests(&sim).await, 1);
     tokio::time::sleep_until((started + max_hold + Duration::from_millis(200)).into()).await;
-    assert_eq!(get(&gw.status_url("pending-c")).await.status, StatusCode::OK);
+    assert_eq!(
+        get(&gw.status_url("pending-c")).await.status,
+        StatusCode::OK
+    );
     assert_eq!(status_requests(&sim).await, 2);
     assert!(readyz(&gw).await.get("upstream_hold").is_none());
     assert_eq!(
@@ -203,7 +239,11 @@ async fn answer_too_large_is_a_502_naming_it() {
     assert!(body["correlationId"].is_string());
     assert_eq!(status_requests(&sim).await, 1, "not retried");
     assert_eq!(
-        metric(&gw, r#"hubspot_gateway_upstream_requests_total{code="error"}"#).await,
+        metric(
+            &gw,
+            r#"hubspot_gateway_upstream_requests_total{code="error"}"#
+        )
+        .await,
         Some(1.0)
     );
 }
@@ -244,7 +284,10 @@ async fn counters_exist_at_zero_after_start() {
     for s in &series {
         assert!(text.lines().any(|l| l == s), "missing: {s}");
     }
-    assert!(text.lines().any(|l| l == "hubspot_gateway_upstream_budget_limit 10000"));
+    assert!(
+        text.lines()
+            .any(|l| l == "hubspot_gateway_upstream_budget_limit 10000")
+    );
     assert!(
         text.lines()
             .any(|l| l == "hubspot_gateway_upstream_budget_remaining 10000")
