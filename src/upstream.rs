@@ -749,6 +749,58 @@ mod tests {
         }
     }
 
+    /// An answer over the limit is `TooLarge` whether it declares its length (refused before
+    /// reading) or streams it in chunks (refused once the limit is passed), never
+    /// `Unavailable`.
+    #[tokio::test]
+    async fn an_oversized_answer_is_too_large() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            for chunked in [false, true] {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut head = [0u8; 4096];
+                let _ = socket.read(&mut head).await;
+                let body = vec![b' '; 2 * MAX_BODY];
+                let reply = if chunked {
+                    let mut r = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+                    for chunk in body.chunks(64 * 1024) {
+                        r.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                        r.extend_from_slice(chunk);
+                        r.extend_from_slice(b"\r\n");
+                    }
+                    r.extend_from_slice(b"0\r\n\r\n");
+                    r
+                } else {
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(&body);
+                    r
+                };
+                let _ = socket.write_all(&reply).await;
+            }
+        });
+        let config = UpstreamConfig {
+            base_url: format!("http://{addr}"),
+            ..UpstreamConfig::default()
+        };
+        let hubspot = HubSpot::new(&config, Metrics::new()).expect("client");
+        for _ in 0..2 {
+            match hubspot.get("/big").await {
+                Err(UpstreamError::TooLarge { limit }) => assert_eq!(limit, MAX_BODY),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
     /// A DAILY hold that has ended puts the budget in probing mode for a day; one still in
     /// force, or none, does not.
     #[test]
