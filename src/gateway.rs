@@ -348,7 +348,7 @@ pub struct UpstreamHold {
     pub policy: &'static str,
     /// Seconds until calls may go out again.
     pub seconds_left: f64,
-    /// HubSpot asked for longer than `upstream.max_hold` (never for `DAILY`).
+    /// HubSpot asked for longer than the cap: `upstream.max_hold`, or 24 h for `DAILY`.
     pub capped: bool,
     /// What HubSpot asked for, when capped.
     #[serde(skip_serializing_if = "Option::is_none")]

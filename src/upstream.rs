@@ -531,7 +531,8 @@ impl HubSpot {
                 policy = policy.label(),
                 asked_s = asked.as_secs(),
                 held_s = hold.remaining.as_secs(),
-                "HubSpot asked for a hold longer than upstream.max_hold; holding for max_hold"
+                cap_s = cap.as_secs(),
+                "HubSpot asked for a hold longer than the cap (upstream.max_hold; 24 h for DAILY); holding for the cap"
             );
         }
         answer
