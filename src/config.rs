@@ -84,6 +84,9 @@ impl Default for ServerConfig {
     }
 }
 
+/// The largest `upstream.max_hold`: no HubSpot limit but the daily one lasts longer.
+const MAX_HOLD_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
 /// `[upstream]`: how HubSpot is reached.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -332,6 +335,9 @@ impl Config {
             if d.is_zero() {
                 return invalid(format!("{name} must be > 0"));
             }
+        }
+        if self.upstream.max_hold > MAX_HOLD_LIMIT {
+            return invalid("upstream.max_hold must be at most 24h".into());
         }
         if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
             return invalid("server.admin_listen must differ from server.listen".into());
@@ -624,6 +630,30 @@ key_sha256 = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
         assert_eq!(c.upstream.rate_limit.requests, 90);
         assert_eq!(c.cache.max_bytes, 64 << 20);
         assert_eq!(c.token.required_scopes, ["files", "files.ui_hidden.read"]);
+    }
+
+    /// `upstream.max_hold` defaults to 60 s, takes a duration, and is refused at 0 or past
+    /// a day (no hold but the daily one lasts longer).
+    #[test]
+    fn max_hold_is_bounded() {
+        let c = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(c.upstream.max_hold, Duration::from_secs(60));
+        let with = |v: &str| {
+            let text = if MINIMAL.contains("[upstream]\n") {
+                MINIMAL.replace("[upstream]\n", &format!("[upstream]\nmax_hold = \"{v}\"\n"))
+            } else {
+                format!("[upstream]\nmax_hold = \"{v}\"\n{MINIMAL}")
+            };
+            Config::parse(&text)
+        };
+        assert_eq!(
+            with("5m").expect("valid").upstream.max_hold,
+            Duration::from_secs(300)
+        );
+        for bad in ["0s", "25h"] {
+            let err = with(bad).expect_err(bad).to_string();
+            assert!(err.contains("upstream.max_hold"), "{err}");
+        }
     }
 
     #[test]

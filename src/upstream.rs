@@ -645,7 +645,8 @@ impl RateBudget {
         let held = asked.min(cap);
         let capped_from = (asked > cap).then_some(asked);
         let new = Hold {
-            until: now + held,
+            // `max_hold` is bounded by config validation; a clock near its end must not panic.
+            until: now.checked_add(held).unwrap_or(now),
             policy,
             capped_from,
         };
@@ -661,7 +662,7 @@ impl RateBudget {
             s.daily_until = Some(kept.until);
         }
         HoldSet {
-            remaining: kept.until - now,
+            remaining: kept.until.saturating_duration_since(now),
             newly_capped: newly_capped && kept.capped_from.is_some(),
         }
     }
@@ -679,7 +680,7 @@ impl RateBudget {
         let hold = self.lock().hold.filter(|h| h.until > now)?;
         Some(HoldStatus {
             policy: hold.policy,
-            remaining: hold.until - now,
+            remaining: hold.until.saturating_duration_since(now),
             capped_from: hold.capped_from,
         })
     }
