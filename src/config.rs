@@ -195,6 +195,8 @@ impl ServerConfig {
     }
 }
 
+/// The largest `upstream.max_hold`: no HubSpot limit but the daily one lasts longer.
+
 /// `[upstream]`: how HubSpot is reached.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -206,6 +208,10 @@ pub struct UpstreamConfig {
     #[serde(with = "duration")]
     pub request_timeout: Duration,
     pub rate_limit: RateLimit,
+    /// The longest hold after a HubSpot 429 other than `DAILY`: a longer `Retry-After` is
+    /// cut to this (logged, shown on `/readyz`). `DAILY` holds last until the daily reset.
+    #[serde(with = "duration")]
+    pub max_hold: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -215,6 +221,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
             rate_limit: RateLimit::default(),
+            max_hold: Duration::from_secs(60),
         }
     }
 }
@@ -626,7 +633,7 @@ impl Config {
     }
 
     /// Every duration with the range it must lie in.
-    fn durations(&self) -> [(&'static str, Duration, RangeInclusive<Duration>); 9] {
+    fn durations(&self) -> [(&'static str, Duration, RangeInclusive<Duration>); 10] {
         let s = &self.server;
         [
             (
@@ -639,6 +646,8 @@ impl Config {
                 self.upstream.request_timeout,
                 SANE,
             ),
+            // A longer hold is cut to this; DAILY holds have their own cap.
+            ("upstream.max_hold", self.upstream.max_hold, SANE),
             (
                 "upstream.rate_limit.per",
                 self.upstream.rate_limit.per,
@@ -1113,6 +1122,30 @@ key_sha256 = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
         assert_eq!(c.upstream.rate_limit.requests, 90);
         assert_eq!(c.cache.max_bytes, 64 << 20);
         assert_eq!(c.token.required_scopes, ["files", "files.ui_hidden.read"]);
+    }
+
+    /// `upstream.max_hold` defaults to 60 s, takes a duration, and is refused at 0 or past
+    /// a day (no hold but the daily one lasts longer).
+    #[test]
+    fn max_hold_is_bounded() {
+        let c = Config::parse(MINIMAL).expect("valid");
+        assert_eq!(c.upstream.max_hold, Duration::from_secs(60));
+        let with = |v: &str| {
+            let text = if MINIMAL.contains("[upstream]\n") {
+                MINIMAL.replace("[upstream]\n", &format!("[upstream]\nmax_hold = \"{v}\"\n"))
+            } else {
+                format!("[upstream]\nmax_hold = \"{v}\"\n{MINIMAL}")
+            };
+            Config::parse(&text)
+        };
+        assert_eq!(
+            with("5m").expect("valid").upstream.max_hold,
+            Duration::from_secs(300)
+        );
+        for bad in ["0s", "25h"] {
+            let err = with(bad).expect_err(bad).to_string();
+            assert!(err.contains("upstream.max_hold"), "{err}");
+        }
     }
 
     #[test]

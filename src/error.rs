@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::auth::AuthError;
 use crate::route::RouteError;
 use crate::token::TokenError;
-use crate::upstream::{ThrottleSource, UpstreamError};
+use crate::upstream::{MAX_BODY, Policy, ThrottleSource, UpstreamError, retry_after_value};
 
 /// Everything that can stop a request from getting HubSpot's answer.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +50,8 @@ impl GatewayError {
             GatewayError::Upstream(
                 UpstreamError::Unavailable(_)
                 | UpstreamError::Timeout
-                | UpstreamError::Throttled { .. },
+                | UpstreamError::Throttled { .. }
+                | UpstreamError::TooLarge { .. },
             )
             | GatewayError::WaitTimeout => Fault::Upstream,
             GatewayError::Upstream(UpstreamError::Request(_)) | GatewayError::Internal => {
@@ -81,9 +82,10 @@ impl GatewayError {
                 Some(json!({ "missingScopes": scopes })),
             ),
             GatewayError::Token(e) => (StatusCode::SERVICE_UNAVAILABLE, "TOKEN_UNAVAILABLE", format!("The gateway has no valid HubSpot token: {e}."), None),
-            GatewayError::Upstream(UpstreamError::Throttled { retry_after, by: source }) => {
-                return rate_limited(*retry_after, *source, correlation_id);
+            GatewayError::Upstream(UpstreamError::Throttled { retry_after, by, policy }) => {
+                return rate_limited(*retry_after, *by, *policy, correlation_id);
             }
+            GatewayError::Upstream(UpstreamError::TooLarge { limit }) => (StatusCode::BAD_GATEWAY, "UPSTREAM_ANSWER_TOO_LARGE", format!("HubSpot's answer was larger than the {} the gateway relays ({limit} bytes); it was not passed on.", if *limit == MAX_BODY { "1 MiB".to_owned() } else { format!("{limit} bytes") }), None),
             GatewayError::Upstream(UpstreamError::Unavailable(_)) => (StatusCode::BAD_GATEWAY, "UPSTREAM_UNAVAILABLE", "HubSpot could not be reached.".to_owned(), None),
             GatewayError::Upstream(UpstreamError::Timeout) | GatewayError::WaitTimeout => (StatusCode::GATEWAY_TIMEOUT, "UPSTREAM_TIMEOUT", "HubSpot did not answer in time.".to_owned(), None),
             // The gateway's own fault, nothing was sent: neither the caller's nor HubSpot's.
@@ -103,29 +105,34 @@ impl GatewayError {
     }
 }
 
-/// HubSpot's own 429 shape (`policyName` lets HubSpot's clients recognise it), plus
-/// `category` so it is a valid `Error`, and `Retry-After` in whole seconds.
+/// HubSpot's own 429 shape (`policyName` lets HubSpot's clients tell a ten-secondly limit,
+/// worth retrying soon, from a daily one), plus `category` so it is a valid `Error`, and
+/// `Retry-After` in whole seconds.
 fn rate_limited(
     retry_after: Duration,
     source: ThrottleSource,
+    policy: Policy,
     correlation_id: &str,
 ) -> Response<Full<Bytes>> {
-    let message = match source {
-        ThrottleSource::HubSpot429 => {
-            "HubSpot rate limit reached; the gateway holds all calls until it resets."
+    let message = match (source, policy) {
+        (ThrottleSource::LocalBudget, _) => "You have reached your ten_secondly_rolling limit.",
+        (ThrottleSource::HubSpot429, Policy::Daily) => {
+            "HubSpot's daily limit is reached; the gateway holds all calls until it resets."
         }
-        ThrottleSource::LocalBudget => "You have reached your ten_secondly_rolling limit.",
+        (
+            ThrottleSource::HubSpot429,
+            Policy::TenSecondlyRolling | Policy::Secondly | Policy::Unknown,
+        ) => "HubSpot rate limit reached; the gateway holds all calls until it resets.",
     };
     let body = json!({
         "status": "error",
         "message": message,
         "errorType": "RATE_LIMIT",
         "correlationId": correlation_id,
-        "policyName": "TEN_SECONDLY_ROLLING",
+        "policyName": policy.label(),
         "category": "RATE_LIMITS",
     });
-    let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-    let extra = vec![(header::RETRY_AFTER, HeaderValue::from(secs.max(1)))];
+    let extra = vec![(header::RETRY_AFTER, retry_after_value(retry_after))];
     json_response(StatusCode::TOO_MANY_REQUESTS, &body, extra)
 }
 

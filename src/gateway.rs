@@ -255,15 +255,32 @@ impl Gateway {
         response
     }
 
-    /// Why the gateway is not ready, if it is not. When ready, the token problem worth
-    /// reporting, if any: a failed refresh or static rotation while the last verified token
-    /// still serves (the gateway stays ready: callers are served correctly).
-    pub fn readiness(&self) -> Result<Option<String>, String> {
-        if self.shutting_down.load(Ordering::Relaxed) {
-            return Err("shutting down".into());
+    /// What `/readyz` reports: whether the gateway is ready and why not; when ready, the
+    /// token problem worth reporting, if any (a failed refresh or static rotation while the
+    /// last verified token still serves: callers are served correctly), and the hold after
+    /// a HubSpot 429, if one is in force (ready all the same: callers get a correct 429, and
+    /// another replica would share the account's limit).
+    pub fn readiness(&self) -> Readiness {
+        let hold = self.hubspot.hold_status().map(|h| UpstreamHold {
+            policy: h.policy.label(),
+            seconds_left: h.remaining.as_secs_f64(),
+            capped: h.capped_from.is_some(),
+            asked_seconds: h.capped_from.map(|d| d.as_secs_f64()),
+        });
+        let not_ready = if self.shutting_down.load(Ordering::Relaxed) {
+            Some("shutting down".to_owned())
+        } else {
+            self.tokens.current().err().map(|e| e.to_string())
+        };
+        Readiness {
+            ready: not_ready.is_none(),
+            reason: not_ready.clone(),
+            token_problem: not_ready
+                .is_none()
+                .then(|| self.tokens.problem().map(|e| e.to_string()))
+                .flatten(),
+            upstream_hold: hold,
         }
-        self.tokens.current().map_err(|e| e.to_string())?;
-        Ok(self.tokens.problem().map(|e| e.to_string()))
     }
 
     /// Empties the cache when the token in service belongs to another HubSpot account
@@ -282,6 +299,7 @@ impl Gateway {
         let (entries, weight) = self.cache.usage();
         self.metrics.cache_entries.set(entries as i64);
         self.metrics.cache_weight_bytes.set(weight as i64);
+        self.hubspot.update_gauges();
         self.metrics.render()
     }
 
@@ -289,6 +307,52 @@ impl Gateway {
     pub fn tokens(&self) -> &TokenManager {
         &self.tokens
     }
+}
+
+/// The `/readyz` answer, serialized as its JSON body.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Readiness {
+    /// 200 when true, 503 when false.
+    pub ready: bool,
+    /// Why not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// A token problem that does not stop service (see [`Gateway::readiness`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_problem: Option<String>,
+    /// The hold after a HubSpot 429 in force, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_hold: Option<UpstreamHold>,
+}
+
+impl Readiness {
+    /// The status `/readyz` answers with.
+    pub fn status(&self) -> StatusCode {
+        if self.ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    }
+
+    /// The JSON body.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// A hold on every upstream call after a HubSpot 429, as `/readyz` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamHold {
+    /// The `policyName` HubSpot gave (`unknown` for any other).
+    pub policy: &'static str,
+    /// Seconds until calls may go out again.
+    pub seconds_left: f64,
+    /// HubSpot asked for longer than the cap: `upstream.max_hold`, or 24 h for `DAILY`.
+    pub capped: bool,
+    /// What HubSpot asked for, when capped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub asked_seconds: Option<f64>,
 }
 
 /// Whether a 403 body is HubSpot's `MISSING_SCOPES` error.

@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::auth::AuthError;
 use crate::cache::CacheOutcome;
+use crate::token::ForceReason;
+use crate::upstream::{Policy, ThrottleSource};
 use hyper::StatusCode;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -40,6 +43,14 @@ pub struct Metrics {
     pub config_reloads_total: IntCounterVec,
     /// Unix time of the last config that loaded and went into service (start-up included).
     pub config_last_load_timestamp_seconds: Gauge,
+    /// HubSpot's 429s by the `policyName` they carry (bounded: see [`Policy`]).
+    pub upstream_429_total: IntCounterVec,
+    /// Calls the outbound budget allows right now.
+    pub upstream_budget_remaining: IntGauge,
+    /// Calls the outbound budget allows per window.
+    pub upstream_budget_limit: IntGauge,
+    /// Seconds until the hold after a HubSpot 429 ends; 0 when none is in force.
+    pub upstream_hold_seconds: Gauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -190,11 +201,57 @@ impl Metrics {
         registry
             .register(Box::new(config_last_load_timestamp_seconds.clone()))
             .expect("each name registered once");
+        // HubSpot's throttling, read exactly: 429s by policy, the budget, the hold.
+        let upstream_429_total = counter(
+            "upstream_429_total",
+            "HubSpot 429 answers by policyName: TEN_SECONDLY_ROLLING, SECONDLY, DAILY or unknown.",
+            &["policy_name"],
+        );
+        let upstream_budget_remaining = int_gauge(
+            "upstream_budget_remaining",
+            "Calls the outbound budget (upstream.rate_limit) allows right now.",
+        );
+        let upstream_budget_limit = int_gauge(
+            "upstream_budget_limit",
+            "Calls the outbound budget allows per window (upstream.rate_limit.requests).",
+        );
+        let upstream_hold_seconds = Gauge::with_opts(
+            Opts::new(
+                "upstream_hold_seconds",
+                "Seconds until the hold after a HubSpot 429 ends (capped by upstream.max_hold except DAILY); 0 when none.",
+            )
+            .namespace(PREFIX),
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(upstream_hold_seconds.clone()))
+            .expect("each name registered once");
+        // Every series of a known label set exists from the start at 0, so an `increase()`
+        // alert sees the first event rather than a series appearing at 1.
+        for policy in Policy::ALL {
+            upstream_429_total.with_label_values(&[policy.label()]);
+        }
+        for source in [ThrottleSource::HubSpot429, ThrottleSource::LocalBudget] {
+            upstream_throttled_total.with_label_values(&[source.label()]);
+        }
+        for result in ["success", "failure"] {
+            token_refreshes_total.with_label_values(&[result]);
+        }
+        for reason in [ForceReason::Unauthorized, ForceReason::MissingScopes] {
+            token_forced_refreshes_total.with_label_values(&[reason.label()]);
+        }
+        for reason in [
+            AuthError::Missing,
+            AuthError::Malformed,
+            AuthError::UnknownKey,
+            AuthError::UnknownCertificate,
+            AuthError::Duplicate,
+        ] {
+            inbound_auth_failures_total.with_label_values(&[reason.label()]);
+        }
         #[cfg(target_os = "linux")]
         registry
-            .register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ))
+            .register(Box::new(process::Collector::new()))
             .expect("process collector registered once");
         Metrics {
             registry,
@@ -216,12 +273,34 @@ impl Metrics {
             token_rotation_failed,
             config_reloads_total,
             config_last_load_timestamp_seconds,
+            upstream_429_total,
+            upstream_budget_remaining,
+            upstream_budget_limit,
+            upstream_hold_seconds,
         }
     }
 
     /// The series of every request's answer, resolved ahead for `clients` (the configured
-    /// caller names).
+    /// caller names). The common answers' series exist from here on at 0: 200 by every cache
+    /// outcome, and a fetch's usual failures, per client; and the refusals of callers not
+    /// authenticated.
     pub fn request_series(&self, clients: Vec<Arc<str>>) -> RequestSeries {
+        let fetched = [CacheOutcome::Miss, CacheOutcome::Coalesced];
+        for client in &clients {
+            for code in ["404", "429", "502", "503", "504"] {
+                for outcome in fetched {
+                    self.requests_total
+                        .with_label_values(&[&**client, code, outcome.label()]);
+                }
+            }
+        }
+        for code in ["400", "401", "404", "405"] {
+            self.requests_total.with_label_values(&[
+                "unauthenticated",
+                code,
+                CacheOutcome::None.label(),
+            ]);
+        }
         let ok = clients
             .into_iter()
             .map(|client| {
@@ -376,5 +455,94 @@ impl Metrics {
             pending_responses,
             shed_total,
         }
+    }
+}
+
+/// `process_*` from the prometheus crate's collector, except `process_cpu_seconds_total`,
+/// which it reports in whole seconds: here it is read with the clock tick's precision.
+#[cfg(target_os = "linux")]
+mod process {
+    use prometheus::core::Desc;
+    use prometheus::process_collector::ProcessCollector;
+    use prometheus::proto::{Counter, MetricFamily};
+
+    const CPU: &str = "process_cpu_seconds_total";
+
+    /// The crate's process collector with the CPU family's value replaced.
+    pub struct Collector {
+        inner: ProcessCollector,
+    }
+
+    impl Collector {
+        /// The collector for this process.
+        pub fn new() -> Collector {
+            Collector {
+                inner: ProcessCollector::for_self(),
+            }
+        }
+    }
+
+    impl prometheus::core::Collector for Collector {
+        fn desc(&self) -> Vec<&Desc> {
+            self.inner.desc()
+        }
+
+        fn collect(&self) -> Vec<MetricFamily> {
+            let mut families = self.inner.collect();
+            if let Some(seconds) = cpu_seconds() {
+                for family in families.iter_mut().filter(|f| f.name() == CPU) {
+                    for metric in family.mut_metric() {
+                        let mut counter = Counter::default();
+                        counter.set_value(seconds);
+                        metric.set_counter(counter);
+                    }
+                }
+            }
+            families
+        }
+    }
+
+    /// User plus system CPU time of this process, from `/proc/self/stat` in clock ticks.
+    pub fn cpu_seconds() -> Option<f64> {
+        let stat = procfs::process::Process::myself().ok()?.stat().ok()?;
+        Some((stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU counter carries the clock tick's precision: as exported, it lies between two
+    /// precise readings taken around the export (the crate's whole seconds would not), and
+    /// after well under a second of work it is above zero.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn cpu_seconds_are_not_whole() {
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        while process::cpu_seconds().unwrap_or(0.0) < 0.05
+            && start.elapsed() < Duration::from_secs(5)
+        {
+            for i in 0..100_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+        }
+        std::hint::black_box(x);
+        let metrics = Metrics::new();
+        let before = process::cpu_seconds().expect("/proc/self/stat");
+        let text = String::from_utf8(metrics.render()).expect("utf-8");
+        let after = process::cpu_seconds().expect("/proc/self/stat");
+        let value: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
+            .expect("the family is exported")
+            .parse()
+            .expect("a number");
+        assert!(
+            before <= value && value <= after,
+            "{before} <= {value} <= {after}"
+        );
+        assert!(value > 0.0, "{value}");
     }
 }

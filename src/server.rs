@@ -771,25 +771,10 @@ fn admin(gateway: &Gateway, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             "application/json",
             br#"{"status":"ok"}"#.to_vec(),
         ),
-        (&Method::GET, "/readyz") => match gateway.readiness() {
-            Ok(None) => (
-                StatusCode::OK,
-                "application/json",
-                br#"{"ready":true}"#.to_vec(),
-            ),
-            Ok(Some(problem)) => (
-                StatusCode::OK,
-                "application/json",
-                serde_json::to_vec(&serde_json::json!({ "ready": true, "token_problem": problem }))
-                    .unwrap_or_default(),
-            ),
-            Err(reason) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "application/json",
-                serde_json::to_vec(&serde_json::json!({ "ready": false, "reason": reason }))
-                    .unwrap_or_default(),
-            ),
-        },
+        (&Method::GET, "/readyz") => {
+            let readiness = gateway.readiness();
+            (readiness.status(), "application/json", readiness.to_json())
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -34,9 +34,17 @@ const KEPT_HEADERS: &[&str] = &[
 ];
 
 /// The largest answer body read from HubSpot.
-const MAX_BODY: usize = 1 << 20;
-/// The longest hold a 429 can impose; a larger `Retry-After` is taken as this.
-const MAX_HOLD: Duration = Duration::from_secs(3600);
+pub const MAX_BODY: usize = 1 << 20;
+/// The longest hold a `DAILY` 429 can impose: a daily limit resets within a day whatever the
+/// account's time zone, so a longer `Retry-After` is taken as this. `upstream.max_hold` does
+/// not apply to `DAILY` holds.
+pub const MAX_DAILY_HOLD: Duration = Duration::from_secs(24 * 3600);
+/// The hold after a 429 (other than `DAILY`) that says neither `Retry-After` nor
+/// `X-HubSpot-RateLimit-Interval-Milliseconds`: HubSpot's ten-secondly window.
+const DEFAULT_HOLD: Duration = Duration::from_secs(10);
+/// The shortest hold after a 429: one that named a time already past still holds for this,
+/// so the gateway never answers a 429 by calling again at once.
+const MIN_HOLD: Duration = Duration::from_secs(1);
 
 /// How many times one status request is tried at most.
 const MAX_TRIES: u32 = 3;
@@ -47,6 +55,112 @@ pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+/// The rate-limit policy a HubSpot 429 names in its body's `policyName`. Anything HubSpot
+/// may add later is `Unknown`, so metric labels stay bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    /// `TEN_SECONDLY_ROLLING`: the burst limit per app and account; also the gateway's own
+    /// budget, which mirrors it.
+    TenSecondlyRolling,
+    /// `SECONDLY`: the per-second limit of some endpoints.
+    Secondly,
+    /// `DAILY`: the account's daily limit, reset at midnight in the account's time zone.
+    Daily,
+    /// Any other or no `policyName`.
+    Unknown,
+}
+
+impl Policy {
+    /// Every policy, in label order (for metric series created at start).
+    pub const ALL: [Policy; 4] = [
+        Policy::TenSecondlyRolling,
+        Policy::Secondly,
+        Policy::Daily,
+        Policy::Unknown,
+    ];
+
+    /// HubSpot's name for it; the `policy_name` label of `upstream_429_total` and the
+    /// `policyName` of the gateway's own 429 bodies.
+    pub fn label(self) -> &'static str {
+        match self {
+            Policy::TenSecondlyRolling => "TEN_SECONDLY_ROLLING",
+            Policy::Secondly => "SECONDLY",
+            Policy::Daily => "DAILY",
+            Policy::Unknown => "unknown",
+        }
+    }
+
+    /// The policy a 429 body names; a body that is not JSON or names none is `Unknown`.
+    pub fn from_body(body: &[u8]) -> Policy {
+        #[derive(serde::Deserialize)]
+        struct RateLimited<'a> {
+            #[serde(rename = "policyName", borrow)]
+            policy_name: Option<std::borrow::Cow<'a, str>>,
+        }
+        let name = serde_json::from_slice::<RateLimited>(body)
+            .ok()
+            .and_then(|b| b.policy_name);
+        match name.as_deref() {
+            Some("TEN_SECONDLY_ROLLING") => Policy::TenSecondlyRolling,
+            Some("SECONDLY") => Policy::Secondly,
+            Some("DAILY") => Policy::Daily,
+            _ => Policy::Unknown,
+        }
+    }
+}
+
+/// Reads a `Retry-After` value in either form RFC 9110 allows: delay-seconds (`120`) or an
+/// HTTP-date (`Sun, 06 Nov 1994 08:49:37 GMT`, and the two obsolete date formats), as the
+/// time from `now`. A date already past is zero. Anything else (`-5`, `1.5`, `soon`, a
+/// number too large for 64 bits, an empty value) is `None`: it is never passed on.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim_matches([' ', '\t']);
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return value.parse::<u64>().ok().map(Duration::from_secs);
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// How long a `DAILY` 429 without `Retry-After` holds, from `now`. HubSpot resets daily
+/// limits at midnight in the account's time zone, which the gateway does not know:
+///
+/// - the first `DAILY` hold lasts until the next midnight UTC;
+/// - a `DAILY` 429 within a day after a `DAILY` hold ended (`probing`) means the account's
+///   midnight is later than UTC's (or the limit was spent again): it holds until the next
+///   whole hour UTC, so the reset is found within the hour (every time zone's midnight falls
+///   on a UTC hour, or at :30/:45 for a few), for at most one call an hour.
+pub fn daily_hold(now: SystemTime, probing: bool) -> Duration {
+    const HOUR: u64 = 3600;
+    let period = if probing { HOUR } else { 24 * HOUR };
+    let since_epoch = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    let into_period = Duration::from_secs(since_epoch.as_secs() % period)
+        + Duration::from_nanos(u64::from(since_epoch.subsec_nanos()));
+    Duration::from_secs(period) - into_period
+}
+
+/// `wait` as a `Retry-After` value: whole seconds, rounded up, at least 1 (what HubSpot's
+/// clients and RFC 9110 expect; `0` would invite an immediate retry).
+pub fn retry_after_value(wait: Duration) -> HeaderValue {
+    let secs = wait
+        .as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0));
+    HeaderValue::from(secs.max(1))
+}
+
+/// A hold on every upstream call after a HubSpot 429, as `/readyz` and the metrics show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldStatus {
+    /// The policy HubSpot named.
+    pub policy: Policy,
+    /// Time left until calls may go out again.
+    pub remaining: Duration,
+    /// When HubSpot asked for longer than `upstream.max_hold`: what it asked for.
+    pub capped_from: Option<Duration>,
 }
 
 /// Who held an upstream call back.
@@ -75,12 +189,20 @@ pub enum UpstreamError {
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("HubSpot did not answer within the deadline")]
     Timeout,
-    #[error("upstream calls are held back ({})", .by.label())]
+    #[error("upstream calls are held back ({}, {})", .by.label(), .policy.label())]
     Throttled {
         /// How long until a call may go out again.
         retry_after: Duration,
         /// Who is holding calls back.
         by: ThrottleSource,
+        /// The policy the hold is for (`TenSecondlyRolling` for the local budget).
+        policy: Policy,
+    },
+    /// HubSpot answered with more than [`MAX_BODY`] bytes: not a status answer, not relayed.
+    #[error("HubSpot's answer is larger than the {limit} bytes the gateway relays")]
+    TooLarge {
+        /// The limit that was exceeded, in bytes.
+        limit: usize,
     },
     /// The gateway could not put the request together; nothing was sent.
     #[error("the request to HubSpot could not be built")]
@@ -108,6 +230,7 @@ pub struct HubSpot {
     request_timeout: Duration,
     user_agent: HeaderValue,
     budget: RateBudget,
+    max_hold: Duration,
     metrics: Metrics,
 }
 
@@ -139,6 +262,7 @@ impl HubSpot {
                 env!("CARGO_PKG_VERSION")
             )),
             budget: RateBudget::new(config.rate_limit.requests, config.rate_limit.per),
+            max_hold: config.max_hold,
             metrics,
         })
     }
@@ -163,15 +287,16 @@ impl HubSpot {
             attempt += 1;
             // Built before the budget is touched: a request that cannot be built is not sent.
             let request = self.request(Method::GET, &path, Some(bearer), Some(request_id), None)?;
-            if let Err((retry_after, source)) = self.budget.acquire() {
+            if let Err((retry_after, by, policy)) = self.budget.acquire() {
                 self.metrics
                     .upstream_throttled_total
-                    .with_label_values(&[source.label()])
+                    .with_label_values(&[by.label()])
                     .inc();
                 // A retry that finds the budget spent returns what HubSpot last said.
                 return last.unwrap_or(Err(UpstreamError::Throttled {
                     retry_after,
-                    by: source,
+                    by,
+                    policy,
                 }));
             }
             let started = Instant::now();
@@ -190,7 +315,12 @@ impl HubSpot {
             let retryable = match &result {
                 Ok(a) => matches!(a.status.as_u16(), 502..=504),
                 Err(UpstreamError::Unavailable(_) | UpstreamError::Timeout) => true,
-                Err(UpstreamError::Throttled { .. } | UpstreamError::Request(_)) => false,
+                // An oversized answer would be as large again: one call is enough.
+                Err(
+                    UpstreamError::Throttled { .. }
+                    | UpstreamError::Request(_)
+                    | UpstreamError::TooLarge { .. },
+                ) => false,
             };
             let mut result = result;
             if let Ok(answer) = &mut result {
@@ -299,12 +429,22 @@ impl HubSpot {
                 .await
                 .map_err(|e| UpstreamError::Unavailable(Box::new(e)))?;
             let (parts, body) = response.into_parts();
-            // A status answer is about a kilobyte; anything far larger is not one.
-            let body = http_body_util::Limited::new(body, MAX_BODY)
-                .collect()
-                .await
-                .map_err(UpstreamError::Unavailable)?
-                .to_bytes();
+            // A status answer is about a kilobyte; anything far larger is not one. A declared
+            // length over the limit is refused before a byte of the body is read.
+            let too_large = UpstreamError::TooLarge { limit: MAX_BODY };
+            let declared = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > MAX_BODY as u64) {
+                return Err(too_large);
+            }
+            let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large),
+                Err(e) => return Err(UpstreamError::Unavailable(e)),
+            };
             let mut headers = HeaderMap::new();
             for name in KEPT_HEADERS {
                 for value in parts.headers.get_all(*name) {
@@ -323,8 +463,10 @@ impl HubSpot {
         }
     }
 
-    /// Follows HubSpot's own view of the budget: the remaining gauge, and a 429's hold. A 429
-    /// without `Retry-After` gets one, so callers learn how long the gateway will hold.
+    /// Follows HubSpot's own view of the budget: the remaining gauge, and a 429's hold. The
+    /// caller's `Retry-After` is always the gateway's own (whole seconds until the hold it
+    /// set ends), never HubSpot's value verbatim; another answer's `Retry-After` (a 503's)
+    /// is passed on in that form when valid and dropped when not.
     fn observe_rate_headers(&self, answer: &mut Answer) {
         let number = |name: &str| {
             answer
@@ -336,30 +478,82 @@ impl HubSpot {
         if let Some(remaining) = number("x-hubspot-ratelimit-remaining") {
             self.metrics
                 .upstream_ratelimit_remaining
-                .set(remaining as i64);
+                .set(i64::try_from(remaining).unwrap_or(i64::MAX));
         }
-        if answer.status == StatusCode::TOO_MANY_REQUESTS {
-            let wait = number("retry-after")
-                .map(Duration::from_secs)
-                .or_else(|| {
-                    number("x-hubspot-ratelimit-interval-milliseconds").map(Duration::from_millis)
-                })
-                .unwrap_or(Duration::from_secs(10))
-                .min(MAX_HOLD);
-            self.budget.hold_for(wait);
-            if !answer.headers.contains_key(header::RETRY_AFTER) {
-                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                answer
+        let now = SystemTime::now();
+        let retry_after = answer
+            .headers
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, now));
+        if answer.status != StatusCode::TOO_MANY_REQUESTS {
+            match retry_after {
+                Some(wait) => answer
                     .headers
-                    .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-            }
+                    .insert(header::RETRY_AFTER, retry_after_value(wait)),
+                None => answer.headers.remove(header::RETRY_AFTER),
+            };
+            return;
         }
+        let policy = Policy::from_body(&answer.body);
+        self.metrics
+            .upstream_429_total
+            .with_label_values(&[policy.label()])
+            .inc();
+        let (asked, cap) = match policy {
+            // HubSpot resets daily limits at midnight in the account's time zone, which the
+            // gateway cannot know: without a Retry-After, see `daily_hold`.
+            Policy::Daily => (
+                retry_after.unwrap_or_else(|| daily_hold(now, self.budget.daily_probing())),
+                MAX_DAILY_HOLD,
+            ),
+            Policy::TenSecondlyRolling | Policy::Secondly | Policy::Unknown => (
+                retry_after
+                    .or_else(|| {
+                        number("x-hubspot-ratelimit-interval-milliseconds")
+                            .map(Duration::from_millis)
+                    })
+                    .unwrap_or(DEFAULT_HOLD),
+                self.max_hold,
+            ),
+        };
+        let asked = asked.max(MIN_HOLD);
+        let hold = self.budget.hold(asked, cap, policy);
+        if hold.newly_capped {
+            tracing::warn!(
+                policy = policy.label(),
+                asked_s = asked.as_secs(),
+                held_s = hold.remaining.as_secs(),
+                cap_s = cap.as_secs(),
+                "HubSpot asked for a hold longer than the cap (upstream.max_hold; 24 h for DAILY); holding for the cap"
+            );
+        }
+        answer
+            .headers
+            .insert(header::RETRY_AFTER, retry_after_value(hold.remaining));
+    }
+
+    /// The hold in force after a HubSpot 429, if any.
+    pub fn hold_status(&self) -> Option<HoldStatus> {
+        self.budget.hold_status()
+    }
+
+    /// Brings the budget and hold gauges up to date (called when metrics are read).
+    pub fn update_gauges(&self) {
+        let m = &self.metrics;
+        m.upstream_budget_limit.set(self.budget.limit as i64);
+        m.upstream_budget_remaining
+            .set(self.budget.remaining() as i64);
+        m.upstream_hold_seconds.set(
+            self.hold_status()
+                .map_or(0.0, |h| h.remaining.as_secs_f64()),
+        );
     }
 }
 
 /// HubSpot counts calls in a rolling window; so does this, exactly: a call is allowed when
 /// fewer than `limit` calls were sent in the last `per`. After a HubSpot 429, every call is
-/// held until the time HubSpot named.
+/// held until the time HubSpot named (capped as [`HubSpot::observe_rate_headers`] says).
 struct RateBudget {
     limit: usize,
     per: Duration,
@@ -368,7 +562,25 @@ struct RateBudget {
 
 struct BudgetState {
     sent: VecDeque<Instant>,
-    hold_until: Option<Instant>,
+    hold: Option<Hold>,
+    /// When the latest `DAILY` hold ends or ended.
+    daily_until: Option<Instant>,
+}
+
+/// One hold after a 429.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    until: Instant,
+    policy: Policy,
+    capped_from: Option<Duration>,
+}
+
+/// What [`RateBudget::hold`] decided.
+struct HoldSet {
+    /// Time until the hold in force ends.
+    remaining: Duration,
+    /// This 429 started a capped hold (so it is logged once, not once per 429).
+    newly_capped: bool,
 }
 
 impl RateBudget {
@@ -378,43 +590,105 @@ impl RateBudget {
             per,
             state: Mutex::new(BudgetState {
                 sent: VecDeque::with_capacity(limit as usize),
-                hold_until: None,
+                hold: None,
+                daily_until: None,
             }),
         }
     }
 
-    /// Takes one call from the budget, or says how long to wait and why not.
-    fn acquire(&self) -> Result<(), (Duration, ThrottleSource)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes one call from the budget, or says how long to wait, why not, and for which
+    /// policy.
+    fn acquire(&self) -> Result<(), (Duration, ThrottleSource, Policy)> {
         let now = Instant::now();
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(until) = s.hold_until {
-            if until > now {
-                return Err((until - now, ThrottleSource::HubSpot429));
+        let mut s = self.lock();
+        if let Some(hold) = s.hold {
+            if hold.until > now {
+                return Err((hold.until - now, ThrottleSource::HubSpot429, hold.policy));
             }
-            s.hold_until = None;
+            s.hold = None;
         }
-        while s
-            .sent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= self.per)
-        {
-            s.sent.pop_front();
-        }
+        s.prune(now, self.per);
         if s.sent.len() >= self.limit {
             let oldest = s.sent.front().copied().unwrap_or(now);
             return Err((
                 self.per.saturating_sub(now.duration_since(oldest)),
                 ThrottleSource::LocalBudget,
+                Policy::TenSecondlyRolling,
             ));
         }
         s.sent.push_back(now);
         Ok(())
     }
 
-    fn hold_for(&self, wait: Duration) {
-        let until = Instant::now() + wait;
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.hold_until = Some(s.hold_until.map_or(until, |u| u.max(until)));
+    /// Calls the window allows right now.
+    fn remaining(&self) -> usize {
+        let mut s = self.lock();
+        s.prune(Instant::now(), self.per);
+        self.limit.saturating_sub(s.sent.len())
+    }
+
+    /// Holds every call for `asked`, at most `cap`; a hold already in force that ends later
+    /// stays (two 429s in flight at once must not shorten the first one's hold).
+    fn hold(&self, asked: Duration, cap: Duration, policy: Policy) -> HoldSet {
+        let now = Instant::now();
+        let held = asked.min(cap);
+        let capped_from = (asked > cap).then_some(asked);
+        let new = Hold {
+            // `max_hold` is bounded by config validation; a clock near its end must not panic.
+            until: now.checked_add(held).unwrap_or(now),
+            policy,
+            capped_from,
+        };
+        let mut s = self.lock();
+        let current = s.hold.filter(|h| h.until > now);
+        let newly_capped = capped_from.is_some() && current.is_none_or(|h| h.capped_from.is_none());
+        let kept = match current {
+            Some(h) if h.until >= new.until => h,
+            _ => new,
+        };
+        s.hold = Some(kept);
+        if kept.policy == Policy::Daily {
+            s.daily_until = Some(kept.until);
+        }
+        HoldSet {
+            remaining: kept.until.saturating_duration_since(now),
+            newly_capped: newly_capped && kept.capped_from.is_some(),
+        }
+    }
+
+    /// Whether a `DAILY` hold ended less than a day ago (see [`daily_hold`]).
+    fn daily_probing(&self) -> bool {
+        let now = Instant::now();
+        self.lock()
+            .daily_until
+            .is_some_and(|t| t <= now && now - t < Duration::from_secs(24 * 3600))
+    }
+
+    fn hold_status(&self) -> Option<HoldStatus> {
+        let now = Instant::now();
+        let hold = self.lock().hold.filter(|h| h.until > now)?;
+        Some(HoldStatus {
+            policy: hold.policy,
+            remaining: hold.until.saturating_duration_since(now),
+            capped_from: hold.capped_from,
+        })
+    }
+}
+
+impl BudgetState {
+    /// Forgets calls older than the window.
+    fn prune(&mut self, now: Instant, per: Duration) {
+        while self
+            .sent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= per)
+        {
+            self.sent.pop_front();
+        }
     }
 }
 
@@ -428,7 +702,7 @@ mod tests {
         for _ in 0..3 {
             assert!(b.acquire().is_ok());
         }
-        let (wait, source) = b.acquire().expect_err("spent");
+        let (wait, source, _) = b.acquire().expect_err("spent");
         assert_eq!(source, ThrottleSource::LocalBudget);
         assert!(wait <= Duration::from_millis(200));
         std::thread::sleep(Duration::from_millis(210));
@@ -470,12 +744,195 @@ mod tests {
         }
     }
 
+    /// An answer over the limit is `TooLarge` whether it declares its length (refused before
+    /// reading) or streams it in chunks (refused once the limit is passed), never
+    /// `Unavailable`.
+    #[tokio::test]
+    async fn an_oversized_answer_is_too_large() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            for chunked in [false, true] {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut head = [0u8; 4096];
+                let _ = socket.read(&mut head).await;
+                let body = vec![b' '; 2 * MAX_BODY];
+                let reply = if chunked {
+                    let mut r = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+                    for chunk in body.chunks(64 * 1024) {
+                        r.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                        r.extend_from_slice(chunk);
+                        r.extend_from_slice(b"\r\n");
+                    }
+                    r.extend_from_slice(b"0\r\n\r\n");
+                    r
+                } else {
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend_from_slice(&body);
+                    r
+                };
+                let _ = socket.write_all(&reply).await;
+            }
+        });
+        let config = UpstreamConfig {
+            base_url: format!("http://{addr}")
+                .parse()
+                .expect("a loopback base_url"),
+            ..UpstreamConfig::default()
+        };
+        let hubspot = HubSpot::new(&config, Metrics::new()).expect("client");
+        for _ in 0..2 {
+            match hubspot.get("/big").await {
+                Err(UpstreamError::TooLarge { limit }) => assert_eq!(limit, MAX_BODY),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// A DAILY hold that has ended puts the budget in probing mode for a day; one still in
+    /// force, or none, does not.
+    #[test]
+    fn probing_follows_an_ended_daily_hold() {
+        let b = RateBudget::new(100, Duration::from_secs(10));
+        assert!(!b.daily_probing());
+        b.hold(Duration::from_millis(50), MAX_DAILY_HOLD, Policy::Daily);
+        assert!(!b.daily_probing(), "the hold is still in force");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(b.daily_probing());
+        assert!(b.acquire().is_ok(), "the hold ended");
+    }
+
+    /// A 429's hold stops every call, for the policy it named.
     #[test]
     fn a_429_holds_every_call() {
         let b = RateBudget::new(100, Duration::from_secs(10));
-        b.hold_for(Duration::from_secs(2));
-        let (wait, source) = b.acquire().expect_err("held");
+        b.hold(
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+            Policy::Daily,
+        );
+        let (wait, source, policy) = b.acquire().expect_err("held");
         assert_eq!(source, ThrottleSource::HubSpot429);
+        assert_eq!(policy, Policy::Daily);
         assert!(wait > Duration::from_secs(1));
+    }
+
+    /// A hold longer than the cap is cut to it, remembers what was asked, and is reported as
+    /// newly capped once: a second 429 during it is not a new capped hold.
+    #[test]
+    fn a_long_hold_is_capped_and_reported_once() {
+        let b = RateBudget::new(100, Duration::from_secs(10));
+        let cap = Duration::from_secs(5);
+        let first = b.hold(Duration::from_secs(300), cap, Policy::TenSecondlyRolling);
+        assert!(first.newly_capped);
+        assert!(first.remaining <= cap);
+        let second = b.hold(Duration::from_secs(300), cap, Policy::TenSecondlyRolling);
+        assert!(!second.newly_capped);
+        let status = b.hold_status().expect("a hold");
+        assert_eq!(status.capped_from, Some(Duration::from_secs(300)));
+        assert!(status.remaining <= cap);
+        // A shorter hold does not shorten the one in force.
+        b.hold(Duration::from_secs(1), cap, Policy::Secondly);
+        assert!(b.hold_status().expect("a hold").remaining > Duration::from_secs(3));
+    }
+
+    /// A first DAILY hold ends at the next midnight UTC (from midnight itself, a whole day
+    /// ahead: the limit just reset, so a DAILY 429 now means the next reset); while probing
+    /// after one, at the next whole hour UTC.
+    #[test]
+    fn daily_reset_is_the_next_midnight_utc_then_hourly() {
+        let midnight = SystemTime::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400);
+        assert_eq!(daily_hold(midnight, false), Duration::from_secs(86_400));
+        let evening =
+            midnight + Duration::from_secs(23 * 3600 + 59 * 60) + Duration::from_millis(500);
+        assert_eq!(
+            daily_hold(evening, false),
+            Duration::from_secs(59) + Duration::from_millis(500)
+        );
+        let morning = midnight + Duration::from_secs(4 * 3600 + 10 * 60);
+        assert_eq!(
+            daily_hold(morning, false),
+            Duration::from_secs(19 * 3600 + 50 * 60)
+        );
+        assert_eq!(daily_hold(morning, true), Duration::from_secs(50 * 60));
+        // The same instant, written as HubSpot would in a Retry-After, is read back exactly.
+        let date = httpdate::fmt_http_date(midnight + Duration::from_secs(86_400));
+        assert_eq!(
+            parse_retry_after(&date, midnight),
+            Some(Duration::from_secs(86_400))
+        );
+    }
+
+    /// The policies HubSpot documents are recognised; anything else is `unknown`.
+    #[test]
+    fn policy_names_are_bounded() {
+        assert_eq!(
+            Policy::from_body(br#"{"policyName":"DAILY"}"#),
+            Policy::Daily
+        );
+        assert_eq!(
+            Policy::from_body(br#"{"policyName":"SECONDLY"}"#),
+            Policy::Secondly
+        );
+        assert_eq!(
+            Policy::from_body(br#"{"policyName":"TEN_SECONDLY_ROLLING"}"#),
+            Policy::TenSecondlyRolling
+        );
+        for body in [
+            &br#"{"policyName":"HOURLY"}"#[..],
+            b"{}",
+            b"not json",
+            br#"{"policyName":5}"#,
+        ] {
+            assert_eq!(Policy::from_body(body), Policy::Unknown);
+        }
+    }
+
+    /// The examples of each form, and the invalid values callers must never see.
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        // RFC 9110's example date, `now` + 20 s, in all three formats it accepts.
+        for date in [
+            "Sun, 06 Nov 1994 08:49:57 GMT",
+            "Sunday, 06-Nov-94 08:49:57 GMT",
+            "Sun Nov  6 08:49:57 1994",
+        ] {
+            assert_eq!(
+                parse_retry_after(date, now),
+                Some(Duration::from_secs(20)),
+                "{date}"
+            );
+        }
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        for bad in [
+            "-5",
+            "1.5",
+            "soon",
+            "99999999999999999999",
+            "",
+            "+5",
+            "5s",
+            "0x10",
+        ] {
+            assert_eq!(parse_retry_after(bad, now), None, "{bad}");
+        }
     }
 }

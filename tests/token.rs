@@ -586,7 +586,7 @@ async fn rotated_refresh_token_is_used_for_the_next_refresh() {
             r#"hubspot_gateway_token_refreshes_total{result="failure"}"#
         )
         .await,
-        None,
+        Some(0.0),
         "no refresh was refused"
     );
     // The configured refresh token was retired by the first rotation.

@@ -107,7 +107,8 @@ impl From<UpstreamError> for TokenError {
             UpstreamError::Request(e) => TokenError::Request(Arc::new(e)),
             e @ (UpstreamError::Unavailable(_)
             | UpstreamError::Timeout
-            | UpstreamError::Throttled { .. }) => TokenError::Unreachable(Arc::new(e)),
+            | UpstreamError::Throttled { .. }
+            | UpstreamError::TooLarge { .. }) => TokenError::Unreachable(Arc::new(e)),
         }
     }
 }

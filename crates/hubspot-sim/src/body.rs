@@ -7,6 +7,7 @@ use hyper::{Response, StatusCode};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
+use super::faults::RetryAfter;
 use super::state::RateOutcome;
 
 /// What every simulator handler returns.
@@ -131,16 +132,23 @@ impl HubSpotError {
             .field("status", json!(status))
     }
 
-    /// HubSpot's 429 body. Real ones carry `errorType` and `policyName` but no `category`;
-    /// the spec's `Error` requires one, so `RATE_LIMITS` (HubSpot's category name) is added.
+    /// HubSpot's 429 body for the ten-secondly limit. Real ones carry `errorType` and
+    /// `policyName` but no `category`; the spec's `Error` requires one, so `RATE_LIMITS`
+    /// (HubSpot's category name) is added.
     pub fn rate_limited() -> Self {
-        Self::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "RATE_LIMITS",
-            "You have reached your ten_secondly_rolling limit.",
-        )
-        .field("errorType", json!("RATE_LIMIT"))
-        .field("policyName", json!("TEN_SECONDLY_ROLLING"))
+        Self::rate_limited_by("TEN_SECONDLY_ROLLING")
+    }
+
+    /// HubSpot's 429 body for the limit `policy` (`DAILY`: "You have reached your daily
+    /// limit.").
+    pub fn rate_limited_by(policy: &str) -> Self {
+        let message = match policy {
+            "DAILY" => "You have reached your daily limit.".to_owned(),
+            other => format!("You have reached your {} limit.", other.to_lowercase()),
+        };
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITS", message)
+            .field("errorType", json!("RATE_LIMIT"))
+            .field("policyName", json!(policy))
     }
 
     /// Any status with a HubSpot body whose category fits it (injected faults).
@@ -175,12 +183,19 @@ impl HubSpotError {
     }
 }
 
-/// Adds `Retry-After` (seconds) to an answer.
-pub(crate) fn with_retry_after(mut response: SimResponse, seconds: Option<u64>) -> SimResponse {
-    if let Some(seconds) = seconds {
-        response
-            .headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(seconds));
+/// Adds `Retry-After` (seconds, or text verbatim) to an answer.
+pub(crate) fn with_retry_after(
+    mut response: SimResponse,
+    value: Option<&RetryAfter>,
+) -> SimResponse {
+    let value = match value {
+        Some(RetryAfter::Seconds(seconds)) => Some(HeaderValue::from(*seconds)),
+        // Validated when the fault was set; a value that is not a header is not sent.
+        Some(RetryAfter::Raw(text)) => HeaderValue::from_str(text).ok(),
+        None => None,
+    };
+    if let Some(value) = value {
+        response.headers_mut().insert(RETRY_AFTER, value);
     }
     response
 }

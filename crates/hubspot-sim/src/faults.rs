@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The most `pad_bytes` can add: enough to exceed any relay limit, not enough to hurt.
+const MAX_PAD_BYTES: u64 = 64 << 20;
+
 /// The faults and account settings in force right now (`GET /__sim/faults` shows this).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Faults {
@@ -31,10 +34,14 @@ pub struct Faults {
     pub rotate_refresh_token: bool,
     /// The next status requests are answered with a fixed status.
     pub status_override: Option<StatusOverride>,
+    /// Bytes of JSON whitespace appended to every status-route 200 body (an answer too large
+    /// to relay).
+    pub pad_bytes: u64,
 }
 
 /// "Answer the next `count` status requests with `status`" (a HubSpot error body; 429 uses
-/// HubSpot's rate-limit body and sends `Retry-After: retry_after` when given).
+/// HubSpot's rate-limit body, with `policy_name` when given, and sends `Retry-After:
+/// retry_after` when given).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatusOverride {
@@ -42,9 +49,24 @@ pub struct StatusOverride {
     pub status: u16,
     /// How many status requests still get it.
     pub count: u32,
-    /// Seconds for a `Retry-After` header (sent with 429 only).
+    /// The `Retry-After` header (sent with 429 only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_after: Option<u64>,
+    pub retry_after: Option<RetryAfter>,
+    /// The 429 body's `policyName` (`TEN_SECONDLY_ROLLING` when absent): `DAILY` makes
+    /// HubSpot's daily-limit answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_name: Option<String>,
+}
+
+/// A `Retry-After` value: a number of seconds, or any text sent as it is (an HTTP-date, or
+/// a value HubSpot should never send, for the gateway's tests).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RetryAfter {
+    /// `Retry-After: <seconds>`.
+    Seconds(u64),
+    /// `Retry-After: <text>`, verbatim.
+    Raw(String),
 }
 
 /// The JSON body of `POST /__sim/faults`. Every field is optional and, when present, replaces
@@ -67,8 +89,11 @@ pub struct StatusOverride {
 /// - `rotate_refresh_token` (bool): each token answer returns a new refresh token and the
 ///   presented one stops working.
 /// - `revoke_all` (bool, one-shot): every access token issued so far becomes invalid (401).
-/// - `status_override` (`{"status", "count", "retry_after"?}` or null): the next `count`
-///   status requests answer `status`.
+/// - `status_override` (`{"status", "count", "retry_after"?, "policy_name"?}` or null): the
+///   next `count` status requests answer `status`; a 429 carries `Retry-After: retry_after`
+///   (a number, or a string sent verbatim such as an HTTP-date) and `policyName:
+///   policy_name` (default `TEN_SECONDLY_ROLLING`; `DAILY` for the daily limit).
+/// - `pad_bytes` (u64): whitespace appended to every status-route 200 body.
 /// - `add_static_token` (`{"token", "scopes"?}`, one-shot): one more private-app token is
 ///   accepted (as a bearer and by private-app info), with these scopes for good, or without
 ///   `scopes` the current `scopes` like the configured static token. For rotation tests.
@@ -105,6 +130,8 @@ pub struct FaultUpdate {
     /// See the struct doc; `null` clears it.
     #[serde(default, deserialize_with = "present")]
     pub status_override: Option<Option<StatusOverride>>,
+    /// See the struct doc.
+    pub pad_bytes: Option<u64>,
     /// See the struct doc.
     pub add_static_token: Option<StaticToken>,
 }
@@ -157,6 +184,17 @@ impl FaultUpdate {
             .any(|s| !(100..=599).contains(&s))
         {
             return Err("statuses must be within 100..=599".to_owned());
+        }
+        if self.pad_bytes.is_some_and(|n| n > MAX_PAD_BYTES) {
+            return Err(format!("pad_bytes must be at most {MAX_PAD_BYTES}"));
+        }
+        if let Some(Some(StatusOverride {
+            retry_after: Some(RetryAfter::Raw(text)),
+            ..
+        })) = &self.status_override
+            && hyper::header::HeaderValue::from_str(text).is_err()
+        {
+            return Err("retry_after must be a valid header value".to_owned());
         }
         Ok(())
     }
@@ -217,6 +255,9 @@ impl Faults {
         }
         if let Some(v) = u.status_override {
             self.status_override = v;
+        }
+        if let Some(v) = u.pad_bytes {
+            self.pad_bytes = v;
         }
     }
 }

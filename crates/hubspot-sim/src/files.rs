@@ -59,14 +59,15 @@ pub(crate) async fn status(
     let response = match overridden {
         Some(o) => {
             let status = StatusCode::from_u16(o.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            let response = HubSpotError::for_status(status).into_response(correlation);
             if status == StatusCode::TOO_MANY_REQUESTS {
+                let policy = o.policy_name.as_deref().unwrap_or("TEN_SECONDLY_ROLLING");
+                let response = HubSpotError::rate_limited_by(policy).into_response(correlation);
                 with_retry_after(
                     with_rate_headers(response, state.rate.exhausted()),
-                    o.retry_after,
+                    o.retry_after.as_ref(),
                 )
             } else {
-                response
+                HubSpotError::for_status(status).into_response(correlation)
             }
         }
         None => answer_status(
@@ -76,6 +77,7 @@ pub(crate) async fn status(
             correlation,
             faults.fail_rate,
             faults.fail_status,
+            faults.pad_bytes,
         ),
     };
     state.stats.count_answer(response.status());
@@ -89,6 +91,7 @@ fn answer_status(
     correlation: Uuid,
     fail_rate: f64,
     fail_status: u16,
+    pad_bytes: u64,
 ) -> SimResponse {
     let now = Instant::now();
     let (caller, rate) = match gate(state, headers, &STATUS_SCOPES, now) {
@@ -100,7 +103,11 @@ fn answer_status(
         HubSpotError::for_status(status).into_response(correlation)
     } else {
         match task_body(state, task_id, caller.hub_id, now) {
-            Some(body) => raw(StatusCode::OK, body),
+            Some(mut body) => {
+                let pad = usize::try_from(pad_bytes).unwrap_or(usize::MAX);
+                body.resize(body.len().saturating_add(pad), b' ');
+                raw(StatusCode::OK, body)
+            }
             None => HubSpotError::not_found(format!("No import task found with id {task_id}"))
                 .into_response(correlation),
         }

@@ -36,7 +36,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
-pub use faults::{FaultUpdate, Faults, StatusOverride};
+pub use faults::{FaultUpdate, Faults, RetryAfter, StatusOverride};
 pub use state::{RecordedRequest, Stats};
 
 use body::{HubSpotError, SimResponse};

@@ -214,6 +214,7 @@ impl Sim {
             hub_id: config.hub_id,
             rotate_refresh_token: false,
             status_override: None,
+            pad_bytes: 0,
         };
         let state = State {
             faults,

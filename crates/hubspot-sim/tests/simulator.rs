@@ -587,6 +587,40 @@ async fn rate_limit_gives_429_and_headers() {
     );
 }
 
+/// The daily limit: a forced 429 with `policy_name: DAILY` is HubSpot's daily-limit body
+/// (validating as `Error`), a `retry_after` string is sent verbatim (an HTTP-date, or an
+/// invalid value for the gateway's tests), and `pad_bytes` makes a 200 body that large
+/// while still JSON.
+#[tokio::test]
+async fn daily_429_raw_retry_after_and_padding() {
+    let sim = Sim::start(SimConfig::default()).await;
+    let token = sim.token().await;
+    let path = status_path(V3, "complete-1");
+    sim.faults(json!({ "status_override": { "status": 429, "count": 1, "policy_name": "DAILY", "retry_after": "Sun, 06 Nov 2044 08:49:37 GMT" } }))
+        .await;
+    let daily = sim.get(&path, &token).await;
+    let body = assert_error(&daily, StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITS");
+    assert_eq!(body["policyName"], "DAILY");
+    assert_eq!(body["errorType"], "RATE_LIMIT");
+    assert_eq!(body["message"], "You have reached your daily limit.");
+    assert_eq!(daily.header("retry-after"), "Sun, 06 Nov 2044 08:49:37 GMT");
+    let rejected = sim
+        .send(
+            Method::POST,
+            "/__sim/faults",
+            &[("content-type", "application/json")],
+            r#"{"status_override":{"status":429,"count":1,"retry_after":"a\nb"}}"#,
+        )
+        .await;
+    assert_eq!(rejected.status, StatusCode::BAD_REQUEST);
+
+    sim.faults(json!({ "pad_bytes": 2 << 20 })).await;
+    let padded = sim.get(&path, &token).await;
+    assert_eq!(padded.status, StatusCode::OK);
+    assert!(padded.body.len() > 2 << 20, "{}", padded.body.len());
+    assert_valid("files-v3.json", "FileActionResponse", &padded.json());
+}
+
 /// `fail_rate` 1 answers every status request with `fail_status` and a HubSpot body that
 /// validates (502, 503, 504), counted as server errors; the config's `fail_rate` works too.
 #[tokio::test]
