@@ -8,7 +8,9 @@
 //! 5. **token**: the verified HubSpot token in service (or 503);
 //! 6. **upstream**: HubSpot is asked within the deadline and the rate budget; a 401 forces
 //!    one token refresh and one retry, a 403 `MISSING_SCOPES` a re-verification;
-//! 7. **classify**: the answer is kept (terminal, or micro-cached) or only passed on;
+//! 7. **classify**: the answer is kept (terminal, a 404 for `missing_ttl`, a non-terminal
+//!    one for `pending_ttl` and `stale_if_error`) or only passed on; when HubSpot failed,
+//!    the last non-terminal answer within `stale_if_error` stands in (STALE);
 //! 8. **respond**: HubSpot's status and body with the gateway's cache headers, or the
 //!    failure in HubSpot's error shape ([`crate::error`]), and the request's metrics.
 
