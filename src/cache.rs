@@ -1,5 +1,6 @@
-//! Answers kept in memory (terminal ones, and optionally a short micro-cache of the rest), and
-//! single-flight: concurrent misses of one key share one upstream call.
+//! Answers kept in memory (terminal ones, HubSpot's 404s for a while, optionally a short
+//! micro-cache of the rest, and the last non-terminal answer to stand in for a HubSpot
+//! failure), and single-flight: concurrent misses of one key share one upstream call.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +29,10 @@ pub struct Stored {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub stored_at: Instant,
-    ttl: Duration,
+    /// Served as a HIT while younger than this.
+    fresh_for: Duration,
+    /// May stand in for a HubSpot failure while younger than this.
+    stale_for: Duration,
     /// The HubSpot account whose token fetched it; an answer is never served to another.
     hub_id: Option<u64>,
 }
@@ -48,15 +52,18 @@ pub enum CacheOutcome {
     Coalesced = 2,
     /// The request never reached the cache (refused before it).
     None = 3,
+    /// HubSpot failed; the last answer seen stood in for the failure.
+    Stale = 4,
 }
 
 impl CacheOutcome {
     /// Every outcome, in the order of their discriminants.
-    pub const ALL: [CacheOutcome; 4] = [
+    pub const ALL: [CacheOutcome; 5] = [
         CacheOutcome::Hit,
         CacheOutcome::Miss,
         CacheOutcome::Coalesced,
         CacheOutcome::None,
+        CacheOutcome::Stale,
     ];
 
     /// The `cache` label of the request metrics.
@@ -66,6 +73,7 @@ impl CacheOutcome {
             CacheOutcome::Miss => "miss",
             CacheOutcome::Coalesced => "coalesced",
             CacheOutcome::None => "none",
+            CacheOutcome::Stale => "stale",
         }
     }
 
@@ -76,6 +84,7 @@ impl CacheOutcome {
             CacheOutcome::Miss => Some("MISS"),
             CacheOutcome::Coalesced => Some("COALESCED"),
             CacheOutcome::None => None,
+            CacheOutcome::Stale => Some("STALE"),
         }
     }
 }
@@ -123,6 +132,8 @@ pub struct AnswerCache<E> {
     flights: Arc<Flights<E>>,
     terminal_ttl: Duration,
     pending_ttl: Duration,
+    stale_if_error: Duration,
+    missing_ttl: Duration,
     /// The HubSpot account whose answers are stored; 0 until the first token is seen.
     hub_id: AtomicU64,
 }
@@ -136,7 +147,7 @@ impl moka::Expiry<StatusRequest, Arc<Stored>> for PerEntryTtl {
         value: &Arc<Stored>,
         _: Instant,
     ) -> Option<Duration> {
-        Some(value.ttl)
+        Some(value.kept_for())
     }
 }
 
@@ -156,6 +167,8 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
             flights: Arc::new(Mutex::new(HashMap::new())),
             terminal_ttl: config.terminal_ttl,
             pending_ttl: config.pending_ttl,
+            stale_if_error: config.stale_if_error,
+            missing_ttl: config.missing_ttl,
             hub_id: AtomicU64::new(0),
         }
     }
@@ -192,9 +205,13 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
                 let stored = Arc::new(stored);
                 // A fetch that started with the previous account's token finishes after the
                 // account changed: its answer goes to its callers but is not kept.
-                if !stored.ttl.is_zero() && self.same_hub(&stored) {
+                if stored.is_stored() && self.same_hub(&stored) {
                     self.store
                         .insert(leader.key.clone(), Arc::new(stored.for_keeping()));
+                } else if !is_failure(stored.status) {
+                    // HubSpot said something newer than the entry kept (a 403, a status the
+                    // gateway does not keep): the old answer must not stand in for it later.
+                    self.store.invalidate(&leader.key);
                 }
                 Ok(stored)
             }
@@ -205,7 +222,12 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
         leader.tx.send_replace(Some(outcome));
     }
 
-    /// Wraps an upstream answer for storing; its TTL says whether and how long it is kept.
+    /// Wraps an upstream answer for storing; its windows say whether and how long it is a
+    /// HIT, and whether it may later stand in for a failure.
+    ///
+    /// A PENDING/PROCESSING answer is a HIT within `pending_ttl` and may stand in within
+    /// `stale_if_error`, each counted from when it was fetched: past the first and within
+    /// the second it is asked again, and kept for the case HubSpot then fails.
     pub fn entry(
         &self,
         status: StatusCode,
@@ -213,26 +235,45 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
         body: Bytes,
         hub_id: Option<u64>,
     ) -> Stored {
-        let ttl = match (status, task_status(&body)) {
-            (StatusCode::OK, Some("COMPLETE" | "CANCELED")) => self.terminal_ttl,
-            (StatusCode::OK, Some(_)) => self.pending_ttl,
-            _ => Duration::ZERO,
+        let (fresh_for, stale_for) = match (status, task_status(&body)) {
+            (StatusCode::OK, Some("COMPLETE" | "CANCELED")) => (self.terminal_ttl, Duration::ZERO),
+            (StatusCode::OK, Some("PENDING" | "PROCESSING")) => {
+                (self.pending_ttl, self.stale_if_error)
+            }
+            (StatusCode::OK, Some(_)) => (self.pending_ttl, Duration::ZERO),
+            (StatusCode::NOT_FOUND, _) => (self.missing_ttl, Duration::ZERO),
+            _ => (Duration::ZERO, Duration::ZERO),
         };
         Stored {
             status,
             headers,
             body,
             stored_at: Instant::now(),
-            ttl,
+            fresh_for,
+            stale_for,
             hub_id,
         }
     }
 
-    /// A stored answer, unless it belongs to another HubSpot account than the current one.
+    /// A stored answer young enough to be a HIT, of the current HubSpot account.
     fn get(&self, key: &StatusRequest) -> Option<Arc<Stored>> {
-        let hit = self.store.get(key)?;
-        if self.same_hub(&hit) {
-            Some(hit)
+        self.kept(key)
+            .filter(|s| s.stored_at.elapsed() < s.fresh_for)
+    }
+
+    /// The last answer seen for `key`, when it may stand in for a HubSpot failure: a
+    /// non-terminal 200 of the current HubSpot account younger than `stale_if_error`.
+    pub fn stale(&self, key: &StatusRequest) -> Option<Arc<Stored>> {
+        self.kept(key)
+            .filter(|s| s.stored_at.elapsed() < s.stale_for)
+    }
+
+    /// The entry kept for `key`, unless it belongs to another HubSpot account than the
+    /// current one (then it is dropped).
+    fn kept(&self, key: &StatusRequest) -> Option<Arc<Stored>> {
+        let kept = self.store.get(key)?;
+        if self.same_hub(&kept) {
+            Some(kept)
         } else {
             self.store.invalidate(key);
             None
@@ -263,9 +304,14 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
 }
 
 impl Stored {
-    /// Whether this answer was kept (and so can be a HIT later).
+    /// Whether this answer was kept (as a HIT later, or to stand in for a failure).
     pub fn is_stored(&self) -> bool {
-        !self.ttl.is_zero()
+        !self.kept_for().is_zero()
+    }
+
+    /// How long the cache keeps it: the longer of its two windows.
+    fn kept_for(&self) -> Duration {
+        self.fresh_for.max(self.stale_for)
     }
 
     /// The copy the cache keeps: its own bytes, and only the headers a HIT sends.
@@ -292,10 +338,17 @@ impl Stored {
             headers,
             body: Bytes::copy_from_slice(&self.body),
             stored_at: self.stored_at,
-            ttl: self.ttl,
+            fresh_for: self.fresh_for,
+            stale_for: self.stale_for,
             hub_id: self.hub_id,
         }
     }
+}
+
+/// Whether HubSpot's answer is a failure the last answer seen may stand in for (a 5xx, or
+/// its 429) rather than news about the task.
+pub fn is_failure(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
 }
 
 fn weight(key: &StatusRequest, value: &Arc<Stored>) -> u32 {
@@ -376,23 +429,71 @@ mod tests {
         assert!(cache.flights.lock().expect("lock").is_empty());
     }
 
+    /// With the default windows: terminal answers are HITs; PENDING/PROCESSING answers are
+    /// not HITs but may stand in for a failure; HubSpot's 404 is a HIT for `missing_ttl` and
+    /// never stands in; anything else is not kept.
     #[test]
-    fn only_terminal_answers_are_kept_by_default() {
-        let cache: AnswerCache<()> = AnswerCache::new(&CacheConfig::default());
-        let e = |body: &'static str| {
-            cache.entry(StatusCode::OK, HeaderMap::new(), Bytes::from(body), None)
+    fn default_windows_by_kind_of_answer() {
+        let config = CacheConfig::default();
+        let cache: AnswerCache<()> = AnswerCache::new(&config);
+        let e = |status: StatusCode, body: &'static str| {
+            let s = cache.entry(status, HeaderMap::new(), Bytes::from(body), None);
+            (s.is_stored(), s.fresh_for, s.stale_for)
         };
-        assert!(e(r#"{"status":"COMPLETE","taskId":"a"}"#).is_stored());
-        assert!(e(r#"{"taskId":"a","status":"CANCELED"}"#).is_stored());
-        assert!(!e(r#"{"status":"PENDING"}"#).is_stored());
-        assert!(!e(r#"{"status":"SOMETHING_NEW"}"#).is_stored());
-        assert!(!e("not json").is_stored());
-        let not_ok = cache.entry(
-            StatusCode::NOT_FOUND,
-            HeaderMap::new(),
-            Bytes::from(r#"{"status":"COMPLETE"}"#),
-            None,
+        let zero = Duration::ZERO;
+        let terminal = (true, config.terminal_ttl, zero);
+        assert_eq!(
+            e(StatusCode::OK, r#"{"status":"COMPLETE","taskId":"a"}"#),
+            terminal
         );
-        assert!(!not_ok.is_stored());
+        assert_eq!(
+            e(StatusCode::OK, r#"{"taskId":"a","status":"CANCELED"}"#),
+            terminal
+        );
+        let pending = (true, zero, config.stale_if_error);
+        assert_eq!(e(StatusCode::OK, r#"{"status":"PENDING"}"#), pending);
+        assert_eq!(e(StatusCode::OK, r#"{"status":"PROCESSING"}"#), pending);
+        let missing = (true, config.missing_ttl, zero);
+        assert_eq!(e(StatusCode::NOT_FOUND, r#"{"status":"error"}"#), missing);
+        let nothing = (false, zero, zero);
+        assert_eq!(e(StatusCode::OK, r#"{"status":"SOMETHING_NEW"}"#), nothing);
+        assert_eq!(e(StatusCode::OK, "not json"), nothing);
+        assert_eq!(
+            e(StatusCode::SERVICE_UNAVAILABLE, r#"{"status":"PENDING"}"#),
+            nothing
+        );
+        assert_eq!(
+            e(StatusCode::FORBIDDEN, r#"{"status":"COMPLETE"}"#),
+            nothing
+        );
+    }
+
+    /// A PENDING answer past `pending_ttl` is no longer a HIT but still stands in within
+    /// `stale_if_error`; a later answer that is news (a 403) replaces it, so the old one never
+    /// stands in for a failure after it, while a HubSpot 5xx leaves it in place.
+    #[test]
+    fn a_pending_answer_stands_in_until_news_arrives() {
+        let config = CacheConfig {
+            pending_ttl: Duration::from_millis(1),
+            ..CacheConfig::default()
+        };
+        let cache: AnswerCache<()> = AnswerCache::new(&config);
+        let complete_with = |status: StatusCode, body: &'static str| {
+            let Flight::Lead(leader) = cache.lookup(&key("p")) else {
+                panic!("no fresh answer, so the caller leads");
+            };
+            let entry = cache.entry(status, HeaderMap::new(), Bytes::from(body), None);
+            cache.complete(leader, Ok(entry));
+        };
+        complete_with(StatusCode::OK, r#"{"status":"PENDING"}"#);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(cache.stale(&key("p")).is_some());
+        complete_with(StatusCode::SERVICE_UNAVAILABLE, "{}");
+        assert!(cache.stale(&key("p")).is_some(), "a failure is not news");
+        complete_with(StatusCode::FORBIDDEN, "{}");
+        assert!(
+            cache.stale(&key("p")).is_none(),
+            "a newer answer replaced it"
+        );
     }
 }

@@ -413,6 +413,14 @@ pub struct CacheConfig {
     /// Non-terminal answers are kept this long; 0 (the default) keeps none.
     #[serde(with = "duration")]
     pub pending_ttl: Duration,
+    /// The last PENDING/PROCESSING answer stands in for a HubSpot failure while younger than
+    /// this (`X-Cache: STALE`); 0 turns it off.
+    #[serde(with = "duration")]
+    pub stale_if_error: Duration,
+    /// HubSpot's 404 for a task is answered from memory this long, per HubSpot account; 0
+    /// asks HubSpot every time.
+    #[serde(with = "duration")]
+    pub missing_ttl: Duration,
 }
 
 impl Default for CacheConfig {
@@ -421,6 +429,8 @@ impl Default for CacheConfig {
             max_bytes: 64 << 20,
             terminal_ttl: Duration::from_secs(24 * 3600),
             pending_ttl: Duration::ZERO,
+            stale_if_error: Duration::from_secs(300),
+            missing_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -631,7 +641,7 @@ impl Config {
     }
 
     /// Every duration with the range it must lie in.
-    fn durations(&self) -> [(&'static str, Duration, RangeInclusive<Duration>); 10] {
+    fn durations(&self) -> [(&'static str, Duration, RangeInclusive<Duration>); 12] {
         let s = &self.server;
         [
             (
@@ -677,6 +687,17 @@ impl Config {
             (
                 "cache.pending_ttl",
                 self.cache.pending_ttl,
+                Duration::ZERO..=DAY,
+            ),
+            // 0 turns each off.
+            (
+                "cache.stale_if_error",
+                self.cache.stale_if_error,
+                Duration::ZERO..=DAY,
+            ),
+            (
+                "cache.missing_ttl",
+                self.cache.missing_ttl,
                 Duration::ZERO..=DAY,
             ),
         ]

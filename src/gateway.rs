@@ -8,7 +8,9 @@
 //! 5. **token**: the verified HubSpot token in service (or 503);
 //! 6. **upstream**: HubSpot is asked within the deadline and the rate budget; a 401 forces
 //!    one token refresh and one retry, a 403 `MISSING_SCOPES` a re-verification;
-//! 7. **classify**: the answer is kept (terminal, or micro-cached) or only passed on;
+//! 7. **classify**: the answer is kept (terminal, a 404 for `missing_ttl`, a non-terminal
+//!    one for `pending_ttl` and `stale_if_error`) or only passed on; when HubSpot failed,
+//!    the last non-terminal answer within `stale_if_error` stands in (STALE);
 //! 8. **respond**: HubSpot's status and body with the gateway's cache headers, or the
 //!    failure in HubSpot's error shape ([`crate::error`]), and the request's metrics.
 
@@ -25,7 +27,7 @@ use hyper::{Request, Response, StatusCode};
 
 use crate::auth::{Authenticator, PeerCertName};
 use crate::cache::{AnswerCache, CacheOutcome, Flight, Outcome, Stored};
-use crate::error::GatewayError;
+use crate::error::{Fault, GatewayError};
 use crate::metrics::{Metrics, RequestSeries};
 use crate::route::{StatusRequest, match_route};
 use crate::token::{ActiveToken, TokenError, TokenManager};
@@ -52,6 +54,8 @@ struct Handled {
     client: Arc<str>,
     cache: CacheOutcome,
     result: Result<Arc<Stored>, Arc<GatewayError>>,
+    /// For a STALE answer: the status the caller would have got without it.
+    fwd_status: Option<StatusCode>,
 }
 
 impl Gateway {
@@ -86,7 +90,7 @@ impl Gateway {
         let request_id = request_id(req.headers());
         let handled = self.clone().answer(&req, &request_id).await;
         let mut response = match &handled.result {
-            Ok(stored) => self.reply(stored, handled.cache),
+            Ok(stored) => self.reply(stored, handled.cache, handled.fwd_status),
             Err(e) => e.to_response(&uuid::Uuid::new_v4().to_string()),
         };
         if req.method() == hyper::Method::HEAD {
@@ -126,6 +130,7 @@ impl Gateway {
             client: Arc::from(client),
             cache: CacheOutcome::None,
             result: Err(Arc::new(e)),
+            fwd_status: None,
         };
         // 1. route
         let key = match match_route(req.method(), req.uri().path()) {
@@ -153,6 +158,7 @@ impl Gateway {
                     client,
                     cache: CacheOutcome::Hit,
                     result: Ok(stored),
+                    fwd_status: None,
                 };
             }
             Flight::Follow(rx) => {
@@ -163,6 +169,7 @@ impl Gateway {
                 let rx = leader.rx.clone();
                 let gateway = self.clone();
                 let request_id = request_id.clone();
+                let key = key.clone();
                 // The fetch runs in its own task, so a leader that hangs up does not cancel it
                 // for the followers. Should it panic, dropping `leader` ends the flight and
                 // its callers get an internal error at once.
@@ -174,10 +181,22 @@ impl Gateway {
             }
         };
         let result = wait(rx, self.request_timeout + Duration::from_secs(1)).await;
+        // HubSpot failed: the last answer seen, if recent enough, serves instead.
+        if let Some(failed) = hubspot_failure(&result)
+            && let Some(stale) = self.cache.stale(&key)
+        {
+            return Handled {
+                client,
+                cache: CacheOutcome::Stale,
+                result: Ok(stale),
+                fwd_status: Some(failed),
+            };
+        }
         Handled {
             client,
             cache,
             result,
+            fwd_status: None,
         }
     }
 
@@ -228,22 +247,43 @@ impl Gateway {
             .await
     }
 
-    /// Step 8: the stored answer as a response, with the gateway's cache headers.
-    fn reply(&self, stored: &Stored, cache: CacheOutcome) -> Response<Full<Bytes>> {
+    /// Step 8: the stored answer as a response, with the gateway's cache headers;
+    /// `fwd_status` is what a STALE answer stands in for.
+    fn reply(
+        &self,
+        stored: &Stored,
+        cache: CacheOutcome,
+        fwd_status: Option<StatusCode>,
+    ) -> Response<Full<Bytes>> {
         let mut response = Response::new(Full::new(stored.body.clone()));
         *response.status_mut() = stored.status;
         let headers = response.headers_mut();
+        let from_memory = matches!(cache, CacheOutcome::Hit | CacheOutcome::Stale);
         for (name, value) in &stored.headers {
             let rate_header = name.as_str().starts_with("x-hubspot-ratelimit-");
-            if !(rate_header && cache == CacheOutcome::Hit) {
+            if !(rate_header && from_memory) {
                 headers.append(name, value.clone());
             }
         }
+        if from_memory {
+            let age = stored.stored_at.elapsed().as_secs();
+            headers.insert(header::AGE, HeaderValue::from(age));
+        }
         let cache_status = match cache {
-            CacheOutcome::Hit => {
-                let age = stored.stored_at.elapsed().as_secs();
-                headers.insert(header::AGE, HeaderValue::from(age));
-                "hubspot-files-gateway; hit"
+            CacheOutcome::Hit => "hubspot-files-gateway; hit",
+            CacheOutcome::Stale => {
+                let value = match fwd_status {
+                    Some(status) => format!(
+                        "hubspot-files-gateway; fwd=stale; fwd-status={}",
+                        status.as_u16()
+                    ),
+                    None => "hubspot-files-gateway; fwd=stale".to_owned(),
+                };
+                // A status code is three digits: always a valid header value.
+                if let Ok(value) = HeaderValue::from_str(&value) {
+                    headers.insert(CACHE_STATUS, value);
+                }
+                return response;
             }
             CacheOutcome::Coalesced => "hubspot-files-gateway; fwd=miss; collapsed",
             CacheOutcome::Miss | CacheOutcome::None if stored.is_stored() => {
@@ -353,6 +393,19 @@ pub struct UpstreamHold {
     /// What HubSpot asked for, when capped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub asked_seconds: Option<f64>,
+}
+
+/// The status the caller would get for `result` when it is HubSpot failing (unreachable,
+/// too slow, a 5xx or 429, the rate budget refusing the call), which the last answer seen
+/// may stand in for. Never for the caller's own fault or the gateway's credential.
+fn hubspot_failure(result: &Outcome<GatewayError>) -> Option<StatusCode> {
+    match result {
+        Ok(answer) => crate::cache::is_failure(answer.status).then_some(answer.status),
+        Err(e) => match e.fault() {
+            Fault::Upstream => Some(e.to_response("").status()),
+            Fault::Client | Fault::Credential | Fault::Internal => None,
+        },
+    }
 }
 
 /// Whether a 403 body is HubSpot's `MISSING_SCOPES` error.

@@ -351,9 +351,9 @@ impl Default for Metrics {
 pub struct RequestSeries {
     requests_total: IntCounterVec,
     /// `requests_total{client, code="200", cache}` per configured client, by outcome.
-    ok: HashMap<Arc<str>, [IntCounter; 4]>,
+    ok: HashMap<Arc<str>, [IntCounter; CacheOutcome::ALL.len()]>,
     /// `request_duration_seconds{cache}` by outcome.
-    duration: [Histogram; 4],
+    duration: [Histogram; CacheOutcome::ALL.len()],
 }
 
 impl RequestSeries {
