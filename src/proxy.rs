@@ -254,7 +254,8 @@ impl Route {
 /// proxy URL may hold a password.
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    #[error("upstream.proxy: {0}")]
+    /// The password could not be read; the message names the key.
+    #[error("{0}")]
     Password(String),
     #[error(
         "upstream.proxy = \"env\": the {0} variable is not a proxy URL the gateway can use (http://host[:port])"
