@@ -441,3 +441,66 @@ async fn tls_to_hubspot_runs_inside_the_tunnel() {
         assert!(!clear.contains(word), "{word} in clear inside the tunnel");
     }
 }
+
+/// `check-config` reads the proxy password (a missing one is exit 64 naming the key, never
+/// the path's secret), `--without-secrets` skips it, and a proxy URL with a user and
+/// password is refused without the password appearing in the output.
+#[test]
+fn check_config_reads_the_proxy_password_and_refuses_userinfo() {
+    let dir = temp_dir("proxy-check");
+    let run = |text: &str, extra: &[&str]| {
+        let config = dir.join("gateway.toml");
+        std::fs::write(&config, text).expect("config");
+        let out = Command::new(BIN)
+            .arg("check-config")
+            .args(extra)
+            .arg("--config")
+            .arg(&config)
+            .envs(TOKEN_ENV)
+            .output()
+            .expect("check-config runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let password = dir.join("proxy-password");
+    let with_proxy = |proxy: &str| {
+        config_toml("https://api.hubapi.com", TOKEN_FROM_ENV).replace(
+            "[upstream]\n",
+            &format!(
+                "[upstream]\nproxy = \"{proxy}\"\nproxy_username = \"gw\"\nproxy_password_file = \"{}\"\n",
+                password.display()
+            ),
+        )
+    };
+    let good = with_proxy("http://proxy.internal:3128");
+
+    let (code, out) = run(&good, &[]);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("upstream.proxy_password_file"), "{out}");
+    let (code, out) = run(&good, &["--without-secrets"]);
+    assert_eq!(code, Some(0), "{out}");
+
+    std::fs::write(&password, "chk-MARKER-33aa\n").expect("password");
+    let (code, out) = run(&good, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("proxy = \"http://proxy.internal:3128\""),
+        "{out}"
+    );
+    assert!(!out.contains("chk-MARKER"), "{out}");
+
+    let (code, out) = run(
+        &with_proxy("http://gw:url-MARKER-77@proxy.internal:3128"),
+        &[],
+    );
+    assert_eq!(code, Some(64), "{out}");
+    assert!(
+        out.contains("upstream.proxy must not carry a user or password"),
+        "{out}"
+    );
+    assert!(!out.contains("url-MARKER"), "{out}");
+}
