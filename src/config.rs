@@ -706,12 +706,7 @@ impl Config {
             ("static_token_env", &t.static_token_env),
         ] {
             let Some(var) = var else { continue };
-            let mut bytes = var.bytes();
-            let ok = bytes
-                .next()
-                .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-                && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !ok {
+            if !is_variable_name(var) {
                 // Not echoed: a value that is not a variable name may be the secret itself.
                 invalid(format!(
                     "token.{name} must name an environment variable (letters, digits, _)"
@@ -979,6 +974,30 @@ pub fn read_secret(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Secret, String> {
     read_keyed_secret(&format!("token.{name}"), file, var, env)
+}
+
+/// [`read_keyed_secret`] for a secret that may be left unset: `None` when neither
+/// `{key}_file` nor `{key}_env` is configured.
+pub fn read_optional_secret(
+    key: &str,
+    file: &Option<PathBuf>,
+    var: &Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Secret>, String> {
+    if file.is_none() && var.is_none() {
+        return Ok(None);
+    }
+    read_keyed_secret(key, file, var, env).map(Some)
+}
+
+/// Whether `var` can name an environment variable (letters, digits, `_`, not starting
+/// with a digit). A `_env` value that is not one may be the secret itself, pasted there.
+pub fn is_variable_name(var: &str) -> bool {
+    let mut bytes = var.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// [`read_secret`] for the secret whose keys are `{key}_file` / `{key}_env`, `key` written

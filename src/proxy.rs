@@ -17,7 +17,7 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
-use crate::config::{BaseUrl, UpstreamConfig, read_keyed_secret};
+use crate::config::{BaseUrl, UpstreamConfig, is_variable_name, read_optional_secret};
 use crate::secret::Secret;
 
 /// `upstream.proxy`: how connections to HubSpot leave the cluster.
@@ -164,30 +164,18 @@ pub fn problems(upstream: &UpstreamConfig) -> Vec<String> {
     problems
 }
 
-fn is_variable_name(var: &str) -> bool {
-    let mut bytes = var.bytes();
-    bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
-}
-
 /// The proxy password from its file or environment variable, if one is configured. The
 /// error names the key, never the path, the variable or the secret.
 pub fn password(
     upstream: &UpstreamConfig,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<Secret>, String> {
-    if upstream.proxy_password_file.is_none() && upstream.proxy_password_env.is_none() {
-        return Ok(None);
-    }
-    read_keyed_secret(
+    read_optional_secret(
         "upstream.proxy_password",
         &upstream.proxy_password_file,
         &upstream.proxy_password_env,
         env,
     )
-    .map(Some)
 }
 
 /// What `check-config` finds wrong with the route: the proxy password (with `secrets`) and,
