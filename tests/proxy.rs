@@ -340,6 +340,41 @@ async fn a_refused_proxy_password_is_a_502_without_secrets() {
     }
 }
 
+/// A gateway whose proxy password is wrong from the start obtains no token through the
+/// proxy: it stays unready and callers get a 503 `TOKEN_UNAVAILABLE`, HubSpot sees nothing,
+/// and the password is in no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_proxy_password_at_start_leaves_no_token() {
+    const WRONG: &str = "pxy-WRONG-MARKER-c0de";
+    let dir = temp_dir("proxy-wrong");
+    let sim = simulator(SimConfig::default()).await;
+    let proxy = Tinyproxy::start(&dir, sim_port(&sim), Some(("gateway", "the-right-one"))).await;
+    let password_file = dir.join("proxy-password");
+    std::fs::write(&password_file, WRONG).expect("password file");
+    let mut config = config(&sim.base_url());
+    config.upstream.proxy = proxy.url().parse().expect("proxy URL");
+    config.upstream.proxy_username = Some("gateway".into());
+    config.upstream.proxy_password_file = Some(password_file);
+    let gw = gateway(config, oauth()).await;
+    wait_for(
+        || async { proxy.log().contains("CONNECT ") },
+        "the gateway asked the proxy for a tunnel",
+    )
+    .await;
+    let reply = get(&gw.status_url("complete-wrong")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.json()["category"], "TOKEN_UNAVAILABLE");
+    let readyz = send(Method::GET, &gw.admin_url("/readyz"), &[]).await;
+    assert_eq!(readyz.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(stats(&sim).await["status_requests"], 0);
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("gateway:{WRONG}"));
+    for output in [&reply.body, &readyz.body] {
+        let text = String::from_utf8_lossy(output);
+        assert!(!text.contains(WRONG) && !text.contains(&encoded), "{text}");
+    }
+    gw.stop().await;
+}
+
 /// `proxy = "env"` takes `HTTP_PROXY` from the process environment for an http base URL,
 /// and goes direct when `NO_PROXY` covers HubSpot's host: the proxy then logs no CONNECT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
