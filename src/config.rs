@@ -210,6 +210,14 @@ pub struct UpstreamConfig {
     /// cut to this (logged, shown on `/readyz`). `DAILY` holds last until the daily reset.
     #[serde(with = "duration")]
     pub max_hold: Duration,
+    /// Unset: straight to HubSpot; `"env"`: the proxy variables; or `http://host[:port]`.
+    #[serde(skip_serializing_if = "crate::proxy::ProxySetting::is_direct")]
+    pub proxy: crate::proxy::ProxySetting,
+    /// The user the proxy knows the gateway as (Basic authentication on the CONNECT).
+    pub proxy_username: Option<String>,
+    /// The proxy password: a file (a mounted secret) or an environment variable's name.
+    pub proxy_password_file: Option<PathBuf>,
+    pub proxy_password_env: Option<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -220,6 +228,10 @@ impl Default for UpstreamConfig {
             request_timeout: Duration::from_secs(10),
             rate_limit: RateLimit::default(),
             max_hold: Duration::from_secs(60),
+            proxy: crate::proxy::ProxySetting::Direct,
+            proxy_username: None,
+            proxy_password_file: None,
+            proxy_password_env: None,
         }
     }
 }
@@ -603,6 +615,9 @@ impl Config {
             ));
         }
         self.server.validate_limits(&mut invalid);
+        crate::proxy::problems(&self.upstream)
+            .into_iter()
+            .for_each(&mut invalid);
         if let Some(cluster) = &self.cluster {
             cluster
                 .problems(self.upstream.request_timeout)
@@ -712,12 +727,7 @@ impl Config {
             ("static_token_env", &t.static_token_env),
         ] {
             let Some(var) = var else { continue };
-            let mut bytes = var.bytes();
-            let ok = bytes
-                .next()
-                .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-                && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !ok {
+            if !is_variable_name(var) {
                 // Not echoed: a value that is not a variable name may be the secret itself.
                 invalid(format!(
                     "token.{name} must name an environment variable (letters, digits, _)"
@@ -854,6 +864,7 @@ impl Config {
         if secrets && let Err(ConfigError::Invalid(p)) = self.credentials(env) {
             problems.extend(p.0);
         }
+        problems.extend(crate::proxy::check(&self.upstream, secrets, env));
         if let Some(files) = crate::tls::TlsFiles::from_config(&self.server) {
             // Read problems are reported per file; only if all read does building mean more.
             let mut readable = true;
@@ -983,18 +994,52 @@ pub fn read_secret(
     var: &Option<String>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Secret, String> {
+    read_keyed_secret(&format!("token.{name}"), file, var, env)
+}
+
+/// [`read_keyed_secret`] for a secret that may be left unset: `None` when neither
+/// `{key}_file` nor `{key}_env` is configured.
+pub fn read_optional_secret(
+    key: &str,
+    file: &Option<PathBuf>,
+    var: &Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Option<Secret>, String> {
+    if file.is_none() && var.is_none() {
+        return Ok(None);
+    }
+    read_keyed_secret(key, file, var, env).map(Some)
+}
+
+/// Whether `var` can name an environment variable (letters, digits, `_`, not starting
+/// with a digit). A `_env` value that is not one may be the secret itself, pasted there.
+pub fn is_variable_name(var: &str) -> bool {
+    let mut bytes = var.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// [`read_secret`] for the secret whose keys are `{key}_file` / `{key}_env`, `key` written
+/// out with its section (`upstream.proxy_password`).
+pub fn read_keyed_secret(
+    key: &str,
+    file: &Option<PathBuf>,
+    var: &Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Secret, String> {
     let raw = match (file, var) {
         (Some(path), _) => std::fs::read_to_string(path)
-            .map_err(|e| format!("token.{name}_file: cannot read the file: {e}"))?,
-        (None, Some(var)) => env(var).ok_or_else(|| {
-            format!("token.{name}_env names an environment variable that is not set")
-        })?,
-        (None, None) => return Err(format!("token.{name}: no _file or _env configured")),
+            .map_err(|e| format!("{key}_file: cannot read the file: {e}"))?,
+        (None, Some(var)) => env(var)
+            .ok_or_else(|| format!("{key}_env names an environment variable that is not set"))?,
+        (None, None) => return Err(format!("{key}: no _file or _env configured")),
     };
     let value = raw.trim();
     if value.is_empty() {
         let source = if file.is_some() { "file" } else { "env" };
-        return Err(format!("token.{name}_{source}: the secret is empty"));
+        return Err(format!("{key}_{source}: the secret is empty"));
     }
     Ok(Secret::new(value))
 }

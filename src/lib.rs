@@ -9,6 +9,7 @@
 //! - [`cache`]: terminal answers in memory, and single-flight for every miss.
 //! - [`token`]: the HubSpot credential: refresh ahead of expiry, scope verification.
 //! - [`upstream`]: the pooled HubSpot client: deadlines, retries, the rate budget.
+//! - [`proxy`]: the outbound proxy HubSpot connections may have to tunnel through.
 //! - [`error`]: the one place failures become HubSpot-shaped responses.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`config`], [`secret`]: the TOML config and credentials that never print.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod metrics;
+pub mod proxy;
 pub mod reload;
 pub mod route;
 pub mod secret;

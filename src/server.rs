@@ -46,7 +46,7 @@ pub enum RunError {
     #[error("TLS setup failed: {0}")]
     Tls(#[from] TlsError),
     #[error("HubSpot client setup failed: {0}")]
-    Upstream(#[source] rustls::Error),
+    Upstream(#[source] crate::upstream::SetupError),
 }
 
 /// The two bound sockets.

@@ -16,6 +16,7 @@ use rand::Rng;
 
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
+use crate::proxy::Egress;
 use crate::route::StatusRequest;
 use crate::secret::Secret;
 
@@ -221,9 +222,18 @@ pub enum RequestError {
     Bearer(#[source] InvalidHeaderValue),
 }
 
+/// Why the HubSpot client cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::RouteError),
+}
+
 /// The pooled client every call to HubSpot goes through.
 pub struct HubSpot {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<Egress>, Full<Bytes>>,
     scheme: hyper::http::uri::Scheme,
     authority: hyper::http::uri::Authority,
     base_path: String,
@@ -235,17 +245,32 @@ pub struct HubSpot {
 }
 
 impl HubSpot {
-    /// Builds the client from validated config.
-    pub fn new(config: &UpstreamConfig, metrics: Metrics) -> Result<HubSpot, rustls::Error> {
+    /// Builds the client from validated config, reading the proxy password and proxy
+    /// variables from the process environment.
+    pub fn new(config: &UpstreamConfig, metrics: Metrics) -> Result<HubSpot, SetupError> {
+        HubSpot::with_env(config, metrics, &|name| std::env::var(name).ok())
+    }
+
+    /// [`HubSpot::new`] with `env` standing for the process environment.
+    pub fn with_env(
+        config: &UpstreamConfig,
+        metrics: Metrics,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<HubSpot, SetupError> {
+        let route = crate::proxy::route(config, env)?;
+        if let Some(proxy) = route.proxy() {
+            tracing::info!(%proxy, "HubSpot connections tunnel through the proxy");
+        }
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.connect_timeout));
+        // TLS wraps the tunnel, so it runs from the gateway to HubSpot end to end.
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())?
             .https_or_http()
             .enable_all_versions()
-            .wrap_connector(http);
+            .wrap_connector(Egress::new(&route, http));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)

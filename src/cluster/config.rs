@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{duration, read_secret};
+use crate::config::{duration, read_optional_secret};
 use crate::secret::Secret;
 
 /// `[cluster]`: the Redis (or Valkey) every replica shares. Absent, each replica keeps its own
@@ -147,17 +147,13 @@ impl ClusterConfig {
     /// The Redis password from its file or environment variable, if one is configured. The
     /// error is the config module's message (never the secret).
     pub fn password(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<Secret>, String> {
-        if self.redis_password_file.is_none() && self.redis_password_env.is_none() {
-            return Ok(None);
-        }
-        read_secret(
-            "redis_password",
+        // Named with its section: the problem then points at the right key.
+        read_optional_secret(
+            "cluster.redis_password",
             &self.redis_password_file,
             &self.redis_password_env,
             env,
         )
-        .map(Some)
-        .map_err(|e| e.to_string())
     }
 
     /// This replica's share of an account `limit` while Redis is unreachable (at least 1, so

@@ -71,6 +71,7 @@ it at a temporary directory and run `check-config` on the rendered file.
 */}}
 {{- define "hubspot-files-gateway.configDir" -}}/etc/hubspot-files-gateway/config{{- end }}
 {{- define "hubspot-files-gateway.configPath" -}}{{ include "hubspot-files-gateway.configDir" . }}/gateway.toml{{- end }}
+{{- define "hubspot-files-gateway.proxyDir" -}}{{ .Values.proxy.mountPath | trimSuffix "/" }}{{- end }}
 {{- define "hubspot-files-gateway.tlsDir" -}}{{ .Values.tls.mountPath | trimSuffix "/" }}{{- end }}
 
 {{/*
@@ -169,6 +170,14 @@ file paths, TLS file paths, the per-replica rate limit). Returned as JSON.
 {{- end -}}
 {{- end -}}
 {{- $_ := set $cfg "server" $server -}}
+{{- if .Values.proxy.existingSecret -}}
+{{- $upstream := $cfg.upstream | default dict -}}
+{{- if or (hasKey $upstream "proxy_password_file") (hasKey $upstream "proxy_password_env") -}}
+{{- fail "config.upstream.proxy_password_* is set by the chart from proxy.existingSecret; remove it from config.upstream" -}}
+{{- end -}}
+{{- $_ := set $upstream "proxy_password_file" (printf "%s/password" (include "hubspot-files-gateway.proxyDir" .)) -}}
+{{- $_ := set $cfg "upstream" $upstream -}}
+{{- end -}}
 {{- $budget := .Values.rateLimitBudget -}}
 {{- if gt (float64 $budget.accountRequests) 0.0 -}}
 {{- $upstream := $cfg.upstream | default dict -}}
@@ -252,4 +261,20 @@ whole numbers as integers. Tables come after plain keys, arrays of tables last.
 # Rendered by the hubspot-files-gateway Helm chart from `config:` in values.yaml.
 # Secret values are not here: only paths to the mounted Secret's files.
 {{- include "hubspot-files-gateway.toml.table" (dict "table" $cfg "prefix" "" "order" $order) }}
+{{- end }}
+
+{{/*
+The port of the outbound proxy for the NetworkPolicy: `proxy.port`, else the port of
+`config.upstream.proxy` (80 when it names none); empty when no proxy is set.
+*/}}
+{{- define "hubspot-files-gateway.proxyPort" -}}
+{{- $proxy := ((.Values.config | default dict).upstream | default dict).proxy | default "" | toString -}}
+{{- if gt (int .Values.proxy.port) 0 -}}
+{{- .Values.proxy.port -}}
+{{- else if eq $proxy "env" -}}
+{{- fail "config.upstream.proxy = \"env\" with networkPolicy.enabled: set proxy.port so the NetworkPolicy can let the gateway reach the proxy" -}}
+{{- else if $proxy -}}
+{{- $p := regexFind ":[0-9]+$" (trimSuffix "/" $proxy) | trimPrefix ":" -}}
+{{- $p | default "80" -}}
+{{- end -}}
 {{- end }}
