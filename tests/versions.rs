@@ -39,17 +39,6 @@ async fn seen_paths(sim: &hubspot_sim::RunningSimulator) -> Vec<String> {
         .collect()
 }
 
-/// A simulator without HubSpot's rate limit (these tests count calls) and with `latency` on
-/// every status answer, so concurrent callers overlap.
-async fn slow_simulator(latency: Duration) -> hubspot_sim::RunningSimulator {
-    simulator(SimConfig {
-        latency,
-        rate_limit: None,
-        ..SimConfig::default()
-    })
-    .await
-}
-
 /// Three callers of one PENDING task at once, on v3, 2026-03 and 2026-09: one HubSpot call,
 /// on the default `upstream.api_version` (2026-03); all three get its answer, one as the
 /// MISS that led the call and two as COALESCED.
@@ -57,9 +46,15 @@ async fn slow_simulator(latency: Duration) -> hubspot_sim::RunningSimulator {
 async fn three_versions_at_once_make_one_call_on_the_configured_version() {
     assert_eq!(Config::default().upstream.api_version, ApiVersion::V2026_03);
     // Long enough that the three callers overlap even on a busy machine.
-    let sim = slow_simulator(Duration::from_secs(2)).await;
-    let gw = gateway(config(&sim.base_url()), oauth()).await;
-    wait_ready(&gw).await;
+    let (sim, gw) = start_with(
+        SimConfig {
+            latency: Duration::from_secs(2),
+            rate_limit: None,
+            ..SimConfig::default()
+        },
+        |_| {},
+    )
+    .await;
     let replies = get_all(
         ["v3", "2026-03", "2026-09"]
             .iter()
@@ -106,15 +101,11 @@ async fn one_cache_entry_serves_every_version() {
 #[tokio::test]
 async fn upstream_api_version_decides_the_path() {
     for configured in ApiVersion::ALL {
-        let sim = simulator(SimConfig {
+        let sim = SimConfig {
             rate_limit: None,
             ..SimConfig::default()
-        })
-        .await;
-        let mut cfg = config(&sim.base_url());
-        cfg.upstream.api_version = configured;
-        let gw = gateway(cfg, oauth()).await;
-        wait_ready(&gw).await;
+        };
+        let (sim, gw) = start_with(sim, |c| c.upstream.api_version = configured).await;
         let mut want = Vec::new();
         for caller in ["v3", "2026-03", "2026-09"] {
             let task = format!("processing-{caller}");
@@ -161,25 +152,41 @@ fn assert_refused(result: Result<Config, ConfigError>, key: &str, word: &str) {
     }
 }
 
+/// `[section] key` takes each `accepted` word as its value (read back by `read`) and refuses
+/// each `refused` one.
+fn assert_key_values<T: PartialEq + std::fmt::Debug>(
+    (section, key): (&str, &str),
+    accepted: &[(&str, T)],
+    refused: &[&str],
+    read: impl Fn(&Config) -> &T,
+) {
+    for (word, want) in accepted {
+        let c = toml_with(section, key, word).expect("a published version");
+        assert_eq!(read(&c), want, "{word}");
+    }
+    for word in refused {
+        assert_refused(
+            toml_with(section, key, word),
+            &format!("{section}.{key}"),
+            word,
+        );
+    }
+}
+
 /// `upstream.api_version` in the TOML file takes the three published versions and refuses
 /// any other value.
 #[test]
 fn upstream_api_version_parses_from_toml() {
-    for (word, version) in [
-        ("v3", ApiVersion::V3),
-        ("2026-03", ApiVersion::V2026_03),
-        ("2026-09", ApiVersion::V2026_09),
-    ] {
-        let c = toml_with("upstream", "api_version", word).expect("a published version");
-        assert_eq!(c.upstream.api_version, version);
-    }
-    for word in ["v4", "2026-13", "2026-3", ""] {
-        assert_refused(
-            toml_with("upstream", "api_version", word),
-            "upstream.api_version",
-            word,
-        );
-    }
+    assert_key_values(
+        ("upstream", "api_version"),
+        &[
+            ("v3", ApiVersion::V3),
+            ("2026-03", ApiVersion::V2026_03),
+            ("2026-09", ApiVersion::V2026_09),
+        ],
+        &["v4", "2026-13", "2026-3", ""],
+        |c| &c.upstream.api_version,
+    );
 }
 
 /// OAuth on `token.api` (default 2026-03, then 2026-09 and v3): the token is obtained and
@@ -192,13 +199,12 @@ async fn oauth_runs_on_the_configured_version_end_to_end() {
         (Some(OauthApi::V2026_09), "2026-09"),
         (Some(OauthApi::V3), "v3"),
     ] {
-        let sim = simulator(SimConfig::default()).await;
-        let mut cfg = config(&sim.base_url());
-        if let Some(api) = api {
-            cfg.token.api = api;
-        }
-        let gw = gateway(cfg, oauth()).await;
-        wait_ready(&gw).await;
+        let (sim, gw) = start_with(SimConfig::default(), |c| {
+            if let Some(api) = api {
+                c.token.api = api;
+            }
+        })
+        .await;
         let r = get(&url_on(&gw, "v3", "complete-oauth")).await;
         assert_eq!(r.status, StatusCode::OK, "{version}: {:?}", r.body);
         assert_eq!(r.json()["status"], "COMPLETE");
@@ -222,18 +228,17 @@ async fn oauth_runs_on_the_configured_version_end_to_end() {
 /// `token.api` in the TOML file takes v1, v3, 2026-03 and 2026-09 and refuses anything else.
 #[test]
 fn token_api_parses_from_toml() {
-    for (word, api) in [
-        ("v1", OauthApi::V1),
-        ("v3", OauthApi::V3),
-        ("2026-03", OauthApi::V2026_03),
-        ("2026-09", OauthApi::V2026_09),
-    ] {
-        let c = toml_with("token", "api", word).expect("a published version");
-        assert_eq!(c.token.api, api);
-    }
-    for word in ["v2", "2026-13", "2026-3"] {
-        assert_refused(toml_with("token", "api", word), "token.api", word);
-    }
+    assert_key_values(
+        ("token", "api"),
+        &[
+            ("v1", OauthApi::V1),
+            ("v3", OauthApi::V3),
+            ("2026-03", OauthApi::V2026_03),
+            ("2026-09", OauthApi::V2026_09),
+        ],
+        &["v2", "2026-13", "2026-3"],
+        |c| &c.token.api,
+    );
 }
 
 /// Versions HubSpot never published (`v4`, `2026-13`, ...) are the gateway's 404 in HubSpot's
