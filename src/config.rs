@@ -218,6 +218,8 @@ pub struct UpstreamConfig {
     /// The proxy password: a file (a mounted secret) or an environment variable's name.
     pub proxy_password_file: Option<PathBuf>,
     pub proxy_password_env: Option<String>,
+    /// The version of the status route HubSpot is asked on, whichever one the caller used.
+    pub api_version: crate::route::ApiVersion,
 }
 
 impl Default for UpstreamConfig {
@@ -232,6 +234,7 @@ impl Default for UpstreamConfig {
             proxy_username: None,
             proxy_password_file: None,
             proxy_password_env: None,
+            api_version: crate::route::ApiVersion::default(),
         }
     }
 }
@@ -363,11 +366,21 @@ pub enum TokenMode {
     Static,
 }
 
-/// Which generation of HubSpot's OAuth endpoints to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// Which version of HubSpot's OAuth endpoints to use (`token.api`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 pub enum OauthApi {
+    /// `/oauth/2026-03/token` and `/oauth/2026-03/token/introspect`.
+    #[default]
+    #[serde(rename = "2026-03")]
+    V2026_03,
+    /// `/oauth/2026-09/token` and `/oauth/2026-09/token/introspect`.
+    #[serde(rename = "2026-09")]
+    V2026_09,
+    /// `/oauth/v3/token` and `/oauth/v3/token/introspect`.
+    #[serde(rename = "v3")]
     V3,
+    /// `/oauth/v1/token` and `/oauth/v1/access-tokens/{token}`; HubSpot ends them on 2027-02-16.
+    #[serde(rename = "v1")]
     V1,
 }
 
@@ -400,7 +413,7 @@ impl Default for TokenConfig {
     fn default() -> Self {
         TokenConfig {
             mode: TokenMode::Oauth,
-            api: OauthApi::V3,
+            api: OauthApi::default(),
             required_scopes: vec!["files".into(), "files.ui_hidden.read".into()],
             client_id_file: None,
             client_id_env: None,

@@ -64,7 +64,7 @@ impl GatewayError {
     pub fn to_response(&self, correlation_id: &str) -> Response<Full<Bytes>> {
         let mut extra: Vec<(header::HeaderName, HeaderValue)> = Vec::new();
         let (status, category, message, context) = match self {
-            GatewayError::Route(RouteError::NotFound) => (StatusCode::NOT_FOUND, "OBJECT_NOT_FOUND", "No route for this path. The gateway serves GET /files/{v3|2026-03}/files/import-from-url/async/tasks/{taskId}/status.".to_owned(), None),
+            GatewayError::Route(RouteError::NotFound) => (StatusCode::NOT_FOUND, "OBJECT_NOT_FOUND", "No route for this path. The gateway serves GET /files/{v3|2026-03|2026-09}/files/import-from-url/async/tasks/{taskId}/status.".to_owned(), None),
             GatewayError::Route(RouteError::MethodNotAllowed) => {
                 extra.push((header::ALLOW, HeaderValue::from_static("GET, HEAD")));
                 (StatusCode::METHOD_NOT_ALLOWED, "VALIDATION_ERROR", "Only GET and HEAD are allowed on this route.".to_owned(), None)

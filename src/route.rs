@@ -2,20 +2,41 @@
 
 use std::fmt;
 
-/// The two published versions of the status route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+use serde::{Deserialize, Serialize};
+
+/// The published versions of HubSpot's status route. Callers may use any of them; the
+/// gateway asks HubSpot on the one `upstream.api_version` names, so a caller's version never
+/// decides which HubSpot endpoint is used, nor which cache entry it shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
 pub enum ApiVersion {
+    /// The numbered version, supported by HubSpot until September 2027.
+    #[serde(rename = "v3")]
     V3,
+    /// The first dated version, and the default `upstream.api_version`.
+    #[default]
+    #[serde(rename = "2026-03")]
     V2026_03,
+    /// The second dated version.
+    #[serde(rename = "2026-09")]
+    V2026_09,
 }
 
 impl ApiVersion {
+    /// Every version, oldest first.
+    pub const ALL: [ApiVersion; 3] = [ApiVersion::V3, ApiVersion::V2026_03, ApiVersion::V2026_09];
+
     /// The path segment HubSpot uses for this version.
     pub fn segment(self) -> &'static str {
         match self {
             ApiVersion::V3 => "v3",
             ApiVersion::V2026_03 => "2026-03",
+            ApiVersion::V2026_09 => "2026-09",
         }
+    }
+
+    /// The version whose path segment is `segment`, if HubSpot publishes one.
+    pub fn from_segment(segment: &str) -> Option<ApiVersion> {
+        ApiVersion::ALL.into_iter().find(|v| v.segment() == segment)
     }
 }
 
@@ -49,19 +70,20 @@ impl fmt::Display for TaskId {
     }
 }
 
-/// A request for the status of one import task.
+/// A request for the status of one import task. It holds no version: every version of the
+/// route names the same task, so callers on different versions share one cache entry and one
+/// HubSpot call.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StatusRequest {
-    pub version: ApiVersion,
     pub task_id: TaskId,
 }
 
 impl StatusRequest {
-    /// The path to ask HubSpot for.
-    pub fn upstream_path(&self) -> String {
+    /// The path to ask HubSpot for, on `version` (`upstream.api_version`).
+    pub fn upstream_path(&self, version: ApiVersion) -> String {
         format!(
             "/files/{}/files/import-from-url/async/tasks/{}/status",
-            self.version.segment(),
+            version.segment(),
             self.task_id
         )
     }
@@ -84,11 +106,8 @@ pub fn match_route(method: &hyper::Method, raw_path: &str) -> Result<StatusReque
         .strip_prefix("/files/")
         .ok_or(RouteError::NotFound)?;
     let (version, rest) = rest.split_once('/').ok_or(RouteError::NotFound)?;
-    let version = match version {
-        "v3" => ApiVersion::V3,
-        "2026-03" => ApiVersion::V2026_03,
-        _ => return Err(RouteError::NotFound),
-    };
+    // Any published version is served; its value is not kept (see `StatusRequest`).
+    ApiVersion::from_segment(version).ok_or(RouteError::NotFound)?;
     let rest = rest
         .strip_prefix("files/import-from-url/async/tasks/")
         .ok_or(RouteError::NotFound)?;
@@ -103,7 +122,6 @@ pub fn match_route(method: &hyper::Method, raw_path: &str) -> Result<StatusReque
         .decode_utf8()
         .map_err(|_| RouteError::InvalidTaskId)?;
     Ok(StatusRequest {
-        version,
         task_id: TaskId::parse(&decoded)?,
     })
 }
@@ -117,19 +135,38 @@ mod tests {
         format!("/files/v3/files/import-from-url/async/tasks/{id}/status")
     }
 
+    /// Every published version matches, to one and the same request, and the upstream path
+    /// is built on the version asked for, whatever the caller used.
     #[test]
-    fn both_versions_match() {
+    fn every_version_matches_to_one_request() {
         let r = match_route(&Method::GET, &path("AAAAEZ6whGI")).expect("route");
-        assert_eq!(
-            (r.version, r.task_id.as_str()),
-            (ApiVersion::V3, "AAAAEZ6whGI")
-        );
-        let p = "/files/2026-03/files/import-from-url/async/tasks/a.b~c_d-e/status";
-        let r = match_route(&Method::HEAD, p).expect("route");
-        assert_eq!(r.version, ApiVersion::V2026_03);
-        assert_eq!(r.upstream_path(), p);
+        assert_eq!(r.task_id.as_str(), "AAAAEZ6whGI");
+        let id = "a.b~c_d-e";
+        let requests: Vec<StatusRequest> = ApiVersion::ALL
+            .iter()
+            .map(|v| {
+                let p = format!(
+                    "/files/{}/files/import-from-url/async/tasks/{id}/status",
+                    v.segment()
+                );
+                match_route(&Method::HEAD, &p).expect("route")
+            })
+            .collect();
+        assert!(requests.iter().all(|r| *r == requests[0]), "{requests:?}");
+        for v in ApiVersion::ALL {
+            assert_eq!(
+                requests[0].upstream_path(v),
+                format!(
+                    "/files/{}/files/import-from-url/async/tasks/{id}/status",
+                    v.segment()
+                )
+            );
+            assert_eq!(ApiVersion::from_segment(v.segment()), Some(v));
+        }
+        assert_eq!(ApiVersion::default(), ApiVersion::V2026_03);
     }
 
+    /// Ids that decode to anything but one safe segment are refused after exactly one decode.
     #[test]
     fn hostile_ids_are_rejected_after_one_decode() {
         let long = "a".repeat(129);
@@ -159,9 +196,20 @@ mod tests {
         );
     }
 
+    /// Other paths, unknown versions and other methods are 404 and 405.
     #[test]
     fn other_paths_and_methods() {
         assert_eq!(match_route(&Method::GET, "/"), Err(RouteError::NotFound));
+        for version in ["v4", "2026-13", "2026-3", "V3", "v1", "2025-09", ""] {
+            assert_eq!(
+                match_route(
+                    &Method::GET,
+                    &format!("/files/{version}/files/import-from-url/async/tasks/a/status")
+                ),
+                Err(RouteError::NotFound),
+                "{version}"
+            );
+        }
         assert_eq!(
             match_route(&Method::GET, &path("a/b")),
             Err(RouteError::NotFound)

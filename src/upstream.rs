@@ -237,6 +237,8 @@ pub struct HubSpot {
     scheme: hyper::http::uri::Scheme,
     authority: hyper::http::uri::Authority,
     base_path: String,
+    /// `upstream.api_version`: every status call uses it, whatever the caller's version.
+    api_version: crate::route::ApiVersion,
     request_timeout: Duration,
     user_agent: HeaderValue,
     budget: RateBudget,
@@ -281,6 +283,7 @@ impl HubSpot {
             scheme: base.scheme().clone(),
             authority: base.authority().clone(),
             base_path: base.path().to_owned(),
+            api_version: config.api_version,
             request_timeout: config.request_timeout,
             user_agent: HeaderValue::from_static(concat!(
                 "hubspot-files-gateway/",
@@ -304,7 +307,7 @@ impl HubSpot {
         request_id: &HeaderValue,
         deadline: Instant,
     ) -> Result<Answer, UpstreamError> {
-        let path = req.upstream_path();
+        let path = req.upstream_path(self.api_version);
         let per_try = self.request_timeout / 2;
         let mut attempt = 0;
         let mut last: Option<Result<Answer, UpstreamError>> = None;

@@ -63,7 +63,8 @@ async fn pending_answer_is_asked_every_time() {
     assert_eq!(status_requests(&sim).await, 2);
 }
 
-/// The date-versioned route and HEAD are served; the upstream path keeps the version.
+/// The date-versioned route and HEAD are served; HubSpot is asked on the default
+/// `upstream.api_version`, 2026-03.
 #[tokio::test]
 async fn versioned_route_and_head() {
     let (sim, gw) = start().await;

@@ -3,7 +3,7 @@
 //! (`Retry-After` is parsed inside `upstream`, with no public function to test here.)
 
 use hubspot_files_gateway::config::{Config, bytesize, duration};
-use hubspot_files_gateway::route::{RouteError, match_route};
+use hubspot_files_gateway::route::{ApiVersion, RouteError, match_route};
 use hyper::Method;
 use proptest::prelude::*;
 
@@ -112,7 +112,8 @@ proptest! {
     }
 
     /// An id the parser accepts is one safe path segment: unreserved characters only, not
-    /// `.` or `..`, at most 128 bytes, and the upstream path it makes parses back to it.
+    /// `.` or `..`, at most 128 bytes, and the upstream path it makes on
+    /// every version parses back to it.
     #[test]
     fn accepted_ids_are_one_safe_segment(raw in "([A-Za-z0-9._~/%-]|%[0-9A-Fa-f]{2}|%2[Ff]){0,40}") {
         let path = format!("{PREFIX}{raw}/status");
@@ -122,8 +123,10 @@ proptest! {
                 prop_assert!(!id.is_empty() && id.len() <= 128);
                 prop_assert!(id != "." && id != "..");
                 prop_assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b)), "{id:?}");
-                let again = match_route(&Method::GET, &req.upstream_path());
-                prop_assert_eq!(again, Ok(req.clone()));
+                for version in ApiVersion::ALL {
+                    let again = match_route(&Method::GET, &req.upstream_path(version));
+                    prop_assert_eq!(again, Ok(req.clone()));
+                }
             }
             Err(e) => prop_assert!(matches!(e, RouteError::InvalidTaskId | RouteError::NotFound)),
         }

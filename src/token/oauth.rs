@@ -1,5 +1,5 @@
-//! OAuth mode: the refresh-token grant, verification by introspection (v3) or the v1
-//! access-token info, and the refresh schedule that follows a token's lifetime.
+//! OAuth mode: the refresh-token grant, verification by introspection (v3, 2026-03, 2026-09)
+//! or the v1 access-token info, and the refresh schedule that follows a token's lifetime.
 
 use std::time::{Duration, Instant};
 
@@ -64,12 +64,12 @@ struct Introspection {
 
 impl Source for OAuth {
     async fn verify(&self, cx: &Context, access: &Secret) -> Result<Verified, TokenError> {
-        let info = match self.api {
-            OauthApi::V3 => {
+        let info = match introspect_path(self.api) {
+            Some(introspect) => {
                 let answer = cx
                     .hubspot
                     .post_form(
-                        "/oauth/v3/token/introspect",
+                        introspect,
                         &[
                             ("client_id", self.client_id.expose()),
                             ("client_secret", self.client_secret.expose()),
@@ -87,7 +87,7 @@ impl Source for OAuth {
                     scopes: info.scopes,
                 }
             }
-            OauthApi::V1 => {
+            None => {
                 let path = format!("/oauth/v1/access-tokens/{}", path_segment(access.expose()));
                 let answer = cx.hubspot.get(&path).await?;
                 // v1 has no `active`: a 200 with the token's details means it is live.
@@ -104,14 +104,10 @@ impl Source for OAuth {
 
     async fn obtain(&mut self, cx: &Context, _forced: bool) -> Result<Fetched, Skip> {
         let started = Instant::now();
-        let path = match self.api {
-            OauthApi::V3 => "/oauth/v3/token",
-            OauthApi::V1 => "/oauth/v1/token",
-        };
         let answer = cx
             .hubspot
             .post_form(
-                path,
+                token_path(self.api),
                 &[
                     ("grant_type", "refresh_token"),
                     ("client_id", self.client_id.expose()),
@@ -166,6 +162,28 @@ impl Source for OAuth {
     }
 }
 
+/// The refresh-token grant's endpoint. Its form body (`grant_type`, `client_id`,
+/// `client_secret`, `refresh_token`) is the same on every version.
+fn token_path(api: OauthApi) -> &'static str {
+    match api {
+        OauthApi::V2026_03 => "/oauth/2026-03/token",
+        OauthApi::V2026_09 => "/oauth/2026-09/token",
+        OauthApi::V3 => "/oauth/v3/token",
+        OauthApi::V1 => "/oauth/v1/token",
+    }
+}
+
+/// The introspection endpoint (form: `client_id`, `client_secret`, `token`,
+/// `token_type_hint`), or `None` for v1, which has only the access-token info route.
+fn introspect_path(api: OauthApi) -> Option<&'static str> {
+    match api {
+        OauthApi::V2026_03 => Some("/oauth/2026-03/token/introspect"),
+        OauthApi::V2026_09 => Some("/oauth/2026-09/token/introspect"),
+        OauthApi::V3 => Some("/oauth/v3/token/introspect"),
+        OauthApi::V1 => None,
+    }
+}
+
 /// Everything but RFC 3986's unreserved characters, so a token is one path segment.
 const PATH_SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
     .remove(b'-')
@@ -192,6 +210,65 @@ pub fn refresh_delay(lifetime: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The form fields the gateway sends to the grant and to introspection.
+    const GRANT_FIELDS: [&str; 4] = ["grant_type", "client_id", "client_secret", "refresh_token"];
+    const INTROSPECT_FIELDS: [&str; 4] = ["client_id", "client_secret", "token", "token_type_hint"];
+
+    /// HubSpot's OAuth spec of one version, as vendored beside the simulator.
+    fn spec(version: &str) -> serde_json::Value {
+        let path = format!(
+            "{}/crates/hubspot-sim/spec/oauth-{version}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        serde_json::from_str(&text).expect("the spec is JSON")
+    }
+
+    /// Every field the gateway posts to `path` is a documented property of its form body.
+    fn assert_documented_form(spec: &serde_json::Value, path: &str, fields: &[&str]) {
+        let form = &spec["paths"][path]["post"]["requestBody"]["content"]["application/x-www-form-urlencoded"]
+            ["schema"]["properties"];
+        assert!(form.is_object(), "{path} is not a documented form POST");
+        for field in fields {
+            assert!(
+                form.get(field).is_some(),
+                "{path} does not document {field}"
+            );
+        }
+    }
+
+    /// Each `token.api` posts to the paths its vendored HubSpot spec publishes, with form
+    /// fields that spec documents, and the refresh grant is a `grant_type` it allows.
+    #[test]
+    fn oauth_paths_and_forms_are_the_published_ones() {
+        for (api, version) in [
+            (OauthApi::V2026_03, "2026-03"),
+            (OauthApi::V2026_09, "2026-09"),
+            (OauthApi::V3, "v3"),
+            (OauthApi::V1, "v1"),
+        ] {
+            let spec = spec(version);
+            let token = token_path(api);
+            assert_eq!(token, format!("/oauth/{version}/token"));
+            assert_documented_form(&spec, token, &GRANT_FIELDS);
+            let grants = &spec["paths"][token]["post"]["requestBody"]["content"]["application/x-www-form-urlencoded"]
+                ["schema"]["properties"]["grant_type"]["enum"];
+            let grants = grants.as_array().expect("grant_type is an enum");
+            assert!(grants.iter().any(|g| g == "refresh_token"), "{version}");
+            match introspect_path(api) {
+                Some(introspect) => {
+                    assert_eq!(introspect, format!("/oauth/{version}/token/introspect"));
+                    assert_documented_form(&spec, introspect, &INTROSPECT_FIELDS);
+                }
+                None => assert!(
+                    spec["paths"]["/oauth/v1/access-tokens/{token}"]["get"].is_object(),
+                    "v1 verifies with the access-token info route"
+                ),
+            }
+        }
+        assert_eq!(OauthApi::default(), OauthApi::V2026_03);
+    }
 
     /// The refresh comes a margin before expiry: a tenth of the lifetime, at least 60 s, at
     /// most half the lifetime, and up to a tenth of the margin earlier by jitter.

@@ -116,8 +116,19 @@ pub async fn gateway(config: Config, credentials: Credentials) -> TestGateway {
 
 /// A simulator with default settings and a ready gateway in front of it.
 pub async fn start() -> (RunningSimulator, TestGateway) {
-    let sim = simulator(SimConfig::default()).await;
-    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    start_with(SimConfig::default(), |_| {}).await
+}
+
+/// A simulator with `sim` settings and a ready gateway in front of it, its config (OAuth
+/// credentials, one client) changed by `edit` first.
+pub async fn start_with(
+    sim: SimConfig,
+    edit: impl FnOnce(&mut Config),
+) -> (RunningSimulator, TestGateway) {
+    let sim = simulator(sim).await;
+    let mut cfg = config(&sim.base_url());
+    edit(&mut cfg);
+    let gw = gateway(cfg, oauth()).await;
     wait_ready(&gw).await;
     (sim, gw)
 }

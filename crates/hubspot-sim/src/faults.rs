@@ -77,7 +77,7 @@ pub enum RetryAfter {
 /// - `fail_rate` (0..=1): share of status requests answered `fail_status` with a HubSpot body.
 /// - `fail_status` (u16, default 503): the 5xx used by `fail_rate`.
 /// - `reset_rate` (0..=1): share of status requests whose connection is closed unanswered.
-/// - `token_down` (bool): OAuth endpoints (token v1/v3, introspect, v1 token info,
+/// - `token_down` (bool): OAuth endpoints (token and introspect on every version, v1 token info,
 ///   private-app info) answer 503.
 /// - `token_status` (u16 or null): OAuth endpoints answer this status with an error body.
 /// - `token_latency_ms` (u64): delay before each OAuth endpoint answer.

@@ -29,7 +29,7 @@ pub(crate) enum Outcome {
     Reset,
 }
 
-/// `GET`/`HEAD /files/{v3|2026-03}/files/import-from-url/async/tasks/{taskId}/status`.
+/// `GET`/`HEAD /files/{v3|2026-03|2026-09}/files/import-from-url/async/tasks/{taskId}/status`.
 ///
 /// Checks in this order: injected reset, `status_override`, bearer (401), rate window (429),
 /// scopes (403), injected 5xx, then the task (200 or 404). Every answer after a successful
@@ -174,7 +174,7 @@ fn gate(
     Ok((caller, rate))
 }
 
-/// `POST /files/{v3|2026-03}/files/import-from-url/async`: 202 with the new task's id and
+/// `POST /files/{v3|2026-03|2026-09}/files/import-from-url/async`: 202 with the new task's id and
 /// status link. `url` and `access` are required (as in the spec); the file is never fetched.
 pub(crate) fn import(
     sim: &Sim,

@@ -45,6 +45,8 @@ use state::Sim;
 
 /// Prefix of the v1 token-info route; the rest of the path is the token.
 const ACCESS_TOKENS: &str = "/oauth/v1/access-tokens/";
+/// The versions of the Files routes HubSpot publishes, numbered then dated.
+const FILES_VERSIONS: [&str; 3] = ["v3", "2026-03", "2026-09"];
 /// Largest request body the simulator reads (OAuth forms and import JSON are tiny).
 const MAX_BODY: usize = 64 * 1024;
 /// How long a client may take to send its request headers.
@@ -307,17 +309,24 @@ async fn route(
     {
         return Outcome::Answer(response);
     }
-    let response = match (method, path) {
-        (&Method::POST, "/oauth/v1/token" | "/oauth/v3/token" | "/oauth/2026-03/token") => {
-            oauth::token(sim, body, correlation).await
-        }
-        (&Method::POST, "/oauth/v3/token/introspect") => {
+    let oauth = oauth_route(path);
+    if oauth.is_some() && method == Method::POST {
+        // A path from the fixed list above, never a token: safe to show in the stats.
+        *sim.lock()
+            .stats
+            .oauth_requests_by_path
+            .entry(path.to_owned())
+            .or_default() += 1;
+    }
+    let response = match (method, oauth, path) {
+        (&Method::POST, Some(OauthRoute::Token), _) => oauth::token(sim, body, correlation).await,
+        (&Method::POST, Some(OauthRoute::Introspect), _) => {
             oauth::introspect(sim, body, correlation).await
         }
-        (&Method::POST, "/oauth/v2/private-apps/get/access-token-info") => {
+        (&Method::POST, _, "/oauth/v2/private-apps/get/access-token-info") => {
             oauth::private_app_info(sim, body, correlation).await
         }
-        (&Method::GET, _) if path.starts_with(ACCESS_TOKENS) => {
+        (&Method::GET, _, _) if path.starts_with(ACCESS_TOKENS) => {
             // A path segment arrives percent-encoded; HubSpot looks up the decoded token.
             let raw = path.strip_prefix(ACCESS_TOKENS).unwrap_or_default();
             let token = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
@@ -346,7 +355,23 @@ async fn route(
     Outcome::Answer(response)
 }
 
-/// The two Files routes the simulator serves, under `/files/{v3|2026-03}/`.
+/// The OAuth endpoints that differ only by version: the refresh grant (v1, v3, 2026-03,
+/// 2026-09) and introspection (v3, 2026-03, 2026-09; v1 has the token-info route instead).
+enum OauthRoute {
+    Token,
+    Introspect,
+}
+
+fn oauth_route(path: &str) -> Option<OauthRoute> {
+    let (version, endpoint) = path.strip_prefix("/oauth/")?.split_once('/')?;
+    match (version, endpoint) {
+        ("v1" | "v3" | "2026-03" | "2026-09", "token") => Some(OauthRoute::Token),
+        ("v3" | "2026-03" | "2026-09", "token/introspect") => Some(OauthRoute::Introspect),
+        _ => None,
+    }
+}
+
+/// The two Files routes the simulator serves, under `/files/{v3|2026-03|2026-09}/`.
 enum FilesRoute {
     Import,
     Status(String),
@@ -355,7 +380,7 @@ enum FilesRoute {
 fn files_route(path: &str) -> Option<(&str, FilesRoute)> {
     let rest = path.strip_prefix("/files/")?;
     let (version, rest) = rest.split_once('/')?;
-    if version != "v3" && version != "2026-03" {
+    if !FILES_VERSIONS.contains(&version) {
         return None;
     }
     let rest = rest.strip_prefix("files/import-from-url/async")?;

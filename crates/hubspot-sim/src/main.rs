@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use hubspot_sim::cli::{self, SimulateArgs};
 
-/// A HubSpot stand-in: OAuth v1/v3, introspection, token info, imports and the file-import
+/// A HubSpot stand-in: OAuth v1/v3/2026-03/2026-09, introspection, token info, imports and the file-import
 /// status route, with faults and a `/__sim/*` control surface.
 #[derive(Parser)]
 #[command(name = "hubspot-sim", version)]

@@ -1,5 +1,5 @@
-//! The OAuth side of HubSpot: refresh-token grant (v1, v3), introspection, v1 token info and
-//! private-app token info.
+//! The OAuth side of HubSpot: refresh-token grant (v1, v3, 2026-03, 2026-09), introspection
+//! (v3, 2026-03, 2026-09), v1 token info and private-app token info.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -78,7 +78,8 @@ fn check_client(sim: &Sim, form: &HashMap<String, String>) -> Result<String, Hub
     Ok(id.to_owned())
 }
 
-/// `POST /oauth/v1/token`, `/oauth/v3/token`: the refresh-token grant.
+/// `POST /oauth/{v1|v3|2026-03|2026-09}/token`: the refresh-token grant, the same on every
+/// version.
 pub(crate) async fn token(sim: &Sim, body: &[u8], correlation: Uuid) -> SimResponse {
     sim.lock().stats.token_requests += 1;
     if let Some(response) = oauth_fault(sim, correlation).await {
@@ -120,7 +121,7 @@ fn refresh(sim: &Sim, form: &HashMap<String, String>) -> Result<Value, HubSpotEr
     }))
 }
 
-/// `POST /oauth/v3/token/introspect`.
+/// `POST /oauth/{v3|2026-03|2026-09}/token/introspect`.
 ///
 /// HubSpot does not document the inactive answer, and the spec's schema requires every field
 /// whether active or not, so an inactive answer carries the same fields with

@@ -22,16 +22,18 @@ pub(crate) const USER_ID: u64 = 81_234_567;
 /// Counters per endpoint and outcome (`GET /__sim/stats`). No secrets: counts only.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
-    /// GET/HEAD on the status route (v3 and 2026-03), whatever the answer.
+    /// GET/HEAD on the status route (v3, 2026-03, 2026-09), whatever the answer.
     pub status_requests: u64,
     /// POST import-from-url.
     pub import_requests: u64,
-    /// POST /oauth/v1/token and /oauth/v3/token.
+    /// POST /oauth/{v1,v3,2026-03,2026-09}/token.
     pub token_requests: u64,
     /// Access tokens issued.
     pub tokens_issued: u64,
-    /// POST /oauth/v3/token/introspect.
+    /// POST /oauth/{v3,2026-03,2026-09}/token/introspect.
     pub introspect_requests: u64,
+    /// The grant and introspection POSTs by path, so a client's OAuth version shows.
+    pub oauth_requests_by_path: BTreeMap<String, u64>,
     /// GET /oauth/v1/access-tokens/{token}.
     pub access_token_info_requests: u64,
     /// POST /oauth/v2/private-apps/get/access-token-info.

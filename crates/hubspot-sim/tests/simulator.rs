@@ -15,6 +15,26 @@ use serde_json::{Value, json};
 
 const V3: &str = "/files/v3/files/import-from-url/async";
 const V2026: &str = "/files/2026-03/files/import-from-url/async";
+const V2026_09: &str = "/files/2026-09/files/import-from-url/async";
+/// Each version of the status route with the spec file that describes it.
+const FILES_SPECS: [(&str, &str); 3] = [
+    (V3, "files-v3.json"),
+    (V2026, "files-2026-03.json"),
+    (V2026_09, "files-2026-09.json"),
+];
+/// Each version of the refresh grant with the spec file that describes it.
+const TOKEN_SPECS: [(&str, &str); 4] = [
+    ("/oauth/v1/token", "oauth-v1.json"),
+    ("/oauth/v3/token", "oauth-v3.json"),
+    ("/oauth/2026-03/token", "oauth-2026-03.json"),
+    ("/oauth/2026-09/token", "oauth-2026-09.json"),
+];
+/// Each version of introspection with the spec file that describes it.
+const INTROSPECT_SPECS: [(&str, &str); 3] = [
+    ("/oauth/v3/token/introspect", "oauth-v3.json"),
+    ("/oauth/2026-03/token/introspect", "oauth-2026-03.json"),
+    ("/oauth/2026-09/token/introspect", "oauth-2026-09.json"),
+];
 const FORM: &str = "application/x-www-form-urlencoded";
 
 /// One answer: status, headers, body bytes.
@@ -137,12 +157,22 @@ fn status_path(base: &str, task: &str) -> String {
     format!("{base}/tasks/{task}/status")
 }
 
+/// A vendored HubSpot spec file, parsed.
+fn spec(spec_file: &str) -> Value {
+    let path = format!("{}/spec/{spec_file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::from_str(&text).expect("spec is JSON")
+}
+
+/// The operation `method` on `path` as `spec_file` publishes it (`null` if it does not).
+fn operation(spec_file: &str, method: &str, path: &str) -> Value {
+    spec(spec_file)["paths"][path][method].clone()
+}
+
 /// Validates `body` against `#/components/schemas/{schema}` of a HubSpot spec file, with the
 /// spec's components embedded so internal `$ref`s resolve; formats (uuid, date-time) checked.
 fn assert_valid(spec_file: &str, schema: &str, body: &Value) {
-    let path = format!("{}/spec/{spec_file}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let spec: Value = serde_json::from_str(&text).expect("spec is JSON");
+    let spec = spec(spec_file);
     let schema_doc = json!({
         "$ref": format!("#/components/schemas/{schema}"),
         "components": spec["components"],
@@ -193,15 +223,33 @@ async fn poll_status(sim: &Sim, path: &str, token: &str, want: &str) -> Answer {
     }
 }
 
-/// v1 and v3 refresh-grant answers validate as `TokenResponseIF` and carry a ~300-char
-/// opaque token, `expires_in` = ttl, the hub and the granted scopes.
+/// The spec file whose `TokenResponseIF` describes a 200 from a grant documented in `spec`:
+/// `oauth-2026-09.json` documents no 200 answer for its grant (only the error), and its
+/// operation is the 2026-03 one (both name `/oauth/v3/token` as their implementation), so
+/// its answers are held to the 2026-03 schema.
+fn token_response_spec(spec: &str) -> &str {
+    if spec == "oauth-2026-09.json" {
+        "oauth-2026-03.json"
+    } else {
+        spec
+    }
+}
+
+/// The refresh-grant answers of every version validate as `TokenResponseIF` and carry a
+/// ~300-char opaque token, `expires_in` = ttl, the hub and the granted scopes.
 #[tokio::test]
 async fn token_answers_validate() {
     let sim = Sim::start(SimConfig::default()).await;
-    for (path, spec) in [
-        ("/oauth/v1/token", "oauth-v1.json"),
-        ("/oauth/v3/token", "oauth-v3.json"),
-    ] {
+    let documented =
+        |spec: &str, path: &str| operation(spec, "post", path)["responses"]["200"].is_object();
+    // When HubSpot documents the 2026-09 answer, its own schema must be used instead.
+    assert!(!documented("oauth-2026-09.json", "/oauth/2026-09/token"));
+    assert!(documented("oauth-2026-03.json", "/oauth/2026-03/token"));
+    for (path, spec) in TOKEN_SPECS {
+        assert!(
+            operation(spec, "post", path).is_object(),
+            "{spec} publishes {path}"
+        );
         let answer = sim.post_form(path, REFRESH).await;
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(
@@ -210,7 +258,7 @@ async fn token_answers_validate() {
         );
         uuid::Uuid::parse_str(answer.header("x-hubspot-correlation-id")).expect("uuid");
         let body = answer.json();
-        assert_valid(spec, "TokenResponseIF", &body);
+        assert_valid(token_response_spec(spec), "TokenResponseIF", &body);
         let token = body["access_token"].as_str().expect("token");
         assert!((290..=310).contains(&token.len()), "length {}", token.len());
         assert!(
@@ -226,8 +274,8 @@ async fn token_answers_validate() {
     }
 }
 
-/// Bad grant type, client id, secret or refresh token get HubSpot's 400 OAuth error, which
-/// validates as the spec's `Error`.
+/// Bad grant type, client id, secret or refresh token get HubSpot's 400 OAuth error on every
+/// version, which validates as that version's `Error`.
 #[tokio::test]
 async fn oauth_errors_are_400() {
     let sim = Sim::start(SimConfig {
@@ -260,10 +308,7 @@ async fn oauth_errors_are_400() {
         ),
     ];
     for (form, status) in cases {
-        for (path, spec) in [
-            ("/oauth/v1/token", "oauth-v1.json"),
-            ("/oauth/v3/token", "oauth-v3.json"),
-        ] {
+        for (path, spec) in TOKEN_SPECS {
             let answer = sim.post_form(path, form).await;
             let body = assert_error(&answer, StatusCode::BAD_REQUEST, "VALIDATION_ERROR");
             assert_valid(spec, "Error", &body);
@@ -276,42 +321,46 @@ async fn oauth_errors_are_400() {
     );
 }
 
-/// Introspection: an issued token is active with its scopes; an unknown token, and any token
-/// under `introspect_inactive`, is `active: false`; every answer validates.
+/// Introspection on every version: an issued token is active with its scopes; an unknown
+/// token, and any token under `introspect_inactive`, is `active: false`; every answer
+/// validates against that version's spec.
 #[tokio::test]
 async fn introspection_validates_active_and_inactive() {
+    for (path, spec) in INTROSPECT_SPECS {
+        assert!(
+            operation(spec, "post", path).is_object(),
+            "{spec} publishes {path}"
+        );
+        introspection_on(path, spec).await;
+    }
+}
+
+async fn introspection_on(path: &str, spec: &str) {
     let sim = Sim::start(SimConfig::default()).await;
     let token = sim.token().await;
     let form = |t: &str| {
         format!("client_id=cid&client_secret=secret&token={t}&token_type_hint=access_token")
     };
 
-    let active = sim
-        .post_form("/oauth/v3/token/introspect", &form(&token))
-        .await
-        .json();
-    assert_valid("oauth-v3.json", "TokenInfoResponseBaseIF", &active);
+    let active = sim.post_form(path, &form(&token)).await.json();
+    assert_valid(spec, "TokenInfoResponseBaseIF", &active);
     assert_eq!(active["active"], true);
     assert_eq!(active["scopes"], json!(["files", "files.ui_hidden.read"]));
     assert_eq!(active["hub_id"], 21_557_345);
     assert!(active["expires_in"].as_u64().is_some_and(|s| s > 1700));
 
-    let unknown = sim
-        .post_form("/oauth/v3/token/introspect", &form("nope"))
-        .await
-        .json();
-    assert_valid("oauth-v3.json", "TokenInfoResponseBaseIF", &unknown);
+    let unknown = sim.post_form(path, &form("nope")).await.json();
+    assert_valid(spec, "TokenInfoResponseBaseIF", &unknown);
     assert_eq!(unknown["active"], false);
 
     sim.faults(json!({ "introspect_inactive": true })).await;
-    let inactive = sim
-        .post_form("/oauth/v3/token/introspect", &form(&token))
-        .await
-        .json();
-    assert_valid("oauth-v3.json", "TokenInfoResponseBaseIF", &inactive);
+    let inactive = sim.post_form(path, &form(&token)).await.json();
+    assert_valid(spec, "TokenInfoResponseBaseIF", &inactive);
     assert_eq!(inactive["active"], false);
     assert_eq!(inactive["scopes"], active["scopes"], "only `active` tells");
-    assert_eq!(sim.stats().await["introspect_requests"], 3);
+    let stats = sim.stats().await;
+    assert_eq!(stats["introspect_requests"], 3);
+    assert_eq!(stats["oauth_requests_by_path"][path], 3, "{stats}");
 }
 
 /// `GET /oauth/v1/access-tokens/{token}` validates as `AccessTokenInfoResponse`; an unknown
@@ -377,13 +426,19 @@ async fn private_app_info_reports_static_token() {
 }
 
 /// Seeded ids answer COMPLETE / CANCELED / PENDING / PROCESSING bodies that validate as
-/// `FileActionResponse` on v3 and 2026-03, byte-identical on every request; `missing-*` and
-/// unknown ids are 404s that validate as `Error`.
+/// `FileActionResponse` on v3, 2026-03 and 2026-09 (each against its own spec),
+/// byte-identical on every request; `missing-*` and unknown ids are 404s that validate as
+/// `Error`.
 #[tokio::test]
-async fn seeded_status_bodies_validate_on_both_versions() {
+async fn seeded_status_bodies_validate_on_every_version() {
     let sim = Sim::start(SimConfig::default()).await;
     let token = sim.token().await;
-    for (base, spec) in [(V3, "files-v3.json"), (V2026, "files-2026-03.json")] {
+    for (base, spec) in FILES_SPECS {
+        let route = format!("{base}/tasks/{{taskId}}/status");
+        assert!(
+            operation(spec, "get", &route).is_object(),
+            "{spec} publishes {route}"
+        );
         for (id, status) in [
             ("complete-abc", "COMPLETE"),
             ("canceled-abc", "CANCELED"),
@@ -440,7 +495,7 @@ async fn seeded_status_bodies_validate_on_both_versions() {
             .await
             .json()["result"]["id"]
     );
-    assert_eq!(sim.stats().await["status_requests"], 28);
+    assert_eq!(sim.stats().await["status_requests"], 41);
 }
 
 /// HEAD on the status route answers GET's status and headers (length included), no body.
@@ -795,6 +850,10 @@ async fn stats_and_reset() {
     sim.get(&status_path(V3, "complete-1"), "bad").await;
     let stats = sim.stats().await;
     assert_eq!(stats["token_requests"], 1);
+    assert_eq!(
+        stats["oauth_requests_by_path"],
+        json!({ "/oauth/v3/token": 1 })
+    );
     assert_eq!(stats["status_requests"], 3);
     assert_eq!(stats["not_found"], 1);
     assert_eq!(stats["unauthorized"], 1);
@@ -806,7 +865,7 @@ async fn stats_and_reset() {
     assert!(
         zeroed
             .as_object()
-            .is_some_and(|o| o.values().all(|v| v == 0)),
+            .is_some_and(|o| o.values().all(|v| *v == 0 || *v == json!({}))),
         "{zeroed}"
     );
     assert_eq!(
@@ -947,7 +1006,8 @@ async fn imported_task_lifecycle() {
     assert_eq!(sim.stats().await["import_requests"], 3);
 }
 
-/// Any other path is HubSpot's 404 error body, correlation id included.
+/// Any other path, unknown versions included, is HubSpot's 404 error body, correlation id
+/// included; an OAuth POST to a version HubSpot does not publish is never served.
 #[tokio::test]
 async fn unknown_path_is_404() {
     let sim = Sim::start(SimConfig::default()).await;
@@ -955,11 +1015,26 @@ async fn unknown_path_is_404() {
         "/",
         "/crm/v3/objects/contacts",
         "/files/v4/files/import-from-url/async",
+        "/files/v4/files/import-from-url/async/tasks/complete-1/status",
+        "/files/2026-13/files/import-from-url/async/tasks/complete-1/status",
         "/__sim/nothing",
     ] {
         let answer = sim.send(Method::GET, path, &[], "").await;
         assert_error(&answer, StatusCode::NOT_FOUND, "OBJECT_NOT_FOUND");
     }
+    // Versions HubSpot does not publish for an endpoint: no grant, no introspection.
+    for path in [
+        "/oauth/v4/token",
+        "/oauth/2026-13/token",
+        "/oauth/v1/token/introspect",
+        "/oauth/v4/token/introspect",
+    ] {
+        let answer = sim.post_form(path, REFRESH).await;
+        assert_error(&answer, StatusCode::NOT_FOUND, "OBJECT_NOT_FOUND");
+    }
+    let stats = sim.stats().await;
+    assert_eq!(stats["token_requests"], 0);
+    assert_eq!(stats["oauth_requests_by_path"], json!({}));
 }
 
 /// The simulator speaks h2c (HTTP/2 with prior knowledge) as well as HTTP/1.1.
