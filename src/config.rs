@@ -198,8 +198,6 @@ impl ServerConfig {
     }
 }
 
-/// The largest `upstream.max_hold`: no HubSpot limit but the daily one lasts longer.
-
 /// `[upstream]`: how HubSpot is reached.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
