@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
@@ -46,9 +46,14 @@ impl Running {
     }
 }
 
-/// Starts the binary with `log` as its `[log]` section and `rust_log` as `RUST_LOG`, and
-/// waits until it is ready.
-async fn run(name: &str, log: &str, rust_log: &str) -> Running {
+/// A simulator, and the binary started against it with `log` as its `[log]` section,
+/// `rust_log` as `RUST_LOG` and `stderr` as its stderr; the temp dir it runs in.
+async fn spawn(
+    name: &str,
+    log: &str,
+    rust_log: &str,
+    stderr: impl FnOnce(&Path) -> Stdio,
+) -> (Child, RunningSimulator, PathBuf) {
     let sim = simulator(SimConfig {
         rate_limit: None,
         static_token: Some(STATIC_TOKEN.into()),
@@ -61,16 +66,24 @@ static_token_env = "LOGS_TEST_TOKEN""#;
     let config = dir.join("gateway.toml");
     let text = format!("{}\n[log]\n{log}\n", config_toml(&sim.base_url(), token));
     std::fs::write(&config, text).expect("config");
-    let log_path = dir.join("gateway.log");
     let child = std::process::Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)
         .env("RUST_LOG", rust_log)
         .env("LOGS_TEST_TOKEN", STATIC_TOKEN)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log_path).expect("log file"))
+        .stderr(stderr(&dir))
         .spawn()
         .expect("gateway starts");
+    (child, sim, dir)
+}
+
+/// Starts the binary with its stderr in a file (see [`spawn`]) and waits until it is ready.
+async fn run(name: &str, log: &str, rust_log: &str) -> Running {
+    let log_file =
+        |dir: &Path| Stdio::from(std::fs::File::create(dir.join("gateway.log")).expect("log file"));
+    let (child, sim, dir) = spawn(name, log, rust_log, log_file).await;
+    let log_path = dir.join("gateway.log");
     // The listening lines are INFO: with a quieter RUST_LOG, find the ports another way.
     let (service, admin) = listen_addrs(&log_path).await;
     let admin_url = format!("http://{admin}/readyz");
@@ -209,6 +222,16 @@ async fn an_error_body_correlation_id_is_the_request_id() {
     assert_eq!(line["upstream_tries"], 1);
 }
 
+/// A 200 with request id `ok-200`, a 401 with `refused-401`, then the whole log.
+async fn a_200_and_a_401(gw: Running) -> String {
+    let ok = get_as(&gw.url("complete-m"), "ok-200", &[]).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    let headers = [("x-request-id", "refused-401")];
+    let refused = send(Method::GET, &gw.url("complete-m"), &headers).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    gw.stop().await
+}
+
 /// `access = "errors"` logs the 401 but not the 200, even with `RUST_LOG=warn`, which hides
 /// the INFO events of everything else.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,18 +242,7 @@ async fn errors_mode_logs_refusals_only_whatever_rust_log_says() {
         "warn,hubspot_files_gateway::server=info",
     )
     .await;
-    assert_eq!(
-        get_as(&gw.url("complete-e"), "ok-200", &[]).await.status,
-        StatusCode::OK
-    );
-    let r = send(
-        Method::GET,
-        &gw.url("complete-e"),
-        &[("x-request-id", "refused-401")],
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    let text = gw.stop().await;
+    let text = a_200_and_a_401(gw).await;
     let refused: Vec<&str> = text
         .lines()
         .filter(|l| l.contains(r#"request_id="refused-401""#))
@@ -248,18 +260,7 @@ async fn errors_mode_logs_refusals_only_whatever_rust_log_says() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn off_mode_logs_no_request() {
     let gw = run("logs-off", "access = \"off\"", "info").await;
-    assert_eq!(
-        get_as(&gw.url("complete-o"), "ok-200", &[]).await.status,
-        StatusCode::OK
-    );
-    let r = send(
-        Method::GET,
-        &gw.url("complete-o"),
-        &[("x-request-id", "refused-401")],
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
-    let text = gw.stop().await;
+    let text = a_200_and_a_401(gw).await;
     assert!(
         !text.contains("ok-200") && !text.contains("refused-401"),
         "{text}"
@@ -275,30 +276,10 @@ async fn off_mode_logs_no_request() {
 /// `hubspot_gateway_log_lines_dropped_total` (0 before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_log_reader_never_blocks_a_request() {
-    let sim = simulator(SimConfig {
-        rate_limit: None,
-        static_token: Some(STATIC_TOKEN.into()),
-        ..SimConfig::default()
+    let (mut child, _sim, dir) = spawn("logs-stall", "format = \"json\"", "trace", |_| {
+        Stdio::piped()
     })
     .await;
-    let dir = temp_dir("logs-stall");
-    let token = r#"mode = "static"
-static_token_env = "LOGS_TEST_TOKEN""#;
-    let config = dir.join("gateway.toml");
-    let text = format!(
-        "{}\n[log]\nformat = \"json\"\n",
-        config_toml(&sim.base_url(), token)
-    );
-    std::fs::write(&config, text).expect("config");
-    let mut child = std::process::Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "trace")
-        .env("LOGS_TEST_TOKEN", STATIC_TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("gateway starts");
     // Read the log only until both listen addresses are in it, then never again (the pipe
     // stays open).
     let stderr = child.stderr.take().expect("piped");
