@@ -81,6 +81,11 @@ class Bench:
         data["smoke"] = self.smoke
         with open(os.path.join(self.results_dir, f"{name}.json"), "w") as f:
             json.dump(data, f, indent=1)
+        # The access-logged gateway's log is of no use once a workload is done; it would
+        # fill a shared disk over a full run.
+        for name in ("gateway", "gateway_b"):
+            if name in self.servers.procs.procs:
+                self.servers.procs.truncate_log(name)
         dead = self.servers.procs.check_alive()
         if dead:
             raise RuntimeError(f"processes died during {name}: {dead}")
