@@ -47,9 +47,12 @@ class Bench:
     def start(self):
         s = self.servers
         s.start_simulator()
-        s.start_gateway("gateway")
+        # "gateway" runs as deployed: an access line per request, JSON, into a file (its
+        # stderr); "gateway_nolog" is the same build with access lines off.
+        s.start_gateway("gateway", access_log="all")
+        s.start_gateway("gateway_nolog")
         if GATEWAY_B_BIN:
-            s.start_gateway("gateway_b", binary=GATEWAY_B_BIN)
+            s.start_gateway("gateway_b", binary=GATEWAY_B_BIN, access_log="all")
         # The bytes every server answers: the gateway's own answer for the bench task.
         body = wait_http(s.url("gateway", "complete-bench"), s.auth_headers())
         body_file = os.path.join(self.work, "body.json")
@@ -78,6 +81,11 @@ class Bench:
         data["smoke"] = self.smoke
         with open(os.path.join(self.results_dir, f"{name}.json"), "w") as f:
             json.dump(data, f, indent=1)
+        # The access-logged gateway's log is of no use once a workload is done; it would
+        # fill a shared disk over a full run.
+        for name in ("gateway", "gateway_b"):
+            if name in self.servers.procs.procs:
+                self.servers.procs.truncate_log(name)
         dead = self.servers.procs.check_alive()
         if dead:
             raise RuntimeError(f"processes died during {name}: {dead}")
@@ -114,6 +122,10 @@ class Bench:
                         r["contended"] = bool(busy_before or machine_state()["compilers"])
                         r.update(server=name, conns=conns, mode=mode, rep=rep,
                                  rss_kib=rss_kib(s.server_pids(name)))
+                        if name in ("gateway", "gateway_b"):
+                            r["log_bytes"] = s.procs.truncate_log(name)
+                            r["log_lines_dropped"] = metrics(s.admin[name]).get(
+                                "hubspot_gateway_log_lines_dropped_total", 0)
                         log(f"cache_hit {mode} c{conns} rep{rep} {name}: {r['rps']:.0f} req/s "
                             f"p50 {r['p50_us']} us p99 {r['p99_us']} us non2xx {r['non2xx']}")
                         self.check_wrk(f"cache_hit {name} c{conns}", r)

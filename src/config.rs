@@ -80,6 +80,9 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub reload: ReloadConfig,
+    /// `[log]`: line format and which requests get an access line.
+    #[serde(default)]
+    pub log: crate::log::LogConfig,
     /// `[cluster]`: budget, cache and flights shared through Redis; absent = per replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::ClusterConfig>,

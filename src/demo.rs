@@ -35,6 +35,7 @@ pub fn run(args: &DemoArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
     };
+    let _log = hubspot_files_gateway::log::init(&config.log);
     config.server.listen = args.listen;
     config.server.admin_listen = args.admin_listen;
     // The simulator accepts any non-empty OAuth client, so the demo supplies its own values

@@ -16,7 +16,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -49,10 +49,14 @@ pub struct Gateway {
     series: RequestSeries,
 }
 
-/// Who asked, and what they get.
+/// Who asked, what for, and what they get.
 struct Handled {
     client: Arc<str>,
+    /// The route's request, when the path was one.
+    key: Option<StatusRequest>,
     cache: CacheOutcome,
+    /// Calls this request's own fetch sent to HubSpot (0 for hits and coalesced callers).
+    tries: u32,
     result: Result<Arc<Stored>, Arc<GatewayError>>,
     /// For a STALE answer: the status the caller would have got without it.
     fwd_status: Option<StatusCode>,
@@ -89,9 +93,13 @@ impl Gateway {
         let started = Instant::now();
         let request_id = request_id(req.headers());
         let handled = self.clone().answer(&req, &request_id).await;
+        // The request id (the caller's own, when valid) is the error body's `correlationId`
+        // and the access line's `request_id`, so a caller's report leads to the line.
+        // `request_id` only ever holds visible ASCII, so `to_str` cannot fail.
+        let id = request_id.to_str().unwrap_or_default();
         let mut response = match &handled.result {
             Ok(stored) => self.reply(stored, handled.cache, handled.fwd_status),
-            Err(e) => e.to_response(&uuid::Uuid::new_v4().to_string()),
+            Err(e) => e.to_response(id),
         };
         if req.method() == hyper::Method::HEAD {
             // hyper drops a HEAD body on HTTP/1 but sends it on HTTP/2, which is a protocol
@@ -105,7 +113,6 @@ impl Gateway {
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         }
         let headers = response.headers_mut();
-        headers.insert(X_REQUEST_ID, request_id);
         if let Some(x_cache) = handled.cache.header() {
             headers.insert(X_CACHE, HeaderValue::from_static(x_cache));
         }
@@ -113,29 +120,52 @@ impl Gateway {
         let elapsed = started.elapsed();
         self.series
             .record(&handled.client, code, handled.cache, elapsed);
+        // One access line; `[log] access` picks which by the event name.
+        // The version the caller used (the key holds none: every version shares one entry).
+        let version = handled.key.as_ref().and(
+            req.uri()
+                .path()
+                .split('/')
+                .nth(2)
+                .and_then(crate::route::ApiVersion::from_segment)
+                .map(crate::route::ApiVersion::segment),
+        );
+        let task_id = handled.key.as_ref().map(|k| k.task_id.as_str());
+        let trace_id = crate::log::trace_id(req.headers());
+        macro_rules! access {
+            ($name:expr, $($fields:tt)*) => {
+                tracing::event!(name: $name, target: crate::log::ACCESS_TARGET, tracing::Level::INFO, request_id = id, client = %handled.client, method = %req.method(), version, task_id, status = code.as_u16(), cache = handled.cache.label(), upstream_tries = handled.tries, us = elapsed.as_micros() as u64, trace_id, $($fields)*)
+            };
+        }
         match &handled.result {
-            Ok(_) => {
-                tracing::info!(client = %handled.client, method = %req.method(), path = req.uri().path(), status = code.as_u16(), cache = handled.cache.label(), us = elapsed.as_micros() as u64, "request")
+            Ok(_) if code.is_success() || code.is_redirection() => {
+                access!(crate::log::ANSWERED, "request")
             }
+            // HubSpot's own refusal, passed on: an error answer all the same.
+            Ok(_) => access!(crate::log::REFUSED, "request"),
             Err(e) => {
-                tracing::info!(client = %handled.client, method = %req.method(), path = req.uri().path(), status = code.as_u16(), cache = handled.cache.label(), us = elapsed.as_micros() as u64, fault = ?e.fault(), error = %e, "request refused")
+                let path = handled.key.is_none().then(|| req.uri().path());
+                access!(crate::log::REFUSED, path, fault = ?e.fault(), error = %e, "request refused")
             }
         }
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
         Ok(response)
     }
 
     /// Steps 1–4 here, 5–7 in the fetch a leader spawns.
     async fn answer(self: Arc<Self>, req: &Request<Incoming>, request_id: &HeaderValue) -> Handled {
-        let refused = |client: &str, e: GatewayError| Handled {
+        let refused = |client: &str, key: Option<StatusRequest>, e: GatewayError| Handled {
             client: Arc::from(client),
+            key,
             cache: CacheOutcome::None,
+            tries: 0,
             result: Err(Arc::new(e)),
             fwd_status: None,
         };
         // 1. route
         let key = match match_route(req.method(), req.uri().path()) {
             Ok(key) => key,
-            Err(e) => return refused("unauthenticated", e.into()),
+            Err(e) => return refused("unauthenticated", None, e.into()),
         };
         // 2. who is calling
         let client = match self
@@ -148,53 +178,63 @@ impl Gateway {
                     .inbound_auth_failures_total
                     .with_label_values(&[e.label()])
                     .inc();
-                return refused("unauthenticated", e.into());
+                return refused("unauthenticated", Some(key), e.into());
             }
         };
         // 3. cache, 4. coalesce
-        let (rx, cache) = match self.cache.lookup(&key) {
+        let (rx, cache, tries) = match self.cache.lookup(&key) {
             Flight::Hit(stored) => {
                 return Handled {
                     client,
+                    key: Some(key),
                     cache: CacheOutcome::Hit,
+                    tries: 0,
                     result: Ok(stored),
                     fwd_status: None,
                 };
             }
             Flight::Follow(rx) => {
                 self.metrics.coalesced_requests_total.inc();
-                (rx, CacheOutcome::Coalesced)
+                (rx, CacheOutcome::Coalesced, None)
             }
             Flight::Lead(leader) => {
                 let rx = leader.rx.clone();
                 let gateway = self.clone();
                 let request_id = request_id.clone();
-                let key = key.clone();
+                let fetched = key.clone();
+                let tries = Arc::new(AtomicU32::new(0));
+                let counted = tries.clone();
                 // The fetch runs in its own task, so a leader that hangs up does not cancel it
                 // for the followers. Should it panic, dropping `leader` ends the flight and
                 // its callers get an internal error at once.
                 tokio::spawn(async move {
-                    let outcome = gateway.fetch(key, request_id).await;
+                    let fetch = gateway.fetch(fetched, request_id);
+                    let outcome = crate::log::counting_tries(counted, fetch).await;
                     gateway.cache.complete(leader, outcome);
                 });
-                (rx, CacheOutcome::Miss)
+                (rx, CacheOutcome::Miss, Some(tries))
             }
         };
         let result = wait(rx, self.request_timeout + Duration::from_secs(1)).await;
+        let tries = tries.map_or(0, |t| t.load(Ordering::Relaxed));
         // HubSpot failed: the last answer seen, if recent enough, serves instead.
         if let Some(failed) = hubspot_failure(&result)
             && let Some(stale) = self.cache.stale(&key)
         {
             return Handled {
                 client,
+                key: Some(key),
                 cache: CacheOutcome::Stale,
+                tries,
                 result: Ok(stale),
                 fwd_status: Some(failed),
             };
         }
         Handled {
             client,
+            key: Some(key),
             cache,
+            tries,
             result,
             fwd_status: None,
         }

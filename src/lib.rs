@@ -12,6 +12,7 @@
 //! - [`proxy`]: the outbound proxy HubSpot connections may have to tunnel through.
 //! - [`error`]: the one place failures become HubSpot-shaped responses.
 //! - [`metrics`]: the Prometheus registry.
+//! - [`log`]: text or JSON lines through a writer that never blocks; the access line.
 //! - [`config`], [`secret`]: the TOML config and credentials that never print.
 //! - [`reload`], [`tls`]: live reload of clients and certificates; the TLS files.
 //!
@@ -25,6 +26,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod log;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

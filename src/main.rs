@@ -1,7 +1,7 @@
 //! The `hubspot-files-gateway` binary: parses the command line, sets up logging, binds, runs,
 //! and turns the outcome into an exit code (0 clean, 64 bad config or usage, 1 runtime).
 
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use hubspot_files_gateway::auth;
 use hubspot_files_gateway::config::Config;
+use hubspot_files_gateway::log::{self, LogConfig};
 use hubspot_files_gateway::reload::ReloadSource;
 use hubspot_files_gateway::server::{self, Listeners};
 use tokio::net::TcpListener;
@@ -70,22 +71,22 @@ fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal; log collectors get plain text.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // `serve` and `demo` set up logging from their config's `[log]`; the other commands log
+    // little, as text. Each guard lives until its command returns, so queued lines are
+    // flushed before exit.
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(&cli.config),
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(&args),
         #[cfg(feature = "demo")]
-        Command::Simulate(args) => simulate(*args),
-        Command::CheckConfig(args) => check_config(&cli.config, &args),
+        Command::Simulate(args) => {
+            let _log = log::init(&LogConfig::default());
+            simulate(*args)
+        }
+        Command::CheckConfig(args) => {
+            let _log = log::init(&LogConfig::default());
+            check_config(&cli.config, &args)
+        }
         Command::HashKey => hash_key(),
     }
 }
@@ -105,6 +106,7 @@ fn serve(path: &Path) -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage_error(&e),
     };
+    let _log = log::init(&config.log);
     let credentials = match config.credentials(&env) {
         Ok(c) => c,
         Err(e) => return usage_error(&e),

@@ -253,6 +253,9 @@ impl Metrics {
         registry
             .register(Box::new(process::Collector::new()))
             .expect("process collector registered once");
+        registry
+            .register(Box::new(log_lines::Dropped::new()))
+            .expect("log collector registered once");
         Metrics {
             registry,
             requests_total,
@@ -544,5 +547,46 @@ mod tests {
             "{before} <= {value} <= {after}"
         );
         assert!(value > 0.0, "{value}");
+    }
+}
+
+// ---- The log writer: lines it dropped because its queue was full. Read at scrape time from
+// the writer's own count, so logging itself costs nothing here.
+mod log_lines {
+    use prometheus::core::{Collector, Desc};
+    use prometheus::proto::MetricFamily;
+    use prometheus::{IntCounter, Opts};
+
+    /// `log_lines_dropped_total`, brought up to the writer's count at each scrape.
+    pub struct Dropped(IntCounter);
+
+    impl Dropped {
+        pub fn new() -> Dropped {
+            Dropped(
+                IntCounter::with_opts(
+                    Opts::new(
+                        "log_lines_dropped_total",
+                        "Log lines dropped because the writer's queue was full.",
+                    )
+                    .namespace(super::PREFIX),
+                )
+                .expect("static metric definition"),
+            )
+        }
+    }
+
+    impl Collector for Dropped {
+        fn desc(&self) -> Vec<&Desc> {
+            self.0.desc()
+        }
+
+        fn collect(&self) -> Vec<MetricFamily> {
+            let now = crate::log::dropped_lines();
+            let seen = self.0.get();
+            if now > seen {
+                self.0.inc_by(now - seen);
+            }
+            self.0.collect()
+        }
     }
 }

@@ -327,6 +327,7 @@ impl HubSpot {
                     policy,
                 }));
             }
+            crate::log::upstream_try();
             let started = Instant::now();
             let result = self.send(request, deadline.min(started + per_try)).await;
             let code = match &result {

@@ -794,10 +794,26 @@ async fn static_token_replaced_by_one_lacking_scopes_is_not_used() {
 /// refresh, a 403 re-verification, a token-endpoint outage, rotated refresh tokens): no
 /// client secret, refresh token (configured or rotated), access token or API key appears in
 /// its logs, its metrics or any body it answered; the refresh log line says hub, scopes and
-/// expiry.
+/// expiry. Run twice: text lines, then JSON lines with an access line for every request.
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_logs_metrics_or_bodies_at_trace_level() {
+    secrets_stay_out(LogFormat::Text).await;
+    secrets_stay_out(LogFormat::Json).await;
+}
+
+/// The `[log] format` a run of the secrets scenario uses.
+#[cfg(unix)]
+#[derive(Clone, Copy, PartialEq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The scenario of [`no_secret_reaches_logs_metrics_or_bodies_at_trace_level`] in one log
+/// format.
+#[cfg(unix)]
+async fn secrets_stay_out(format: LogFormat) {
     const CLIENT_SECRET: &str = "cs-MARKER-4b1d0c2e9f";
     const REFRESH_TOKEN: &str = "rt-MARKER-8e77a1c3d5";
     let sim = simulator(SimConfig {
@@ -824,7 +840,12 @@ client_secret_file = "{d}/client_secret"
 refresh_token_file = "{d}/refresh_token""#,
         d = dir.display()
     );
-    std::fs::write(&config, config_toml(&sim.base_url(), &token)).expect("config");
+    let log_section = match format {
+        LogFormat::Text => "",
+        LogFormat::Json => "[log]\nformat = \"json\"\naccess = \"all\"\n",
+    };
+    let text = config_toml(&sim.base_url(), &token) + log_section;
+    std::fs::write(&config, text).expect("config");
     let log = dir.join("gateway.log");
     let mut child = std::process::Command::new(BIN)
         .args(["serve", "--config"])
@@ -915,12 +936,31 @@ refresh_token_file = "{d}/refresh_token""#,
         .lines()
         .find(|l| l.contains("HubSpot token verified and in service"))
         .expect("a refresh log line");
-    for field in [
-        "hub_id=21557345",
-        "scopes=files,files.ui_hidden.read",
-        "expires_in_s=4",
-    ] {
+    let fields = match format {
+        LogFormat::Text => [
+            "hub_id=21557345",
+            "scopes=files,files.ui_hidden.read",
+            "expires_in_s=4",
+        ],
+        LogFormat::Json => [
+            r#""hub_id":21557345"#,
+            r#""scopes":"files,files.ui_hidden.read""#,
+            r#""expires_in_s":4"#,
+        ],
+    };
+    for field in fields {
         assert!(refresh_line.contains(field), "{refresh_line}");
+    }
+    if format == LogFormat::Json {
+        for line in text.lines() {
+            let parsed = serde_json::from_str::<serde_json::Value>(line);
+            assert!(parsed.is_ok(), "a line that is not JSON: {line}");
+        }
+        let access = text.lines().filter(|l| l.contains(r#""target":"access""#));
+        assert!(
+            access.count() >= bodies.len() - 4,
+            "an access line per request"
+        );
     }
     assert!(text.contains("forcing a token refresh"));
     assert!(text.contains("HubSpot token refresh failed"));

@@ -334,8 +334,8 @@ key_sha256 = "{}"
     )
 }
 
-/// Waits until the log file the binary writes names both listen addresses (service, admin),
-/// which the binary chose itself since the config asks for port 0.
+/// Waits until the log file the binary writes (text or JSON) names both listen addresses
+/// (service, admin), which the binary chose itself since the config asks for port 0.
 pub async fn listen_addrs(log: &Path) -> (String, String) {
     let (mut service, mut admin) = (None, None);
     wait_for(
@@ -344,8 +344,11 @@ pub async fn listen_addrs(log: &Path) -> (String, String) {
             let addr = |marker: &str| {
                 text.lines()
                     .find(|l| l.contains(marker))
-                    .and_then(|l| l.split("addr=").nth(1))
-                    .and_then(|r| r.split_whitespace().next())
+                    // `addr=...` in text lines, `"addr":"..."` in JSON lines.
+                    .and_then(|l| {
+                        (l.split("addr=").nth(1)).or_else(|| l.split(r#""addr":""#).nth(1))
+                    })
+                    .and_then(|r| r.split(|c: char| c.is_whitespace() || c == '"').next())
                     .map(str::to_owned)
             };
             service = addr("gateway listening");
