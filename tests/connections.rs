@@ -5,7 +5,7 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -529,8 +529,8 @@ struct GatewayProcess {
     child: Child,
     service: SocketAddr,
     admin: SocketAddr,
-    /// Log lines after the listening lines.
-    log: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Log lines after the listening lines: those still arriving, and those read so far.
+    log: std::sync::Mutex<(std::sync::mpsc::Receiver<String>, Vec<String>)>,
     /// Its HubSpot, and the directory of its config.
     _sim: hubspot_sim::RunningSimulator,
     dir: std::path::PathBuf,
@@ -539,19 +539,20 @@ struct GatewayProcess {
 impl GatewayProcess {
     /// The admin `/metrics` line of `series` (exact name with labels).
     async fn metric(&self, series: &str) -> Option<f64> {
-        let text = send(Method::GET, &format!("http://{}/metrics", self.admin), &[])
-            .await
-            .body;
-        String::from_utf8_lossy(&text).lines().find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
+        metric_at(&self.admin.to_string(), series).await
+    }
+
+    /// The log lines written so far.
+    fn log(&self) -> Vec<String> {
+        let mut log = self.log.lock().expect("log lock");
+        let (rx, lines) = &mut *log;
+        lines.extend(rx.try_iter());
+        lines.clone()
     }
 
     /// Log lines containing `text`.
     fn log_lines(&self, text: &str) -> usize {
-        let log = self.log.lock().expect("log lock");
-        log.iter().filter(|l| l.contains(text)).count()
+        self.log().iter().filter(|l| l.contains(text)).count()
     }
 }
 
@@ -566,7 +567,6 @@ impl Drop for GatewayProcess {
 /// Starts a simulator and `serve --config` in front of it, with `server_lines` added under
 /// `[server]`, under an open-file limit of `file_limit` (soft and hard) if given.
 async fn spawn_gateway(name: &str, server_lines: &str, file_limit: Option<u32>) -> GatewayProcess {
-    use std::io::BufRead;
     let sim = simulator(SimConfig::default()).await;
     let upstream = sim.base_url();
     let dir = temp_dir(&format!("conn-{name}"));
@@ -581,7 +581,7 @@ async fn spawn_gateway(name: &str, server_lines: &str, file_limit: Option<u32>) 
     );
     std::fs::write(&path, text).expect("write config");
     let bin = BIN;
-    let mut command = match file_limit {
+    let command = match file_limit {
         None => Command::new(bin),
         Some(n) => {
             // The shell's ulimit sets the hard limit too, so the gateway cannot raise it.
@@ -590,54 +590,15 @@ async fn spawn_gateway(name: &str, server_lines: &str, file_limit: Option<u32>) 
             c
         }
     };
-    let mut child = command
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env("T_CLIENT_ID", "test-client-id")
-        .env("T_CLIENT_SECRET", "test-client-secret-SECRET")
-        .env("T_REFRESH_TOKEN", "test-refresh-token-SECRET")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("gateway binary starts");
-    let stderr = child.stderr.take().expect("stderr piped");
-    let mut lines = std::io::BufReader::new(stderr).lines();
-    let (mut service, mut admin) = (None, None);
-    while service.is_none() || admin.is_none() {
-        let line = lines
-            .next()
-            .expect("log line before exit")
-            .expect("utf-8 log");
-        let addr = || {
-            line.split("addr=")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|a| a.parse().ok())
-        };
-        if line.contains("gateway listening") {
-            service = addr();
-        } else if line.contains("admin listening") {
-            admin = addr();
-        }
-    }
-    // Keep draining the log so the child never blocks on a full pipe.
-    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-    std::thread::spawn({
-        let log = log.clone();
-        move || {
-            for line in lines.map_while(Result::ok) {
-                log.lock().expect("log lock").push(line);
-            }
-        }
-    });
+    let served = spawn_serve(command, &path);
+    let addr = |a: &str| a.parse().expect("a socket address in the log");
     GatewayProcess {
         _sim: sim,
         dir,
-        log,
-        child,
-        service: service.expect("service addr"),
-        admin: admin.expect("admin addr"),
+        log: std::sync::Mutex::new((served.log, Vec::new())),
+        service: addr(&served.service),
+        admin: addr(&served.admin),
+        child: served.child,
     }
 }
 
@@ -861,7 +822,7 @@ async fn accept_failures_back_off_with_one_log_line_per_burst() {
     let bursts = gw.log_lines("accept failing");
     let recovered = gw.log_lines("accept recovered");
     if std::env::var_os("SHOW_LOG").is_some() {
-        for l in gw.log.lock().expect("log lock").iter() {
+        for l in gw.log().iter() {
             eprintln!("{l}");
         }
     }

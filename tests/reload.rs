@@ -3,9 +3,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
-use support::{BIN, KEY, send, simulator, temp_dir, wait_for};
+use support::{BIN, KEY, metric_at, send, simulator, spawn_serve, temp_dir, wait_for};
 
 /// The key a reload brings into service in place of [`KEY`].
 const NEW_KEY: &str = "rotated-key-9876543210";
@@ -88,49 +87,14 @@ struct Running {
 
 impl Running {
     fn start(config: &Path) -> Running {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config"])
-            .arg(config)
-            .env("T_CLIENT_ID", "id")
-            .env("T_CLIENT_SECRET", "secret")
-            .env("T_REFRESH_TOKEN", "refresh")
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("gateway starts");
-        let stderr = child.stderr.take().expect("stderr piped");
-        let (tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut running = Running {
-            child,
-            service: String::new(),
-            admin: String::new(),
-            log,
+        let served = spawn_serve(Command::new(BIN), config);
+        Running {
+            child: served.child,
+            service: served.service,
+            admin: served.admin,
+            log: served.log,
             seen: Vec::new(),
-        };
-        // The two listeners log in either order.
-        while running.service.is_empty() || running.admin.is_empty() {
-            let line = running.wait_log("listening");
-            let addr = line
-                .split("addr=")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .expect("addr= in the listening line")
-                .to_owned();
-            if line.contains("gateway listening") {
-                running.service = addr;
-            } else if line.contains("admin listening") {
-                running.admin = addr;
-            }
         }
-        running
     }
 
     /// Waits (20 s at most) for a log line containing `text` that was not matched before.
@@ -160,13 +124,7 @@ impl Running {
     }
 
     async fn metric(&self, series: &str) -> Option<f64> {
-        let text = send(Method::GET, &format!("http://{}/metrics", self.admin), &[])
-            .await
-            .body;
-        String::from_utf8_lossy(&text).lines().find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
+        metric_at(&self.admin, series).await
     }
 
     async fn wait_ready(&self) {

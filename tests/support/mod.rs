@@ -259,7 +259,14 @@ where
 
 /// The value of a metric line (exact name with labels) in the admin `/metrics` output.
 pub async fn metric(gw: &TestGateway, series: &str) -> Option<f64> {
-    let text = send(Method::GET, &gw.admin_url("/metrics"), &[]).await.body;
+    metric_at(&gw.admin.to_string(), series).await
+}
+
+/// The value of a metric line (exact name with labels) on the admin port at `admin`.
+pub async fn metric_at(admin: &str, series: &str) -> Option<f64> {
+    let text = send(Method::GET, &format!("http://{admin}/metrics"), &[])
+        .await
+        .body;
     String::from_utf8_lossy(&text).lines().find_map(|line| {
         let (name, value) = line.rsplit_once(' ')?;
         (name == series).then(|| value.parse().ok()).flatten()
@@ -332,6 +339,73 @@ key_sha256 = "{}"
 "#,
         hash_key(KEY)
     )
+}
+
+/// The gateway binary running `serve --config` on port-0 listeners.
+pub struct ServeChild {
+    pub child: Child,
+    pub service: String,
+    pub admin: String,
+    /// Its stderr lines after the two listening lines, as they are written (a thread drains
+    /// the pipe, so the child never blocks on it).
+    pub log: std::sync::mpsc::Receiver<String>,
+}
+
+/// Runs `command` (the binary, or a shell that execs it with its arguments) as `serve
+/// --config config` at `RUST_LOG=info`, with the OAuth credentials of [`oauth`] in the `T_*`
+/// variables the tests' configs name, and waits (20 s at most) for both listen addresses.
+pub fn spawn_serve(mut command: Command, config: &Path) -> ServeChild {
+    use std::io::BufRead;
+    let mut child = command
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("T_CLIENT_ID", "test-client-id")
+        .env("T_CLIENT_SECRET", "test-client-secret-SECRET")
+        .env("T_REFRESH_TOKEN", "test-refresh-token-SECRET")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("gateway binary starts");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (tx, log) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut service, mut admin) = (String::new(), String::new());
+    // The two listeners log in either order.
+    while service.is_empty() || admin.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = log
+            .recv_timeout(left)
+            .expect("the gateway logs both listen addresses within 20 s");
+        let addr = || {
+            line.split("addr=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .map(str::to_owned)
+                .expect("addr= in the listening line")
+        };
+        if line.contains("gateway listening") {
+            service = addr();
+        } else if line.contains("admin listening") {
+            admin = addr();
+        }
+    }
+    ServeChild {
+        child,
+        service,
+        admin,
+        log,
+    }
 }
 
 /// Waits until the log file the binary writes (text or JSON) names both listen addresses
