@@ -120,7 +120,8 @@ place ports are chosen, and containerPorts follow it.
 {{- end }}
 
 {{/*
-Replicas that may run at once: the divisor of the account's rate budget.
+Replicas that may run at once: the divisor of the account's rate budget (with the cluster
+on, of its fallback share: `replicas_hint`).
 */}}
 {{- define "hubspot-files-gateway.maxReplicas" -}}
 {{- if .Values.autoscaling.enabled -}}{{ .Values.autoscaling.maxReplicas }}{{- else -}}{{ .Values.replicaCount }}{{- end -}}
@@ -145,7 +146,7 @@ Seconds the pod needs between SIGTERM-after-preStop and exit, plus the preStop p
 
 {{/*
 The effective gateway config: the `config:` block plus what the chart owns (secret
-file paths, TLS file paths, the per-replica rate limit). Returned as JSON.
+file paths, TLS file paths, the rate limit, the `[cluster]` table). Returned as JSON.
 */}}
 {{- define "hubspot-files-gateway.config" -}}
 {{- $cfg := deepCopy (.Values.config | default dict) -}}
@@ -179,20 +180,59 @@ file paths, TLS file paths, the per-replica rate limit). Returned as JSON.
 {{- $_ := set $cfg "upstream" $upstream -}}
 {{- end -}}
 {{- $budget := .Values.rateLimitBudget -}}
+{{- $divisor := include "hubspot-files-gateway.maxReplicas" . | atoi -}}
 {{- if gt (float64 $budget.accountRequests) 0.0 -}}
 {{- $upstream := $cfg.upstream | default dict -}}
 {{- if hasKey $upstream "rate_limit" -}}
-{{- fail "set either rateLimitBudget.accountRequests (the chart divides it per replica) or config.upstream.rate_limit (per replica, by hand), not both" -}}
+{{- fail "set either rateLimitBudget.accountRequests (the chart writes upstream.rate_limit from it) or config.upstream.rate_limit (by hand), not both" -}}
 {{- end -}}
-{{- $divisor := include "hubspot-files-gateway.maxReplicas" . | atoi -}}
 {{- $per := floor (divf (mulf (float64 $budget.accountRequests) (float64 $budget.safetyShare)) $divisor) | int -}}
 {{- if lt $per 1 -}}
 {{- fail (printf "rate budget %v x %v over %d replicas leaves less than 1 request per replica; lower maxReplicas" $budget.accountRequests $budget.safetyShare $divisor) -}}
 {{- end -}}
+{{- if .Values.cluster.enabled -}}
+{{- /* Shared through Redis: the account's budget, whole; the division is only the fallback. */ -}}
+{{- $per = floor (mulf (float64 $budget.accountRequests) (float64 $budget.safetyShare)) | int -}}
+{{- end -}}
 {{- $_ := set $upstream "rate_limit" (dict "requests" $per "per" $budget.per) -}}
 {{- $_ := set $cfg "upstream" $upstream -}}
 {{- end -}}
+{{- if hasKey $cfg "cluster" -}}
+{{- fail "config.cluster is written by the chart from the cluster.* values; remove it from config" -}}
+{{- end -}}
+{{- if .Values.cluster.enabled -}}
+{{- $_ := set $cfg "cluster" (include "hubspot-files-gateway.clusterTable" (dict "Values" .Values "replicas" $divisor) | fromJson) -}}
+{{- end -}}
 {{- toJson $cfg -}}
+{{- end }}
+
+{{/*
+The gateway's `[cluster]` table from the cluster.* values: the Redis URL and user, the
+mounted password and CA files (never a secret value), and `replicas_hint`, the most
+replicas that run at once, so each keeps a safe share of the account's budget while Redis
+is unreachable. Returned as JSON.
+*/}}
+{{- define "hubspot-files-gateway.clusterTable" -}}
+{{- $c := .Values.cluster -}}
+{{- $url := $c.redis.url | default "" | toString -}}
+{{- if not (regexMatch "^rediss?://[^@/?#]+(/[0-9]+)?/?$" $url) -}}
+{{- fail "cluster.redis.url must be redis://host[:port][/db] or rediss://... with no user, password or query (cluster.enabled is true)" -}}
+{{- end -}}
+{{- $dir := $c.redis.mountPath | trimSuffix "/" -}}
+{{- $t := dict "redis_url" $url "key_prefix" $c.keyPrefix "timeout" $c.timeout "replicas_hint" .replicas -}}
+{{- with $c.redis.username }}{{ $_ := set $t "redis_username" . }}{{ end -}}
+{{- if $c.redis.existingSecret -}}
+{{- $_ := set $t "redis_password_file" (printf "%s/auth/password" $dir) -}}
+{{- end -}}
+{{- if $c.redis.caSecret -}}
+{{- if not (hasPrefix "rediss://" $url) -}}
+{{- fail "cluster.redis.caSecret needs a rediss:// (TLS) cluster.redis.url" -}}
+{{- end -}}
+{{- $_ := set $t "redis_ca_file" (printf "%s/ca/ca.crt" $dir) -}}
+{{- end -}}
+{{- with $c.leaseTtl }}{{ $_ := set $t "lease_ttl" . }}{{ end -}}
+{{- with $c.pollInterval }}{{ $_ := set $t "poll_interval" . }}{{ end -}}
+{{- toJson $t -}}
 {{- end }}
 
 {{/*
