@@ -2,6 +2,8 @@
 //! the binary (its path, a temp dir, a config file, its log, signals).
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -276,7 +278,14 @@ pub async fn metric_at(admin: &str, series: &str) -> Option<f64> {
 /// GETs every URL at once, one task each, with the test key on one shared client; returns the
 /// answers in order.
 pub async fn get_all(urls: Vec<String>) -> Vec<Reply> {
-    let client = std::sync::Arc::new(client());
+    get_all_with(std::sync::Arc::new(client()), urls).await
+}
+
+/// [`get_all`] on `client`, whose pooled connections (opened by an earlier wave) are reused.
+pub async fn get_all_with(
+    client: std::sync::Arc<Client<HttpConnector, Full<Bytes>>>,
+    urls: Vec<String>,
+) -> Vec<Reply> {
     let auth = std::sync::Arc::new(format!("Bearer {KEY}"));
     let calls: Vec<_> = urls
         .into_iter()
