@@ -1,7 +1,7 @@
 //! The HubSpot client: pooled hyper over rustls, deadlines, retries, and the outbound budget.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -14,6 +14,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 
+use crate::cluster::ClusterBackend;
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::proxy::Egress;
@@ -249,16 +250,25 @@ pub struct HubSpot {
 impl HubSpot {
     /// Builds the client from validated config, reading the proxy password and proxy
     /// variables from the process environment.
-    pub fn new(config: &UpstreamConfig, metrics: Metrics) -> Result<HubSpot, SetupError> {
-        HubSpot::with_env(config, metrics, &|name| std::env::var(name).ok())
+    /// `cluster` is the shared backend in cluster mode (`None` without `[cluster]`).
+    pub fn new(
+        config: &UpstreamConfig,
+        metrics: Metrics,
+        cluster: Option<Arc<ClusterBackend>>,
+    ) -> Result<HubSpot, SetupError> {
+        HubSpot::with_env(config, metrics, cluster, &|name| std::env::var(name).ok())
     }
 
     /// [`HubSpot::new`] with `env` standing for the process environment.
     pub fn with_env(
         config: &UpstreamConfig,
         metrics: Metrics,
+        cluster: Option<Arc<ClusterBackend>>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<HubSpot, SetupError> {
+        // The shared budget is the budget module's part of cluster mode; until it lands this
+        // client keeps its local budget.
+        drop(cluster);
         let route = crate::proxy::route(config, env)?;
         if let Some(proxy) = route.proxy() {
             tracing::info!(%proxy, "HubSpot connections tunnel through the proxy");
@@ -749,7 +759,7 @@ mod tests {
             },
             ..UpstreamConfig::default()
         };
-        let hubspot = HubSpot::new(&config, Metrics::new()).expect("client");
+        let hubspot = HubSpot::new(&config, Metrics::new(), None).expect("client");
         let req = crate::route::match_route(
             &Method::GET,
             "/files/v3/files/import-from-url/async/tasks/a/status",
@@ -818,7 +828,7 @@ mod tests {
                 .expect("a loopback base_url"),
             ..UpstreamConfig::default()
         };
-        let hubspot = HubSpot::new(&config, Metrics::new()).expect("client");
+        let hubspot = HubSpot::new(&config, Metrics::new(), None).expect("client");
         for _ in 0..2 {
             match hubspot.get("/big").await {
                 Err(UpstreamError::TooLarge { limit }) => assert_eq!(limit, MAX_BODY),

@@ -438,13 +438,13 @@ async fn daily_hold_and_daily_limit_last_until_the_reset() {
 }
 
 /// An answer stored by one replica is read by another with its true age; another hub, another
-/// API version or an expired entry gives nothing.
+/// task or an expired entry gives nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_level_cache_is_shared_with_its_age() {
     let server = RedisServer::start();
     let (a, _) = replica(&server).await;
     let (b, b_metrics) = replica(&server).await;
-    let key = TaskKey::new(11, "v3", "complete-1");
+    let key = TaskKey::new(11, "complete-1");
     let stored = answer(11, "COMPLETE");
     a.cache_put(&key, &stored, Duration::from_secs(60))
         .await
@@ -458,17 +458,17 @@ async fn second_level_cache_is_shared_with_its_age() {
         hit.age
     );
     assert_eq!(b_metrics.cache_hits_total.get(), 1);
-    let other_hub = TaskKey::new(12, "v3", "complete-1");
+    let other_hub = TaskKey::new(12, "complete-1");
     assert!(b.cache_get(&other_hub).await.expect("get").is_none());
-    let other_version = TaskKey::new(11, "2026-03", "complete-1");
-    assert!(b.cache_get(&other_version).await.expect("get").is_none());
+    let other_task = TaskKey::new(11, "complete-10");
+    assert!(b.cache_get(&other_task).await.expect("get").is_none());
     assert!(matches!(
         a.cache_put(&other_hub, &stored, Duration::from_secs(60))
             .await,
         Err(ClusterError::WrongHub)
     ));
 
-    let short = TaskKey::new(11, "v3", "complete-2");
+    let short = TaskKey::new(11, "complete-2");
     a.cache_put(&short, &stored, Duration::from_millis(200))
         .await
         .expect("put");
@@ -479,7 +479,7 @@ async fn second_level_cache_is_shared_with_its_age() {
 /// Runs `k` replicas into one flight at once; the leader answers after `work`. Returns how
 /// many led and every answer the others got.
 async fn race_flight(replicas: Vec<ClusterBackend>, work: Duration) -> (usize, Vec<Answer>) {
-    let key = TaskKey::new(21, "v3", "pending-1");
+    let key = TaskKey::new(21, "pending-1");
     let barrier = Arc::new(tokio::sync::Barrier::new(replicas.len()));
     let mut tasks = Vec::new();
     for backend in replicas {
@@ -574,7 +574,7 @@ async fn dead_leader_is_taken_over() {
     let short_lease = |c: &mut ClusterConfig| c.lease_ttl = Duration::from_secs(1);
     let (a, _) = replica_with(&server, short_lease, ClusterOptions::default()).await;
     let (b, b_metrics) = replica_with(&server, short_lease, ClusterOptions::default()).await;
-    let key = TaskKey::new(31, "v3", "processing-1");
+    let key = TaskKey::new(31, "processing-1");
     let far = || Instant::now() + Duration::from_secs(8);
 
     // Alive: renewed past three lease lives, so the waiter reaches its own deadline.
@@ -626,7 +626,7 @@ async fn redis_killed_then_restarted() {
     backend.acquire(41, &p).await.expect("shared budget");
 
     server.kill();
-    let key = TaskKey::new(41, "v3", "t");
+    let key = TaskKey::new(41, "t");
     for _ in 0..5 {
         let started = Instant::now();
         assert!(backend.acquire(41, &p).await.is_err());
@@ -665,12 +665,12 @@ async fn starts_down_and_comes_up_by_itself() {
     assert!(!backend.is_up());
     assert_eq!(metrics.backend_up.get(), 0);
     assert!(matches!(
-        backend.cache_get(&TaskKey::new(1, "v3", "t")).await,
+        backend.cache_get(&TaskKey::new(1, "t")).await,
         Err(ClusterError::Down)
     ));
     server.run();
     wait_up(&backend, "backend not up 15 s after Redis started").await;
-    assert!(backend.cache_get(&TaskKey::new(1, "v3", "t")).await.is_ok());
+    assert!(backend.cache_get(&TaskKey::new(1, "t")).await.is_ok());
 }
 
 /// Redis frozen (SIGSTOP): every kind of call returns within the 50 ms timeout (with margin
@@ -683,7 +683,7 @@ async fn frozen_redis_never_holds_a_call() {
     let (backend, metrics) = replica_with(&server, |c| c.timeout = timeout, fast).await;
     assert!(backend.is_up());
     let p = policy(10, Duration::from_secs(10));
-    let key = TaskKey::new(51, "v3", "t");
+    let key = TaskKey::new(51, "t");
     let bound = timeout + Duration::from_millis(400);
 
     server.signal("-STOP");
@@ -769,7 +769,7 @@ async fn tls_with_a_private_ca() {
     )
     .await;
     assert!(trusting.is_up());
-    let key = TaskKey::new(71, "v3", "complete-tls");
+    let key = TaskKey::new(71, "complete-tls");
     trusting
         .cache_put(&key, &answer(71, "COMPLETE"), Duration::from_secs(60))
         .await
@@ -790,7 +790,7 @@ async fn miss_round_trips_are_measured() {
     let rounds = 200u32;
     let started = Instant::now();
     for i in 0..rounds {
-        let key = TaskKey::new(61, "v3", format!("task-{i}"));
+        let key = TaskKey::new(61, format!("task-{i}"));
         assert!(backend.cache_get(&key).await.expect("get").is_none());
         let Flight::Leader(lease) = backend
             .join_flight(&key, Instant::now() + Duration::from_secs(5))
