@@ -1,7 +1,6 @@
 //! The HubSpot client: pooled hyper over rustls, deadlines, retries, and the outbound budget.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -14,6 +13,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 
+use crate::budget::Budget;
+pub use crate::budget::{HoldStatus, ThrottleSource, daily_hold};
 use crate::cluster::ClusterBackend;
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
@@ -126,25 +127,6 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// How long a `DAILY` 429 without `Retry-After` holds, from `now`. HubSpot resets daily
-/// limits at midnight in the account's time zone, which the gateway does not know:
-///
-/// - the first `DAILY` hold lasts until the next midnight UTC;
-/// - a `DAILY` 429 within a day after a `DAILY` hold ended (`probing`) means the account's
-///   midnight is later than UTC's (or the limit was spent again): it holds until the next
-///   whole hour UTC, so the reset is found within the hour (every time zone's midnight falls
-///   on a UTC hour, or at :30/:45 for a few), for at most one call an hour.
-pub fn daily_hold(now: SystemTime, probing: bool) -> Duration {
-    const HOUR: u64 = 3600;
-    let period = if probing { HOUR } else { 24 * HOUR };
-    let since_epoch = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    let into_period = Duration::from_secs(since_epoch.as_secs() % period)
-        + Duration::from_nanos(u64::from(since_epoch.subsec_nanos()));
-    Duration::from_secs(period) - into_period
-}
-
 /// `wait` as a `Retry-After` value: whole seconds, rounded up, at least 1 (what HubSpot's
 /// clients and RFC 9110 expect; `0` would invite an immediate retry).
 pub fn retry_after_value(wait: Duration) -> HeaderValue {
@@ -152,36 +134,6 @@ pub fn retry_after_value(wait: Duration) -> HeaderValue {
         .as_secs()
         .saturating_add(u64::from(wait.subsec_nanos() > 0));
     HeaderValue::from(secs.max(1))
-}
-
-/// A hold on every upstream call after a HubSpot 429, as `/readyz` and the metrics show it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HoldStatus {
-    /// The policy HubSpot named.
-    pub policy: Policy,
-    /// Time left until calls may go out again.
-    pub remaining: Duration,
-    /// When HubSpot asked for longer than `upstream.max_hold`: what it asked for.
-    pub capped_from: Option<Duration>,
-}
-
-/// Who held an upstream call back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThrottleSource {
-    /// HubSpot answered 429; every call waits until its interval is over.
-    HubSpot429,
-    /// The gateway's own budget (`upstream.rate_limit`) is spent.
-    LocalBudget,
-}
-
-impl ThrottleSource {
-    /// The `source` label of `upstream_throttled_total`.
-    pub fn label(self) -> &'static str {
-        match self {
-            ThrottleSource::HubSpot429 => "hubspot_429",
-            ThrottleSource::LocalBudget => "local_budget",
-        }
-    }
 }
 
 /// Why no answer came from HubSpot.
@@ -242,7 +194,7 @@ pub struct HubSpot {
     api_version: crate::route::ApiVersion,
     request_timeout: Duration,
     user_agent: HeaderValue,
-    budget: RateBudget,
+    budget: Budget,
     max_hold: Duration,
     metrics: Metrics,
 }
@@ -299,7 +251,7 @@ impl HubSpot {
                 "hubspot-files-gateway/",
                 env!("CARGO_PKG_VERSION")
             )),
-            budget: RateBudget::new(config.rate_limit.requests, config.rate_limit.per),
+            budget: Budget::new(config.rate_limit.requests, config.rate_limit.per),
             max_hold: config.max_hold,
             metrics,
         })
@@ -325,7 +277,7 @@ impl HubSpot {
             attempt += 1;
             // Built before the budget is touched: a request that cannot be built is not sent.
             let request = self.request(Method::GET, &path, Some(bearer), Some(request_id), None)?;
-            if let Err((retry_after, by, policy)) = self.budget.acquire() {
+            if let Err((retry_after, by, policy)) = self.budget.acquire().await {
                 self.metrics
                     .upstream_throttled_total
                     .with_label_values(&[by.label()])
@@ -580,7 +532,7 @@ impl HubSpot {
     /// Brings the budget and hold gauges up to date (called when metrics are read).
     pub fn update_gauges(&self) {
         let m = &self.metrics;
-        m.upstream_budget_limit.set(self.budget.limit as i64);
+        m.upstream_budget_limit.set(self.budget.limit() as i64);
         m.upstream_budget_remaining
             .set(self.budget.remaining() as i64);
         m.upstream_hold_seconds.set(
@@ -590,163 +542,9 @@ impl HubSpot {
     }
 }
 
-/// HubSpot counts calls in a rolling window; so does this, exactly: a call is allowed when
-/// fewer than `limit` calls were sent in the last `per`. After a HubSpot 429, every call is
-/// held until the time HubSpot named (capped as [`HubSpot::observe_rate_headers`] says).
-struct RateBudget {
-    limit: usize,
-    per: Duration,
-    state: Mutex<BudgetState>,
-}
-
-struct BudgetState {
-    sent: VecDeque<Instant>,
-    hold: Option<Hold>,
-    /// When the latest `DAILY` hold ends or ended.
-    daily_until: Option<Instant>,
-}
-
-/// One hold after a 429.
-#[derive(Debug, Clone, Copy)]
-struct Hold {
-    until: Instant,
-    policy: Policy,
-    capped_from: Option<Duration>,
-}
-
-/// What [`RateBudget::hold`] decided.
-struct HoldSet {
-    /// Time until the hold in force ends.
-    remaining: Duration,
-    /// This 429 started a capped hold (so it is logged once, not once per 429).
-    newly_capped: bool,
-}
-
-impl RateBudget {
-    fn new(limit: u32, per: Duration) -> RateBudget {
-        RateBudget {
-            limit: limit as usize,
-            per,
-            state: Mutex::new(BudgetState {
-                sent: VecDeque::with_capacity(limit as usize),
-                hold: None,
-                daily_until: None,
-            }),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Takes one call from the budget, or says how long to wait, why not, and for which
-    /// policy.
-    fn acquire(&self) -> Result<(), (Duration, ThrottleSource, Policy)> {
-        let now = Instant::now();
-        let mut s = self.lock();
-        if let Some(hold) = s.hold {
-            if hold.until > now {
-                return Err((hold.until - now, ThrottleSource::HubSpot429, hold.policy));
-            }
-            s.hold = None;
-        }
-        s.prune(now, self.per);
-        if s.sent.len() >= self.limit {
-            let oldest = s.sent.front().copied().unwrap_or(now);
-            return Err((
-                self.per.saturating_sub(now.duration_since(oldest)),
-                ThrottleSource::LocalBudget,
-                Policy::TenSecondlyRolling,
-            ));
-        }
-        s.sent.push_back(now);
-        Ok(())
-    }
-
-    /// Calls the window allows right now.
-    fn remaining(&self) -> usize {
-        let mut s = self.lock();
-        s.prune(Instant::now(), self.per);
-        self.limit.saturating_sub(s.sent.len())
-    }
-
-    /// Holds every call for `asked`, at most `cap`; a hold already in force that ends later
-    /// stays (two 429s in flight at once must not shorten the first one's hold).
-    fn hold(&self, asked: Duration, cap: Duration, policy: Policy) -> HoldSet {
-        let now = Instant::now();
-        let held = asked.min(cap);
-        let capped_from = (asked > cap).then_some(asked);
-        let new = Hold {
-            // `max_hold` is bounded by config validation; a clock near its end must not panic.
-            until: now.checked_add(held).unwrap_or(now),
-            policy,
-            capped_from,
-        };
-        let mut s = self.lock();
-        let current = s.hold.filter(|h| h.until > now);
-        let newly_capped = capped_from.is_some() && current.is_none_or(|h| h.capped_from.is_none());
-        let kept = match current {
-            Some(h) if h.until >= new.until => h,
-            _ => new,
-        };
-        s.hold = Some(kept);
-        if kept.policy == Policy::Daily {
-            s.daily_until = Some(kept.until);
-        }
-        HoldSet {
-            remaining: kept.until.saturating_duration_since(now),
-            newly_capped: newly_capped && kept.capped_from.is_some(),
-        }
-    }
-
-    /// Whether a `DAILY` hold ended less than a day ago (see [`daily_hold`]).
-    fn daily_probing(&self) -> bool {
-        let now = Instant::now();
-        self.lock()
-            .daily_until
-            .is_some_and(|t| t <= now && now - t < Duration::from_secs(24 * 3600))
-    }
-
-    fn hold_status(&self) -> Option<HoldStatus> {
-        let now = Instant::now();
-        let hold = self.lock().hold.filter(|h| h.until > now)?;
-        Some(HoldStatus {
-            policy: hold.policy,
-            remaining: hold.until.saturating_duration_since(now),
-            capped_from: hold.capped_from,
-        })
-    }
-}
-
-impl BudgetState {
-    /// Forgets calls older than the window.
-    fn prune(&mut self, now: Instant, per: Duration) {
-        while self
-            .sent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= per)
-        {
-            self.sent.pop_front();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn budget_is_a_rolling_window() {
-        let b = RateBudget::new(3, Duration::from_millis(200));
-        for _ in 0..3 {
-            assert!(b.acquire().is_ok());
-        }
-        let (wait, source, _) = b.acquire().expect_err("spent");
-        assert_eq!(source, ThrottleSource::LocalBudget);
-        assert!(wait <= Duration::from_millis(200));
-        std::thread::sleep(Duration::from_millis(210));
-        assert!(b.acquire().is_ok(), "window rolled over");
-    }
 
     /// A bearer a header cannot carry, or a path a URI cannot, is a typed error before
     /// anything is sent or taken from the budget, never an empty request or a panic.
@@ -774,7 +572,10 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        assert!(hubspot.budget.acquire().is_ok(), "the budget was not spent");
+        assert!(
+            hubspot.budget.acquire().await.is_ok(),
+            "the budget was not spent"
+        );
         match hubspot.get("/oauth/v1/access-tokens/a b").await {
             Err(e @ UpstreamError::Request(RequestError::Uri(_))) => {
                 assert!(!format!("{e:?}").contains("a b"));
@@ -835,80 +636,6 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-    }
-
-    /// A DAILY hold that has ended puts the budget in probing mode for a day; one still in
-    /// force, or none, does not.
-    #[test]
-    fn probing_follows_an_ended_daily_hold() {
-        let b = RateBudget::new(100, Duration::from_secs(10));
-        assert!(!b.daily_probing());
-        b.hold(Duration::from_millis(50), MAX_DAILY_HOLD, Policy::Daily);
-        assert!(!b.daily_probing(), "the hold is still in force");
-        std::thread::sleep(Duration::from_millis(80));
-        assert!(b.daily_probing());
-        assert!(b.acquire().is_ok(), "the hold ended");
-    }
-
-    /// A 429's hold stops every call, for the policy it named.
-    #[test]
-    fn a_429_holds_every_call() {
-        let b = RateBudget::new(100, Duration::from_secs(10));
-        b.hold(
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-            Policy::Daily,
-        );
-        let (wait, source, policy) = b.acquire().expect_err("held");
-        assert_eq!(source, ThrottleSource::HubSpot429);
-        assert_eq!(policy, Policy::Daily);
-        assert!(wait > Duration::from_secs(1));
-    }
-
-    /// A hold longer than the cap is cut to it, remembers what was asked, and is reported as
-    /// newly capped once: a second 429 during it is not a new capped hold.
-    #[test]
-    fn a_long_hold_is_capped_and_reported_once() {
-        let b = RateBudget::new(100, Duration::from_secs(10));
-        let cap = Duration::from_secs(5);
-        let first = b.hold(Duration::from_secs(300), cap, Policy::TenSecondlyRolling);
-        assert!(first.newly_capped);
-        assert!(first.remaining <= cap);
-        let second = b.hold(Duration::from_secs(300), cap, Policy::TenSecondlyRolling);
-        assert!(!second.newly_capped);
-        let status = b.hold_status().expect("a hold");
-        assert_eq!(status.capped_from, Some(Duration::from_secs(300)));
-        assert!(status.remaining <= cap);
-        // A shorter hold does not shorten the one in force.
-        b.hold(Duration::from_secs(1), cap, Policy::Secondly);
-        assert!(b.hold_status().expect("a hold").remaining > Duration::from_secs(3));
-    }
-
-    /// A first DAILY hold ends at the next midnight UTC (from midnight itself, a whole day
-    /// ahead: the limit just reset, so a DAILY 429 now means the next reset); while probing
-    /// after one, at the next whole hour UTC.
-    #[test]
-    fn daily_reset_is_the_next_midnight_utc_then_hourly() {
-        let midnight = SystemTime::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400);
-        assert_eq!(daily_hold(midnight, false), Duration::from_secs(86_400));
-        let evening =
-            midnight + Duration::from_secs(23 * 3600 + 59 * 60) + Duration::from_millis(500);
-        assert_eq!(
-            daily_hold(evening, false),
-            Duration::from_secs(59) + Duration::from_millis(500)
-        );
-        let morning = midnight + Duration::from_secs(4 * 3600 + 10 * 60);
-        assert_eq!(
-            daily_hold(morning, false),
-            Duration::from_secs(19 * 3600 + 50 * 60)
-        );
-        assert_eq!(daily_hold(morning, true), Duration::from_secs(50 * 60));
-        // The same instant, written as HubSpot would in a Retry-After, is read back exactly.
-        let date = httpdate::fmt_http_date(midnight + Duration::from_secs(86_400));
-        assert_eq!(
-            parse_retry_after(&date, midnight),
-            Some(Duration::from_secs(86_400))
-        );
     }
 
     /// The policies HubSpot documents are recognised; anything else is `unknown`.
