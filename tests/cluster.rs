@@ -850,7 +850,17 @@ async fn replica_gateway(
     sim: &hubspot_sim::RunningSimulator,
     server: &RedisServer,
 ) -> support::TestGateway {
+    replica_gateway_timing(sim, server, Duration::from_secs(5)).await
+}
+
+/// [`replica_gateway`] with `upstream.request_timeout` set to `request_timeout`.
+async fn replica_gateway_timing(
+    sim: &hubspot_sim::RunningSimulator,
+    server: &RedisServer,
+    request_timeout: Duration,
+) -> support::TestGateway {
     let mut config = support::config(&sim.base_url());
+    config.upstream.request_timeout = request_timeout;
     let mut cluster = ClusterConfig::new(server.url());
     // As in `replica_with`: a loaded machine must not turn a functional test into a
     // fallback test.
@@ -1012,6 +1022,89 @@ async fn two_hubs_never_share() {
     assert!(replies.iter().all(|r| r.header("x-cache") == "MISS"));
     assert_eq!(support::status_requests(&sim_a).await, 2);
     assert_eq!(support::status_requests(&sim_b).await, 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Waits until some replica holds the flight lease of `task` in hub `hub`, so the next
+/// caller is sure to find a leader at work.
+async fn wait_lease(server: &RedisServer, hub: u64, task: &str) {
+    let mut conn = server.inspect().await;
+    let key = format!("t:lease:{hub}:{task}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let held: bool = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("EXISTS");
+        if held {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nobody took the lease {key}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A replica waiting on another's flight past its own deadline answers what a slow HubSpot
+/// gives (504 `UPSTREAM_TIMEOUT`) without calling HubSpot itself; the leader's caller still
+/// gets HubSpot's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_past_its_deadline_gets_the_slow_hubspot_answer() {
+    let server = RedisServer::start();
+    let sim = hub_sim(7_006, Duration::from_millis(1800)).await;
+    let a = replica_gateway(&sim, &server).await;
+    let b = replica_gateway_timing(&sim, &server, Duration::from_secs(1)).await;
+    let url = a.status_url("pending-slow");
+    let leader = tokio::spawn(async move { support::get(&url).await });
+    wait_lease(&server, 7_006, "pending-slow").await;
+    let started = std::time::Instant::now();
+    let waiter = support::get(&b.status_url("pending-slow")).await;
+    assert_eq!(waiter.status, 504, "{:?}", waiter.body);
+    assert_eq!(waiter.json()["category"], "UPSTREAM_TIMEOUT");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let led = leader.await.expect("leader's request");
+    assert_eq!((led.status.as_u16(), led.header("x-cache")), (200, "MISS"));
+    assert_eq!(support::status_requests(&sim).await, 1);
+    let deadline = r#"hubspot_gateway_cluster_flight_waits_total{outcome="deadline"}"#;
+    assert_eq!(support::metric(&b, deadline).await, Some(1.0));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A leader that gets no answer from HubSpot (its call timed out) releases the flight, and
+/// the waiting replica takes it over within its own deadline instead of inheriting the
+/// failure: one account (hub 7007) behind two simulators, the leader's too slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_leader_hands_the_flight_over() {
+    let server = RedisServer::start();
+    let slow = hub_sim(7_007, Duration::from_millis(3000)).await;
+    let fast = hub_sim(7_007, Duration::ZERO).await;
+    let a = replica_gateway_timing(&slow, &server, Duration::from_secs(1)).await;
+    let b = replica_gateway(&fast, &server).await;
+    let url = a.status_url("complete-handover");
+    let leader = tokio::spawn(async move { support::get(&url).await });
+    wait_lease(&server, 7_007, "complete-handover").await;
+    let waiter = support::get(&b.status_url("complete-handover")).await;
+    let led = leader.await.expect("leader's request");
+    assert_eq!(led.status, 504, "{:?}", led.body);
+    assert_eq!(
+        (waiter.status.as_u16(), waiter.header("x-cache")),
+        (200, "MISS")
+    );
+    assert_eq!(support::status_requests(&fast).await, 1);
+    let takeovers = "hubspot_gateway_cluster_lease_takeovers_total";
+    assert_eq!(support::metric(&b, takeovers).await, Some(1.0));
+    // B's answer went to the shared cache: A now answers it as a HIT without its HubSpot.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let slow_calls = support::status_requests(&slow).await;
+    let hit = support::get(&a.status_url("complete-handover")).await;
+    assert_eq!((hit.status.as_u16(), hit.header("x-cache")), (200, "HIT"));
+    assert_eq!(support::status_requests(&slow).await, slow_calls);
     a.stop().await;
     b.stop().await;
 }
