@@ -7,6 +7,8 @@
 //! - [`gateway`]: the request handler, reading top to bottom as route → auth → cache →
 //!   coalesce → token → upstream → classify → respond.
 //! - [`cache`]: terminal answers in memory, and single-flight for every miss.
+//! - [`cluster`]: with `[cluster]`, the cache, flights and budget replicas share through
+//!   Redis, falling back to the local ones while Redis is down.
 //! - [`token`]: the HubSpot credential: refresh ahead of expiry, scope verification.
 //! - [`upstream`]: the pooled HubSpot client: deadlines, retries, the rate budget.
 //! - [`proxy`]: the outbound proxy HubSpot connections may have to tunnel through.
