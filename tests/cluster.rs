@@ -269,26 +269,33 @@ async fn wait_up(backend: &ClusterBackend, what: &str) {
     }
 }
 
+/// Runs `cmd` on `server` every 10 ms until `done` holds for its answer (10 s at most).
+async fn poll_redis<T: redis::FromRedisValue>(
+    server: &RedisServer,
+    cmd: &redis::Cmd,
+    what: &str,
+    mut done: impl FnMut(T) -> bool,
+) {
+    let mut conn = server.inspect().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done(cmd.query_async(&mut conn).await.expect("inspection query")) {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until `n` connections subscribe to the flights channel, so a test that relies on
 /// pub/sub does not race the subscriber's start.
 async fn wait_subscribers(server: &RedisServer, n: i64) {
-    let mut conn = server.inspect().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, count): (String, i64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg("t:flights:v1")
-            .query_async::<Vec<(String, i64)>>(&mut conn)
-            .await
-            .expect("PUBSUB NUMSUB")
-            .pop()
-            .expect("one channel");
-        if count >= n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "only {count} of {n} subscribers");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut numsub = redis::cmd("PUBSUB");
+    numsub.arg("NUMSUB").arg("t:flights:v1");
+    poll_redis(
+        server,
+        &numsub,
+        &format!("{n} subscribers"),
+        |counts: Vec<(String, i64)>| counts.first().is_some_and(|(_, count)| *count >= n),
+    )
+    .await;
 }
 
 /// Four replicas hammering one hub with a 30/10 s budget: no 10 s span of the recorded call
@@ -1029,21 +1036,13 @@ async fn two_hubs_never_share() {
 /// Waits until some replica holds the flight lease of `task` in hub `hub`, so the next
 /// caller is sure to find a leader at work.
 async fn wait_lease(server: &RedisServer, hub: u64, task: &str) {
-    let mut conn = server.inspect().await;
     let key = format!("t:lease:{hub}:{task}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let held: bool = redis::cmd("EXISTS")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .expect("EXISTS");
-        if held {
-            return;
-        }
-        assert!(Instant::now() < deadline, "nobody took the lease {key}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut exists = redis::cmd("EXISTS");
+    exists.arg(&key);
+    poll_redis(server, &exists, &format!("a lease {key}"), |held: bool| {
+        held
+    })
+    .await;
 }
 
 /// A replica waiting on another's flight past its own deadline answers what a slow HubSpot

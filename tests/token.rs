@@ -24,6 +24,18 @@ async fn sim_with_ttl(ttl: u64) -> RunningSimulator {
     .await
 }
 
+/// A simulator issuing tokens of 4 s (refreshed about every 2 s) for the configured refresh
+/// token only, without a rate limit: for the rotation tests, which turn rotation on.
+async fn sim_for_rotation() -> RunningSimulator {
+    simulator(SimConfig {
+        token_ttl: Duration::from_secs(4),
+        rate_limit: None,
+        refresh_token: Some("test-refresh-token-SECRET".into()),
+        ..SimConfig::default()
+    })
+    .await
+}
+
 /// A counter of `GET /__sim/stats`.
 async fn count(sim: &RunningSimulator, name: &str) -> u64 {
     stats(sim).await[name]
@@ -558,13 +570,7 @@ async fn upstream_403_missing_scopes_reverifies_the_token() {
 /// gateway keeps refreshing, so it used each new refresh token.
 #[tokio::test]
 async fn rotated_refresh_token_is_used_for_the_next_refresh() {
-    let sim = simulator(SimConfig {
-        token_ttl: Duration::from_secs(4),
-        rate_limit: None,
-        refresh_token: Some("test-refresh-token-SECRET".into()),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = sim_for_rotation().await;
     faults(&sim, json!({ "rotate_refresh_token": true })).await;
     let gw = gateway(config(&sim.base_url()), oauth()).await;
     wait_ready(&gw).await;
@@ -1001,13 +1007,7 @@ refresh_token_file = "{d}/refresh_token""#,
 /// many follow, and never prints a refresh token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_token_rotation_is_counted_and_warned_once() {
-    let sim = simulator(SimConfig {
-        token_ttl: Duration::from_secs(4),
-        rate_limit: None,
-        refresh_token: Some("test-refresh-token-SECRET".into()),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = sim_for_rotation().await;
     let dir = temp_dir("rotation-warning");
     let config = dir.join("gateway.toml");
     let token = "client_id_env = \"T_CLIENT_ID\"\nclient_secret_env = \"T_CLIENT_SECRET\"\nrefresh_token_env = \"T_REFRESH_TOKEN\"";
