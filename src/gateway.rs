@@ -315,7 +315,7 @@ impl Gateway {
         let lease = match cluster.join_flight(&task, deadline.into()).await {
             Ok(cluster::Flight::Leader(lease)) => lease,
             Ok(cluster::Flight::Answer(answer)) => {
-                if let Some(stored) = self.from_shared(answer, Origin::Peer, Duration::ZERO) {
+                if let Some(stored) = self.adopt(answer, Origin::Peer, Duration::ZERO) {
                     return (Ok(stored), None);
                 }
                 // An answer this build cannot pass on: ask HubSpot rather than fail.
@@ -344,18 +344,13 @@ impl Gateway {
     /// here; Redis failing is a miss.
     async fn shared_hit(&self, cluster: &ClusterBackend, task: &TaskKey) -> Option<Stored> {
         let found = cluster.cache_get(task).await.ok()??;
-        self.from_shared(found.answer, Origin::SharedCache, found.age)
+        self.adopt(found.answer, Origin::SharedCache, found.age)
             .filter(Stored::is_fresh_terminal)
     }
 
     /// Another replica's answer as this replica stores and serves it; `None` when its
     /// status or a header is not one HTTP allows (a newer build's, or damaged bytes).
-    fn from_shared(
-        &self,
-        answer: cluster::Answer,
-        origin: Origin,
-        age: Duration,
-    ) -> Option<Stored> {
+    fn adopt(&self, answer: cluster::Answer, origin: Origin, age: Duration) -> Option<Stored> {
         let status = StatusCode::from_u16(answer.status).ok()?;
         let mut headers = hyper::HeaderMap::with_capacity(answer.headers.len());
         for (name, value) in answer.headers {

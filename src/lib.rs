@@ -7,6 +7,8 @@
 //! - [`gateway`]: the request handler, reading top to bottom as route → auth → cache →
 //!   coalesce → token → upstream → classify → respond.
 //! - [`cache`]: terminal answers in memory, and single-flight for every miss.
+//! - [`cluster`]: with `[cluster]`, the cache, flights and budget replicas share through
+//!   Redis, falling back to the local ones while Redis is down.
 //! - [`token`]: the HubSpot credential: refresh ahead of expiry, scope verification.
 //! - [`budget`]: the outbound budget every HubSpot call asks first: windows, holds, shares.
 //! - [`upstream`]: the pooled HubSpot client: deadlines, retries, the 429 reading.

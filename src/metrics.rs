@@ -38,6 +38,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub token_forced_refreshes_total: IntCounterVec,
     pub token_rotation_failed: IntGauge,
+    /// Refresh grants HubSpot answered with a different refresh token than the one sent.
+    pub token_refresh_token_rotated_total: IntCounter,
     // Live reload of the config, client keys and TLS files.
     /// Reloads by `result`: `applied` or `refused` (the running config kept serving).
     pub config_reloads_total: IntCounterVec,
@@ -181,6 +183,17 @@ impl Metrics {
             "token_rotation_failed",
             "1 while the static token file holds a token that could not be read or verified; the last verified token stays in service.",
         );
+        let token_refresh_token_rotated_total = IntCounter::with_opts(
+            Opts::new(
+                "token_refresh_token_rotated_total",
+                "Refresh grants HubSpot answered with a new refresh token. With several replicas each holding its own copy, any increase means they must share one refresher.",
+            )
+            .namespace(PREFIX),
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(token_refresh_token_rotated_total.clone()))
+            .expect("each name registered once");
         // Live reload: both results exist from the start, so a dashboard sees 0, not nothing.
         let config_reloads_total = counter(
             "config_reloads_total",
@@ -274,6 +287,7 @@ impl Metrics {
             build_info,
             token_forced_refreshes_total,
             token_rotation_failed,
+            token_refresh_token_rotated_total,
             config_reloads_total,
             config_last_load_timestamp_seconds,
             upstream_429_total,

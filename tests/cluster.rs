@@ -1,6 +1,9 @@
 //! The cluster backend against a real `redis-server` on loopback, with several backends
 //! standing in for replicas: the shared rolling window, holds, the second-level cache,
-//! flights across replicas, and Redis killed, restarted and frozen.
+//! flights across replicas, and Redis killed, restarted and frozen. Then the request path in
+//! cluster mode: gateways in this process sharing one Redis and one simulator.
+
+mod support;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -266,26 +269,33 @@ async fn wait_up(backend: &ClusterBackend, what: &str) {
     }
 }
 
+/// Runs `cmd` on `server` every 10 ms until `done` holds for its answer (10 s at most).
+async fn poll_redis<T: redis::FromRedisValue>(
+    server: &RedisServer,
+    cmd: &redis::Cmd,
+    what: &str,
+    mut done: impl FnMut(T) -> bool,
+) {
+    let mut conn = server.inspect().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done(cmd.query_async(&mut conn).await.expect("inspection query")) {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until `n` connections subscribe to the flights channel, so a test that relies on
 /// pub/sub does not race the subscriber's start.
 async fn wait_subscribers(server: &RedisServer, n: i64) {
-    let mut conn = server.inspect().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, count): (String, i64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg("t:flights:v1")
-            .query_async::<Vec<(String, i64)>>(&mut conn)
-            .await
-            .expect("PUBSUB NUMSUB")
-            .pop()
-            .expect("one channel");
-        if count >= n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "only {count} of {n} subscribers");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut numsub = redis::cmd("PUBSUB");
+    numsub.arg("NUMSUB").arg("t:flights:v1");
+    poll_redis(
+        server,
+        &numsub,
+        &format!("{n} subscribers"),
+        |counts: Vec<(String, i64)>| counts.first().is_some_and(|(_, count)| *count >= n),
+    )
+    .await;
 }
 
 /// Four replicas hammering one hub with a 30/10 s budget: no 10 s span of the recorded call
@@ -825,4 +835,275 @@ async fn miss_round_trips_are_measured() {
         eprintln!("  {op}: mean {:.3} ms", mean * 1000.0);
     }
     assert!(per_miss < Duration::from_millis(250), "{per_miss:?}");
+}
+
+// The request path in cluster mode: two gateways in this process, one redis-server, and the
+// simulator standing in for HubSpot.
+
+/// A simulator for hub `hub_id` without HubSpot's rate limit (these tests count calls),
+/// answering every status request after `latency`.
+async fn hub_sim(hub_id: u64, latency: Duration) -> hubspot_sim::RunningSimulator {
+    support::simulator(hubspot_sim::SimConfig {
+        hub_id,
+        latency,
+        rate_limit: None,
+        ..hubspot_sim::SimConfig::default()
+    })
+    .await
+}
+
+/// A ready gateway in front of `sim` in cluster mode on `server`.
+async fn replica_gateway(
+    sim: &hubspot_sim::RunningSimulator,
+    server: &RedisServer,
+) -> support::TestGateway {
+    replica_gateway_timing(sim, server, Duration::from_secs(5)).await
+}
+
+/// [`replica_gateway`] with `upstream.request_timeout` set to `request_timeout`.
+async fn replica_gateway_timing(
+    sim: &hubspot_sim::RunningSimulator,
+    server: &RedisServer,
+    request_timeout: Duration,
+) -> support::TestGateway {
+    let mut config = support::config(&sim.base_url());
+    config.upstream.request_timeout = request_timeout;
+    let mut cluster = ClusterConfig::new(server.url());
+    // As in `replica_with`: a loaded machine must not turn a functional test into a
+    // fallback test.
+    cluster.timeout = Duration::from_millis(500);
+    cluster.key_prefix = "t:".into();
+    config.cluster = Some(cluster);
+    let gateway = support::gateway(config, support::oauth()).await;
+    support::wait_ready(&gateway).await;
+    gateway
+}
+
+/// `/readyz` as status and JSON.
+async fn readyz(gateway: &support::TestGateway) -> (hyper::StatusCode, serde_json::Value) {
+    let reply = support::send(hyper::Method::GET, &gateway.admin_url("/readyz"), &[]).await;
+    (reply.status, reply.json())
+}
+
+/// A COMPLETE task fetched through replica A is a HIT on replica B without a HubSpot call,
+/// with the same body and an `Age` counted from HubSpot's answer to A (not from B's copy);
+/// B keeps it in memory afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
+    let server = RedisServer::start();
+    let sim = hub_sim(7_001, Duration::ZERO).await;
+    let a = replica_gateway(&sim, &server).await;
+    let b = replica_gateway(&sim, &server).await;
+    let first = support::get(&a.status_url("complete-shared")).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-cache"), "MISS");
+    // Past one second, so a true Age is at least 1 whichever replica answers.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let hit = support::get(&b.status_url("complete-shared")).await;
+    assert_eq!(hit.status, 200);
+    assert_eq!(hit.header("x-cache"), "HIT", "{:?}", hit.headers);
+    assert_eq!(hit.header("cache-status"), "hubspot-files-gateway; hit");
+    assert_eq!(hit.body, first.body);
+    let age: u64 = hit.header("age").parse().expect("an Age header");
+    assert!((1..=10).contains(&age), "Age {age}");
+    assert_eq!(
+        support::status_requests(&sim).await,
+        1,
+        "B did not ask HubSpot"
+    );
+    let shared = "hubspot_gateway_cluster_cache_hits_total";
+    assert_eq!(support::metric(&b, shared).await, Some(1.0));
+    let again = support::get(&b.status_url("complete-shared")).await;
+    assert_eq!(again.header("x-cache"), "HIT");
+    assert_eq!(
+        support::metric(&b, shared).await,
+        Some(1.0),
+        "from B's memory"
+    );
+    assert_eq!(support::status_requests(&sim).await, 1);
+    let (status, ready) = readyz(&b).await;
+    assert_eq!(status, 200);
+    assert_eq!(ready["cluster"]["backend"], "up", "{ready}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Callers of a new task on replicas A and B at the same time cost one HubSpot call: one
+/// caller's answer is the MISS, the other's is COALESCED with the same body; the next round,
+/// the task still PENDING, costs one call again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_on_two_replicas_cost_one_hubspot_call() {
+    let server = RedisServer::start();
+    // HubSpot takes long enough that the second replica joins while the first one asks.
+    let sim = hub_sim(7_002, Duration::from_millis(600)).await;
+    let a = replica_gateway(&sim, &server).await;
+    let b = replica_gateway(&sim, &server).await;
+    for round in 1..=2u64 {
+        let replies = support::get_all(vec![
+            a.status_url("pending-flight"),
+            b.status_url("pending-flight"),
+        ])
+        .await;
+        let mut seen: Vec<&str> = replies.iter().map(|r| r.header("x-cache")).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, ["COALESCED", "MISS"], "round {round}");
+        assert!(replies.iter().all(|r| r.status == 200));
+        assert_eq!(replies[0].body, replies[1].body);
+        assert_eq!(support::status_requests(&sim).await, round, "round {round}");
+    }
+    let coalesced = |gw| async move {
+        support::metric(gw, "hubspot_gateway_coalesced_requests_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    assert_eq!(coalesced(&a).await + coalesced(&b).await, 2.0);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Redis killed under a running replica: callers still get HubSpot's answers (200, no 5xx),
+/// the backend metric says 0 and `/readyz` stays ready showing `down`; a replica started
+/// while Redis is down serves too; both return to shared mode once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_means_local_mode_not_errors() {
+    let mut server = RedisServer::start();
+    let sim = hub_sim(7_003, Duration::ZERO).await;
+    let a = replica_gateway(&sim, &server).await;
+    let up = "hubspot_gateway_cluster_backend_up";
+    assert_eq!(support::metric(&a, up).await, Some(1.0));
+    server.kill();
+    for task in ["complete-down-1", "pending-down-2", "complete-down-1"] {
+        let reply = support::get(&a.status_url(task)).await;
+        assert_eq!(reply.status, 200, "{task}: {:?}", reply.body);
+    }
+    assert_eq!(support::metric(&a, up).await, Some(0.0));
+    let (status, ready) = readyz(&a).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["cluster"]["backend"], "down", "{ready}");
+    let late = replica_gateway(&sim, &server).await;
+    assert_eq!(
+        support::get(&late.status_url("complete-down-3"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(support::metric(&late, up).await, Some(0.0));
+    server.run();
+    for gateway in [&a, &late] {
+        support::wait_for(
+            || async { support::metric(gateway, up).await == Some(1.0) },
+            "backend up again",
+        )
+        .await;
+    }
+    assert_eq!(readyz(&late).await.1["cluster"]["backend"], "up");
+    a.stop().await;
+    late.stop().await;
+}
+
+/// Two HubSpot accounts on one Redis never share: the same taskId's COMPLETE answer stored
+/// by hub 7004's replica is a MISS for hub 7005's, whose own HubSpot is asked and whose
+/// body names its own hub; concurrent callers of one new task cost one call per hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_never_share() {
+    let server = RedisServer::start();
+    let (sim_a, sim_b) = (
+        hub_sim(7_004, Duration::from_millis(400)).await,
+        hub_sim(7_005, Duration::from_millis(400)).await,
+    );
+    let a = replica_gateway(&sim_a, &server).await;
+    let b = replica_gateway(&sim_b, &server).await;
+    let first = support::get(&a.status_url("complete-hubs")).await;
+    assert_eq!(first.header("x-cache"), "MISS");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = support::get(&b.status_url("complete-hubs")).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(other.header("x-cache"), "MISS");
+    let body = String::from_utf8_lossy(&other.body);
+    assert!(body.contains("7005") && !body.contains("7004"), "{body}");
+    let replies = support::get_all(vec![
+        a.status_url("pending-hubs"),
+        b.status_url("pending-hubs"),
+    ])
+    .await;
+    assert!(replies.iter().all(|r| r.header("x-cache") == "MISS"));
+    assert_eq!(support::status_requests(&sim_a).await, 2);
+    assert_eq!(support::status_requests(&sim_b).await, 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Waits until some replica holds the flight lease of `task` in hub `hub`, so the next
+/// caller is sure to find a leader at work.
+async fn wait_lease(server: &RedisServer, hub: u64, task: &str) {
+    let key = format!("t:lease:{hub}:{task}");
+    let mut exists = redis::cmd("EXISTS");
+    exists.arg(&key);
+    poll_redis(server, &exists, &format!("a lease {key}"), |held: bool| {
+        held
+    })
+    .await;
+}
+
+/// A replica waiting on another's flight past its own deadline answers what a slow HubSpot
+/// gives (504 `UPSTREAM_TIMEOUT`) without calling HubSpot itself; the leader's caller still
+/// gets HubSpot's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_past_its_deadline_gets_the_slow_hubspot_answer() {
+    let server = RedisServer::start();
+    let sim = hub_sim(7_006, Duration::from_millis(1800)).await;
+    let a = replica_gateway(&sim, &server).await;
+    let b = replica_gateway_timing(&sim, &server, Duration::from_secs(1)).await;
+    let url = a.status_url("pending-slow");
+    let leader = tokio::spawn(async move { support::get(&url).await });
+    wait_lease(&server, 7_006, "pending-slow").await;
+    let started = std::time::Instant::now();
+    let waiter = support::get(&b.status_url("pending-slow")).await;
+    assert_eq!(waiter.status, 504, "{:?}", waiter.body);
+    assert_eq!(waiter.json()["category"], "UPSTREAM_TIMEOUT");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let led = leader.await.expect("leader's request");
+    assert_eq!((led.status.as_u16(), led.header("x-cache")), (200, "MISS"));
+    assert_eq!(support::status_requests(&sim).await, 1);
+    let deadline = r#"hubspot_gateway_cluster_flight_waits_total{outcome="deadline"}"#;
+    assert_eq!(support::metric(&b, deadline).await, Some(1.0));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A leader that gets no answer from HubSpot (its call timed out) releases the flight, and
+/// the waiting replica takes it over within its own deadline instead of inheriting the
+/// failure: one account (hub 7007) behind two simulators, the leader's too slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_leader_hands_the_flight_over() {
+    let server = RedisServer::start();
+    let slow = hub_sim(7_007, Duration::from_millis(3000)).await;
+    let fast = hub_sim(7_007, Duration::ZERO).await;
+    let a = replica_gateway_timing(&slow, &server, Duration::from_secs(1)).await;
+    let b = replica_gateway(&fast, &server).await;
+    let url = a.status_url("complete-handover");
+    let leader = tokio::spawn(async move { support::get(&url).await });
+    wait_lease(&server, 7_007, "complete-handover").await;
+    let waiter = support::get(&b.status_url("complete-handover")).await;
+    let led = leader.await.expect("leader's request");
+    assert_eq!(led.status, 504, "{:?}", led.body);
+    assert_eq!(
+        (waiter.status.as_u16(), waiter.header("x-cache")),
+        (200, "MISS")
+    );
+    assert_eq!(support::status_requests(&fast).await, 1);
+    let takeovers = "hubspot_gateway_cluster_lease_takeovers_total";
+    assert_eq!(support::metric(&b, takeovers).await, Some(1.0));
+    // B's answer went to the shared cache: A now answers it as a HIT without its HubSpot.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let slow_calls = support::status_requests(&slow).await;
+    let hit = support::get(&a.status_url("complete-handover")).await;
+    assert_eq!((hit.status.as_u16(), hit.header("x-cache")), (200, "HIT"));
+    assert_eq!(support::status_requests(&slow).await, slow_calls);
+    a.stop().await;
+    b.stop().await;
 }
