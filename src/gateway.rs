@@ -26,6 +26,7 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use crate::auth::{Authenticator, PeerCertName};
+use crate::budget::Charge;
 use crate::cache::{AnswerCache, CacheOutcome, Flight, Outcome, Stored};
 use crate::error::{Fault, GatewayError};
 use crate::metrics::{Metrics, RequestSeries};
@@ -202,13 +203,15 @@ impl Gateway {
                 let gateway = self.clone();
                 let request_id = request_id.clone();
                 let fetched = key.clone();
+                // The leader's client is charged for the HubSpot calls its flight makes.
+                let charged = client.clone();
                 let tries = Arc::new(AtomicU32::new(0));
                 let counted = tries.clone();
                 // The fetch runs in its own task, so a leader that hangs up does not cancel it
                 // for the followers. Should it panic, dropping `leader` ends the flight and
                 // its callers get an internal error at once.
                 tokio::spawn(async move {
-                    let fetch = gateway.fetch(fetched, request_id);
+                    let fetch = gateway.fetch(fetched, request_id, charged);
                     let outcome = crate::log::counting_tries(counted, fetch).await;
                     gateway.cache.complete(leader, outcome);
                 });
@@ -245,19 +248,24 @@ impl Gateway {
         &self,
         key: StatusRequest,
         request_id: HeaderValue,
+        client: Arc<str>,
     ) -> Result<Stored, GatewayError> {
         // One deadline for the whole fetch, the 401 refresh and retry included, so the fetch
         // never outlives the callers waiting for it.
         let deadline = Instant::now() + self.request_timeout;
         let mut token = self.tokens.current()?;
-        let mut answer = self.ask(&key, &token, &request_id, deadline).await?;
+        let mut answer = self
+            .ask(&key, &token, &request_id, deadline, &client)
+            .await?;
         if answer.status == StatusCode::UNAUTHORIZED {
             // HubSpot refused a token we believe valid: one forced refresh (single-flight,
             // rate-limited in the token manager), one retry, and whatever that answers.
             let wait = deadline.saturating_duration_since(Instant::now());
             if self.tokens.force_refresh(token.generation, wait).await {
                 token = self.tokens.current()?;
-                answer = self.ask(&key, &token, &request_id, deadline).await?;
+                answer = self
+                    .ask(&key, &token, &request_id, deadline, &client)
+                    .await?;
             }
             // Still refused: the gateway's credential is at fault, not the caller's, so the
             // caller must not see a 401 it would take for a problem with its own key.
@@ -274,16 +282,29 @@ impl Gateway {
             .entry(answer.status, answer.headers, answer.body, token.hub_id))
     }
 
-    /// Asks HubSpot with `token`, never past its use-by time.
+    /// Asks HubSpot with `token`, never past its use-by time, charging `client`.
     async fn ask(
         &self,
         key: &StatusRequest,
         token: &ActiveToken,
         request_id: &HeaderValue,
         deadline: Instant,
+        client: &str,
     ) -> Result<Answer, UpstreamError> {
+        let charge = Charge {
+            client,
+            share: self.auth.share(client),
+            hub_id: token.hub_id,
+        };
         self.hubspot
-            .get_status(key, &token.access, token.usable_until, request_id, deadline)
+            .get_status(
+                key,
+                &token.access,
+                token.usable_until,
+                request_id,
+                deadline,
+                &charge,
+            )
             .await
     }
 

@@ -118,8 +118,9 @@ pub async fn run_with_reload(
     let file_limit = raise_file_limit();
     let metrics = Metrics::new();
     let connection_metrics = metrics.register_connections();
-    let hubspot =
-        Arc::new(HubSpot::new(&config.upstream, metrics.clone()).map_err(RunError::Upstream)?);
+    let hubspot = Arc::new(
+        HubSpot::new(&config.upstream, metrics.clone(), None).map_err(RunError::Upstream)?,
+    );
     let auth = Authenticator::new(&config.auth);
     let (tokens, refresher) = TokenManager::new(
         credentials,
