@@ -32,6 +32,7 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use crate::auth::{Authenticator, PeerCertName};
+use crate::budget::Charge;
 use crate::cache::{AnswerCache, CacheOutcome, Flight, Origin, Outcome, Stored};
 use crate::cluster::{self, ClusterBackend, TaskKey};
 use crate::error::{Fault, GatewayError};
@@ -224,13 +225,15 @@ impl Gateway {
                 let gateway = self.clone();
                 let request_id = request_id.clone();
                 let fetched = key.clone();
+                // The leader's client is charged for the HubSpot calls its flight makes.
+                let charged = client.clone();
                 let tries = Arc::new(AtomicU32::new(0));
                 let counted = tries.clone();
                 // The fetch runs in its own task, so a leader that hangs up does not cancel it
                 // for the followers. Should it panic, dropping `leader` ends the flight and
                 // its callers get an internal error at once.
                 tokio::spawn(async move {
-                    let fetch = gateway.fetch_shared(fetched, request_id);
+                    let fetch = gateway.fetch_shared(fetched, request_id, charged);
                     let (outcome, share) = crate::log::counting_tries(counted, fetch).await;
                     // Taken before the outcome moves into the cache; sent after it answered
                     // this replica's callers, so Redis is never on their path.
@@ -299,6 +302,7 @@ impl Gateway {
         &self,
         key: StatusRequest,
         request_id: HeaderValue,
+        client: Arc<str>,
     ) -> (Result<Stored, GatewayError>, Option<Share>) {
         // One deadline for the whole fetch (waiting on another replica, the 401 refresh and
         // retry included), so the fetch never outlives the callers waiting for it.
@@ -306,7 +310,7 @@ impl Gateway {
         // Keyed by the account of the token in service: a task is never shared across hubs.
         let hub = self.tokens.current().ok().and_then(|t| t.hub_id);
         let (Some(cluster), Some(hub)) = (self.cluster.clone(), hub) else {
-            return (self.fetch(key, request_id, deadline).await, None);
+            return (self.fetch(key, request_id, deadline, client).await, None);
         };
         let task = TaskKey::new(hub, key.task_id.as_str());
         if let Some(hit) = self.shared_hit(&cluster, &task).await {
@@ -319,13 +323,13 @@ impl Gateway {
                     return (Ok(stored), None);
                 }
                 // An answer this build cannot pass on: ask HubSpot rather than fail.
-                return (self.fetch(key, request_id, deadline).await, None);
+                return (self.fetch(key, request_id, deadline, client).await, None);
             }
             // The other replica's call outlived this caller's deadline: what a caller gets
             // when HubSpot is too slow.
             Ok(cluster::Flight::DeadlineReached) => return (Err(GatewayError::WaitTimeout), None),
             // Redis down or failing: this replica asks HubSpot itself.
-            Err(_) => return (self.fetch(key, request_id, deadline).await, None),
+            Err(_) => return (self.fetch(key, request_id, deadline, client).await, None),
         };
         let share = Share {
             cluster: cluster.clone(),
@@ -337,7 +341,7 @@ impl Gateway {
         if let Some(hit) = self.shared_hit(&cluster, &share.task).await {
             return (Ok(hit), Some(share));
         }
-        (self.fetch(key, request_id, deadline).await, Some(share))
+        (self.fetch(key, request_id, deadline, client).await, Some(share))
     }
 
     /// The shared cache's answer for `task`, if a replica stored one that is still a HIT
@@ -369,16 +373,21 @@ impl Gateway {
         key: StatusRequest,
         request_id: HeaderValue,
         deadline: Instant,
+        client: Arc<str>,
     ) -> Result<Stored, GatewayError> {
         let mut token = self.tokens.current()?;
-        let mut answer = self.ask(&key, &token, &request_id, deadline).await?;
+        let mut answer = self
+            .ask(&key, &token, &request_id, deadline, &client)
+            .await?;
         if answer.status == StatusCode::UNAUTHORIZED {
             // HubSpot refused a token we believe valid: one forced refresh (single-flight,
             // rate-limited in the token manager), one retry, and whatever that answers.
             let wait = deadline.saturating_duration_since(Instant::now());
             if self.tokens.force_refresh(token.generation, wait).await {
                 token = self.tokens.current()?;
-                answer = self.ask(&key, &token, &request_id, deadline).await?;
+                answer = self
+                    .ask(&key, &token, &request_id, deadline, &client)
+                    .await?;
             }
             // Still refused: the gateway's credential is at fault, not the caller's, so the
             // caller must not see a 401 it would take for a problem with its own key.
@@ -395,16 +404,29 @@ impl Gateway {
             .entry(answer.status, answer.headers, answer.body, token.hub_id))
     }
 
-    /// Asks HubSpot with `token`, never past its use-by time.
+    /// Asks HubSpot with `token`, never past its use-by time, charging `client`.
     async fn ask(
         &self,
         key: &StatusRequest,
         token: &ActiveToken,
         request_id: &HeaderValue,
         deadline: Instant,
+        client: &str,
     ) -> Result<Answer, UpstreamError> {
+        let charge = Charge {
+            client,
+            share: self.auth.share(client),
+            hub_id: token.hub_id,
+        };
         self.hubspot
-            .get_status(key, &token.access, token.usable_until, request_id, deadline)
+            .get_status(
+                key,
+                &token.access,
+                token.usable_until,
+                request_id,
+                deadline,
+                &charge,
+            )
             .await
     }
 

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::AuthError;
+use crate::budget::ThrottleSource;
 use crate::cache::CacheOutcome;
 use crate::token::ForceReason;
-use crate::upstream::{Policy, ThrottleSource};
+use crate::upstream::Policy;
 use hyper::StatusCode;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -53,6 +54,11 @@ pub struct Metrics {
     pub upstream_budget_limit: IntGauge,
     /// Seconds until the hold after a HubSpot 429 ends; 0 when none is in force.
     pub upstream_hold_seconds: Gauge,
+    /// HubSpot calls each client's requests caused (a flight's leader is charged), by
+    /// `client`.
+    pub client_upstream_calls_total: IntCounterVec,
+    /// Calls refused because the client's `share` of the budget was spent, by `client`.
+    pub client_share_refusals_total: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -239,12 +245,22 @@ impl Metrics {
         registry
             .register(Box::new(upstream_hold_seconds.clone()))
             .expect("each name registered once");
+        let client_upstream_calls_total = counter(
+            "client_upstream_calls_total",
+            "HubSpot calls caused by each client's requests (cache hits and coalesced answers cause none).",
+            &["client"],
+        );
+        let client_share_refusals_total = counter(
+            "client_share_refusals_total",
+            "Calls refused with 429 because the client's share of the outbound budget was spent.",
+            &["client"],
+        );
         // Every series of a known label set exists from the start at 0, so an `increase()`
         // alert sees the first event rather than a series appearing at 1.
         for policy in Policy::ALL {
             upstream_429_total.with_label_values(&[policy.label()]);
         }
-        for source in [ThrottleSource::HubSpot429, ThrottleSource::LocalBudget] {
+        for source in ThrottleSource::ALL {
             upstream_throttled_total.with_label_values(&[source.label()]);
         }
         for result in ["success", "failure"] {
@@ -294,6 +310,8 @@ impl Metrics {
             upstream_budget_remaining,
             upstream_budget_limit,
             upstream_hold_seconds,
+            client_upstream_calls_total,
+            client_share_refusals_total,
         }
     }
 
@@ -304,6 +322,10 @@ impl Metrics {
     pub fn request_series(&self, clients: Vec<Arc<str>>) -> RequestSeries {
         let fetched = [CacheOutcome::Miss, CacheOutcome::Coalesced];
         for client in &clients {
+            self.client_upstream_calls_total
+                .with_label_values(&[&**client]);
+            self.client_share_refusals_total
+                .with_label_values(&[&**client]);
             for code in ["404", "429", "502", "503", "504"] {
                 for outcome in fetched {
                     self.requests_total

@@ -1,6 +1,6 @@
-//! The HubSpot client: pooled hyper over rustls, deadlines, retries, and the outbound budget.
+//! The HubSpot client: pooled hyper over rustls, deadlines, retries, and HubSpot's 429s read
+//! into the outbound budget ([`crate::budget`]).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -13,14 +13,15 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 
-use crate::budget::Budget;
-pub use crate::budget::{HoldStatus, ThrottleSource, daily_hold};
+use crate::budget::{Budget, Charge};
+pub use crate::budget::{HoldStatus, Throttle, ThrottleSource, daily_hold};
 use crate::cluster::ClusterBackend;
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::proxy::Egress;
 use crate::route::StatusRequest;
 use crate::secret::Secret;
+use std::sync::Arc;
 
 /// Headers of HubSpot's answer that reach the caller; everything else stays here.
 const KEPT_HEADERS: &[&str] = &[
@@ -143,15 +144,9 @@ pub enum UpstreamError {
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("HubSpot did not answer within the deadline")]
     Timeout,
-    #[error("upstream calls are held back ({}, {})", .by.label(), .policy.label())]
-    Throttled {
-        /// How long until a call may go out again.
-        retry_after: Duration,
-        /// Who is holding calls back.
-        by: ThrottleSource,
-        /// The policy the hold is for (`TenSecondlyRolling` for the local budget).
-        policy: Policy,
-    },
+    /// The outbound budget refused the call: which budget, for how long, its quota.
+    #[error("upstream calls are held back ({}, {})", .0.by.label(), .0.policy.label())]
+    Throttled(Throttle),
     /// HubSpot answered with more than [`MAX_BODY`] bytes: not a status answer, not relayed.
     #[error("HubSpot's answer is larger than the {limit} bytes the gateway relays")]
     TooLarge {
@@ -201,8 +196,8 @@ pub struct HubSpot {
 
 impl HubSpot {
     /// Builds the client from validated config, reading the proxy password and proxy
-    /// variables from the process environment.
-    /// `cluster` is the shared backend in cluster mode (`None` without `[cluster]`).
+    /// variables from the process environment. With `cluster`, the outbound budget is the
+    /// account's, shared with every replica through it.
     pub fn new(
         config: &UpstreamConfig,
         metrics: Metrics,
@@ -218,9 +213,6 @@ impl HubSpot {
         cluster: Option<Arc<ClusterBackend>>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<HubSpot, SetupError> {
-        // The shared budget is the budget module's part of cluster mode; until it lands this
-        // client keeps its local budget.
-        drop(cluster);
         let route = crate::proxy::route(config, env)?;
         if let Some(proxy) = route.proxy() {
             tracing::info!(%proxy, "HubSpot connections tunnel through the proxy");
@@ -251,14 +243,14 @@ impl HubSpot {
                 "hubspot-files-gateway/",
                 env!("CARGO_PKG_VERSION")
             )),
-            budget: Budget::new(config.rate_limit.requests, config.rate_limit.per),
+            budget: Budget::new(config, cluster),
             max_hold: config.max_hold,
             metrics,
         })
     }
 
     /// Asks HubSpot for one task's status with `bearer` by `deadline`: within the outbound
-    /// budget, each try bounded by half the request timeout (so a hung connection leaves time
+    /// budget (every try charged to `charge`'s client and account), each try bounded by half the request timeout (so a hung connection leaves time
     /// for one more), retried on connect errors, timed-out tries and 502/503/504 while the
     /// deadline and the bearer's `usable_until` allow.
     pub async fn get_status(
@@ -268,6 +260,7 @@ impl HubSpot {
         usable_until: Option<Instant>,
         request_id: &HeaderValue,
         deadline: Instant,
+        charge: &Charge<'_>,
     ) -> Result<Answer, UpstreamError> {
         let path = req.upstream_path(self.api_version);
         let per_try = self.request_timeout / 2;
@@ -277,18 +270,24 @@ impl HubSpot {
             attempt += 1;
             // Built before the budget is touched: a request that cannot be built is not sent.
             let request = self.request(Method::GET, &path, Some(bearer), Some(request_id), None)?;
-            if let Err((retry_after, by, policy)) = self.budget.acquire().await {
+            if let Err(throttle) = self.budget.acquire(charge).await {
                 self.metrics
                     .upstream_throttled_total
-                    .with_label_values(&[by.label()])
+                    .with_label_values(&[throttle.by.label()])
                     .inc();
+                if throttle.by == ThrottleSource::ClientShare {
+                    self.metrics
+                        .client_share_refusals_total
+                        .with_label_values(&[charge.client])
+                        .inc();
+                }
                 // A retry that finds the budget spent returns what HubSpot last said.
-                return last.unwrap_or(Err(UpstreamError::Throttled {
-                    retry_after,
-                    by,
-                    policy,
-                }));
+                return last.unwrap_or(Err(UpstreamError::Throttled(throttle)));
             }
+            self.metrics
+                .client_upstream_calls_total
+                .with_label_values(&[charge.client])
+                .inc();
             crate::log::upstream_try();
             let started = Instant::now();
             let result = self.send(request, deadline.min(started + per_try)).await;
@@ -308,14 +307,14 @@ impl HubSpot {
                 Err(UpstreamError::Unavailable(_) | UpstreamError::Timeout) => true,
                 // An oversized answer would be as large again: one call is enough.
                 Err(
-                    UpstreamError::Throttled { .. }
+                    UpstreamError::Throttled(_)
                     | UpstreamError::Request(_)
                     | UpstreamError::TooLarge { .. },
                 ) => false,
             };
             let mut result = result;
             if let Ok(answer) = &mut result {
-                self.observe_rate_headers(answer);
+                self.observe_rate_headers(answer, charge.hub_id).await;
             }
             let backoff = Duration::from_millis(50 << attempt)
                 + Duration::from_millis(rand::rng().random_range(0..50));
@@ -457,8 +456,9 @@ impl HubSpot {
     /// Follows HubSpot's own view of the budget: the remaining gauge, and a 429's hold. The
     /// caller's `Retry-After` is always the gateway's own (whole seconds until the hold it
     /// set ends), never HubSpot's value verbatim; another answer's `Retry-After` (a 503's)
-    /// is passed on in that form when valid and dropped when not.
-    fn observe_rate_headers(&self, answer: &mut Answer) {
+    /// is passed on in that form when valid and dropped when not. A 429 also gets the
+    /// `RateLimit-*` headers of the hold it started, and holds every replica in cluster mode.
+    async fn observe_rate_headers(&self, answer: &mut Answer, hub_id: Option<u64>) {
         let number = |name: &str| {
             answer
                 .headers
@@ -509,7 +509,14 @@ impl HubSpot {
             ),
         };
         let asked = asked.max(MIN_HOLD);
-        let hold = self.budget.hold(asked, cap, policy);
+        let quota = match policy {
+            Policy::Daily => number("x-hubspot-ratelimit-daily"),
+            Policy::TenSecondlyRolling | Policy::Secondly | Policy::Unknown => {
+                number("x-hubspot-ratelimit-max")
+            }
+        };
+        let limit = self.budget.hold_limit(policy, quota);
+        let hold = self.budget.hold(asked, cap, policy, limit, hub_id).await;
         if hold.newly_capped {
             tracing::warn!(
                 policy = policy.label(),
@@ -519,9 +526,9 @@ impl HubSpot {
                 "HubSpot asked for a hold longer than the cap (upstream.max_hold; 24 h for DAILY); holding for the cap"
             );
         }
-        answer
-            .headers
-            .insert(header::RETRY_AFTER, retry_after_value(hold.remaining));
+        for (name, value) in crate::budget::rate_limit_headers(limit, hold.remaining) {
+            answer.headers.insert(name, value);
+        }
     }
 
     /// The hold in force after a HubSpot 429, if any.
@@ -532,7 +539,7 @@ impl HubSpot {
     /// Brings the budget and hold gauges up to date (called when metrics are read).
     pub fn update_gauges(&self) {
         let m = &self.metrics;
-        m.upstream_budget_limit.set(self.budget.limit() as i64);
+        m.upstream_budget_limit.set(i64::from(self.budget.limit()));
         m.upstream_budget_remaining
             .set(self.budget.remaining() as i64);
         m.upstream_hold_seconds.set(
@@ -545,6 +552,13 @@ impl HubSpot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call charged to a client with a share of the whole budget.
+    const CHARGE: Charge<'static> = Charge {
+        client: "tests",
+        share: Some(1.0),
+        hub_id: None,
+    };
 
     /// A bearer a header cannot carry, or a path a URI cannot, is a typed error before
     /// anything is sent or taken from the budget, never an empty request or a panic.
@@ -567,13 +581,16 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(1);
         for _ in 0..2 {
             let bad = Secret::new("pat-na1-\nsecret");
-            match hubspot.get_status(&req, &bad, None, &id, deadline).await {
+            match hubspot
+                .get_status(&req, &bad, None, &id, deadline, &CHARGE)
+                .await
+            {
                 Err(UpstreamError::Request(RequestError::Bearer(_))) => {}
                 other => panic!("{other:?}"),
             }
         }
         assert!(
-            hubspot.budget.acquire().await.is_ok(),
+            hubspot.budget.acquire(&CHARGE).await.is_ok(),
             "the budget was not spent"
         );
         match hubspot.get("/oauth/v1/access-tokens/a b").await {

@@ -1,7 +1,8 @@
 //! The cluster backend against a real `redis-server` on loopback, with several backends
-//! standing in for replicas: the shared rolling window, holds, the second-level cache,
-//! flights across replicas, and Redis killed, restarted and frozen. Then the request path in
-//! cluster mode: gateways in this process sharing one Redis and one simulator.
+//! standing in for replicas: the shared rolling window and client shares (alone and through
+//! the gateway's budget), holds, the second-level cache, flights across replicas, and Redis
+//! killed, restarted and frozen. Then the request path in cluster mode: gateways in this
+//! process sharing one Redis and one simulator.
 
 mod support;
 
@@ -12,11 +13,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use hubspot_files_gateway::budget::{Budget, Charge, ThrottleSource};
+use hubspot_files_gateway::cluster::budget::ClientWindow;
 use hubspot_files_gateway::cluster::{
     Admission, Answer, BudgetPolicy, ClusterBackend, ClusterConfig, ClusterError, ClusterMetrics,
     ClusterOptions, Flight, Refusal, TaskKey,
 };
+use hubspot_files_gateway::config::{RateLimit, UpstreamConfig};
 use hubspot_files_gateway::secret::Secret;
+use hubspot_files_gateway::upstream::Policy;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::time::Instant;
 
@@ -445,6 +450,249 @@ async fn daily_hold_and_daily_limit_last_until_the_reset() {
     }
     let held = a.hold_daily(5, &daily).await.expect("daily hold");
     assert_close(held, until_reset(offset), slack);
+}
+
+/// A client's window inside the account's, shared by two replicas: the client gets its 3
+/// calls across both, then `ClientShare` refusals that record nothing; other clients use
+/// the rest of the account's 10; with the account full, a client under its own limit is
+/// refused by the account's window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_windows_hold_across_replicas() {
+    let server = RedisServer::start();
+    let (a, _) = replica(&server).await;
+    let (b, _) = replica(&server).await;
+    let per = Duration::from_secs(60);
+    let p = policy(10, per);
+    let greedy = Some(ClientWindow {
+        client: "greedy",
+        limit: 3,
+    });
+    let replicas = [&a, &b];
+    for i in 0..3 {
+        let r = replicas[i % 2]
+            .acquire_for(9, &p, greedy)
+            .await
+            .expect("acquire");
+        assert!(matches!(r, Admission::Allowed { .. }), "{r:?}");
+    }
+    let mut conn = server.inspect().await;
+    for i in 0..5 {
+        match replicas[i % 2]
+            .acquire_for(9, &p, greedy)
+            .await
+            .expect("acquire")
+        {
+            Admission::Refused { wait, reason } => {
+                assert_eq!(reason, Refusal::ClientShare);
+                assert!(wait > Duration::ZERO && wait <= per, "wait {wait:?}");
+            }
+            other => panic!("share not enforced: {other:?}"),
+        }
+    }
+    let recorded = |conn: &mut redis::aio::MultiplexedConnection, key: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("ZCARD")
+                .arg(key)
+                .query_async::<u64>(&mut conn)
+                .await
+                .expect("ZCARD")
+        }
+    };
+    assert_eq!(
+        recorded(&mut conn, "t:rl:9").await,
+        3,
+        "refusals recorded nothing"
+    );
+    assert_eq!(recorded(&mut conn, "t:rlc:9:greedy").await, 3);
+    for i in 0..7 {
+        let r = replicas[i % 2].acquire(9, &p).await.expect("acquire");
+        assert!(
+            matches!(r, Admission::Allowed { .. }),
+            "other call {i}: {r:?}"
+        );
+    }
+    assert!(matches!(
+        b.acquire(9, &p).await.expect("acquire"),
+        Admission::Refused {
+            reason: Refusal::Window,
+            ..
+        }
+    ));
+    let other = Some(ClientWindow {
+        client: "other",
+        limit: 3,
+    });
+    assert!(matches!(
+        a.acquire_for(9, &p, other).await.expect("acquire"),
+        Admission::Refused {
+            reason: Refusal::Window,
+            ..
+        }
+    ));
+    assert!(matches!(
+        a.acquire_for(9, &p, greedy).await.expect("acquire"),
+        Admission::Refused {
+            reason: Refusal::ClientShare,
+            ..
+        }
+    ));
+    assert_eq!(recorded(&mut conn, "t:rl:9").await, 10);
+    assert_eq!(recorded(&mut conn, "t:rlc:9:other").await, 0);
+}
+
+/// The gateway's budget on one replica's backend: `requests` per minute, `daily` a day.
+async fn shared_budget(
+    server: &RedisServer,
+    requests: u32,
+    daily: Option<u64>,
+    timeout: Duration,
+) -> Budget {
+    let config = UpstreamConfig {
+        rate_limit: RateLimit {
+            requests,
+            per: Duration::from_secs(60),
+        },
+        daily_limit: daily,
+        ..UpstreamConfig::default()
+    };
+    let (backend, _) = replica_with(server, |c| c.timeout = timeout, fast_probe()).await;
+    Budget::new(&config, Some(Arc::new(backend)))
+}
+
+/// A call of `client` (with `share`) for hub `hub`.
+fn charge(client: &str, share: Option<f64>, hub: u64) -> Charge<'_> {
+    Charge {
+        client,
+        share,
+        hub_id: Some(hub),
+    }
+}
+
+/// Two replicas' budgets over one Redis are one account's: a share of 0.5 of 6 gives its
+/// client 3 calls across both, the account's 6 bound the sum, a 429 one replica saw holds
+/// the other, and the daily limit counts both. Each refusal names its budget and quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_is_the_accounts_across_replicas() {
+    let server = RedisServer::start();
+    let slow_ok = Duration::from_millis(500);
+    let a = shared_budget(&server, 6, None, slow_ok).await;
+    let b = shared_budget(&server, 6, None, slow_ok).await;
+    let replicas = [&a, &b];
+    let greedy = charge("greedy", Some(0.5), 21);
+    for i in 0..3 {
+        replicas[i % 2]
+            .acquire(&greedy)
+            .await
+            .expect("within the share");
+    }
+    let refused = b.acquire(&greedy).await.expect_err("share spent");
+    assert_eq!(refused.by, ThrottleSource::ClientShare);
+    assert_eq!(refused.limit, 3);
+    let quiet = charge("quiet", None, 21);
+    for i in 0..3 {
+        replicas[i % 2]
+            .acquire(&quiet)
+            .await
+            .expect("within the account");
+    }
+    let refused = a.acquire(&quiet).await.expect_err("account spent");
+    assert_eq!(refused.by, ThrottleSource::LocalBudget);
+    assert_eq!(refused.limit, 6);
+    assert!(refused.wait > Duration::ZERO && refused.wait <= Duration::from_secs(60));
+
+    // A 429 seen by one replica holds the other's calls for that hub.
+    a.hold(
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+        Policy::TenSecondlyRolling,
+        100,
+        Some(22),
+    )
+    .await;
+    let held = b
+        .acquire(&charge("quiet", None, 22))
+        .await
+        .expect_err("held");
+    assert_eq!(held.by, ThrottleSource::HubSpot429);
+    assert!(held.wait > Duration::from_secs(1) && held.wait <= Duration::from_secs(3));
+    // A DAILY one holds as DAILY.
+    a.hold(
+        Duration::from_secs(30),
+        Duration::from_secs(86_400),
+        Policy::Daily,
+        100,
+        Some(23),
+    )
+    .await;
+    let held = b
+        .acquire(&charge("quiet", None, 23))
+        .await
+        .expect_err("held");
+    assert_eq!(
+        (held.by, held.policy),
+        (ThrottleSource::HubSpot429, Policy::Daily)
+    );
+
+    let c = shared_budget(&server, 100, Some(2), slow_ok).await;
+    let d = shared_budget(&server, 100, Some(2), slow_ok).await;
+    c.acquire(&charge("quiet", None, 24)).await.expect("day 1");
+    d.acquire(&charge("quiet", None, 24)).await.expect("day 2");
+    let spent = c
+        .acquire(&charge("quiet", None, 24))
+        .await
+        .expect_err("daily");
+    assert_eq!(spent.by, ThrottleSource::DailyLimit);
+    assert_eq!((spent.policy, spent.limit), (Policy::Daily, 2));
+    assert_close(
+        spent.wait,
+        until_reset(Duration::ZERO),
+        Duration::from_secs(5),
+    );
+}
+
+/// With Redis gone, each replica keeps its part of the account's budget (`requests /
+/// replicas_hint` = 3 of 6) and a share of that part, answering refusals rather than
+/// errors; calls it made while Redis was up still count in its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_each_replica_keeps_its_part() {
+    let mut server = RedisServer::start();
+    let timeout = Duration::from_millis(100);
+    let fresh = shared_budget(&server, 6, None, timeout).await;
+    let busy = shared_budget(&server, 6, None, timeout).await;
+    for _ in 0..3 {
+        busy.acquire(&charge("quiet", None, 31))
+            .await
+            .expect("shared");
+    }
+    server.kill();
+    for i in 0..3 {
+        fresh
+            .acquire(&charge("quiet", None, 31))
+            .await
+            .unwrap_or_else(|t| panic!("local call {i} refused: {t:?}"));
+    }
+    for budget in [&fresh, &busy] {
+        let refused = budget
+            .acquire(&charge("quiet", None, 31))
+            .await
+            .expect_err("the local part is spent");
+        assert_eq!(refused.by, ThrottleSource::LocalBudget);
+        assert_eq!(refused.limit, 3, "limit / replicas_hint");
+    }
+    let other = shared_budget(&server, 6, None, timeout).await;
+    other
+        .acquire(&charge("greedy", Some(0.5), 31))
+        .await
+        .expect("one call: floor(3 x 0.5)");
+    let refused = other
+        .acquire(&charge("greedy", Some(0.5), 31))
+        .await
+        .expect_err("share of the local part");
+    assert_eq!(
+        (refused.by, refused.limit),
+        (ThrottleSource::ClientShare, 1)
+    );
 }
 
 /// An answer stored by one replica is read by another with its true age; another hub, another

@@ -73,6 +73,7 @@ pub fn config(upstream: &str) -> Config {
         name: "tests".into(),
         key_sha256: Some(hash_key(KEY)),
         cert_cn: None,
+        share: None,
     }];
     c
 }
