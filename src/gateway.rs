@@ -341,7 +341,10 @@ impl Gateway {
         if let Some(hit) = self.shared_hit(&cluster, &share.task).await {
             return (Ok(hit), Some(share));
         }
-        (self.fetch(key, request_id, deadline, client).await, Some(share))
+        (
+            self.fetch(key, request_id, deadline, client).await,
+            Some(share),
+        )
     }
 
     /// The shared cache's answer for `task`, if a replica stored one that is still a HIT
