@@ -342,7 +342,6 @@ def section_cluster(d, add, goals, chart_png):
                       f"{calls}", all(c == 1 for c in calls)))
         goals.append((f"cluster, {d['n']} callers over 3 replicas: p99 ≤ upstream + 20 ms",
                       fmt_us(p99), p99 <= (lat + 20) * 1000))
-    names = {"gw_r0": "one cluster replica", "gw_single": "lone gateway, no `[cluster]`"}
     if d["miss"]:
         add(f"**Miss path**: wrk, 1 connection, a PENDING task (every request asks the "
             f"simulator, at zero latency), medians of {d['reps']} runs of {d['seconds']} s, "
@@ -350,14 +349,9 @@ def section_cluster(d, add, goals, chart_png):
         add("")
         add("| gateway | req/s | p50 | p99 | upstream calls / requests |")
         add("|---|---:|---:|---:|---:|")
-        p50 = {}
-        for name in ("gw_single", "gw_r0"):
-            rs = [r for r in d["miss"] if r["server"] == name]
-            p50[name] = med(r["p50_us"] for r in rs)
-            add(f"| {names[name]} | {med(r['rps'] for r in rs):,.0f} | {fmt_us(p50[name])} | "
-                f"{fmt_us(med(r['p99_us'] for r in rs))} | "
-                f"{sum(r['upstream_calls'] for r in rs):,} / {sum(r['requests'] for r in rs):,} |")
-        added = p50["gw_r0"] - p50["gw_single"]
+        by = cluster_rows(add, d["miss"], lambda rs: [
+            f"{sum(r['upstream_calls'] for r in rs):,} / {sum(r['requests'] for r in rs):,}"])
+        added = med(r["p50_us"] for r in by["gw_r0"]) - med(r["p50_us"] for r in by["gw_single"])
         add(f"| **added by Redis** | | **{fmt_us(added)}** | | |")
         add("")
         goals.append(("cluster miss path adds ≤ 300 µs p50 over a lone replica", fmt_us(added),
@@ -368,13 +362,9 @@ def section_cluster(d, add, goals, chart_png):
         add("")
         add("| gateway | req/s | p50 | p99 | contended runs |")
         add("|---|---:|---:|---:|---:|")
-        rps = {}
-        for name in ("gw_single", "gw_r0"):
-            rs = [r for r in d["hit"] if r["server"] == name]
-            rps[name] = med(r["rps"] for r in rs)
-            add(f"| {names[name]} | {rps[name]:,.0f} | {fmt_us(med(r['p50_us'] for r in rs))} | "
-                f"{fmt_us(med(r['p99_us'] for r in rs))} | "
-                f"{sum(1 for r in rs if r['contended'])} of {len(rs)} |")
+        by = cluster_rows(add, d["hit"], lambda rs: [
+            f"{sum(1 for r in rs if r['contended'])} of {len(rs)}"])
+        rps = {name: med(r["rps"] for r in rs) for name, rs in by.items()}
         ratio = rps["gw_r0"] / rps["gw_single"] if rps["gw_single"] else 0.0
         add("")
         goals.append(("cluster cache hit ≥ 0.95 × lone gateway",
@@ -395,6 +385,19 @@ def section_cluster(d, add, goals, chart_png):
                         else f"{name}: no cluster metrics")
         add("Replicas at the end: " + "; ".join(rows) + ".")
         add("")
+
+
+def cluster_rows(add, runs, last):
+    """One row per gateway of the cluster workload's pair (the lone gateway first): req/s,
+    p50 and p99 medians, then the cells `last(runs)` gives; returns the runs by gateway."""
+    names = {"gw_single": "lone gateway, no `[cluster]`", "gw_r0": "one cluster replica"}
+    by = {}
+    for name, label in names.items():
+        rs = by[name] = [r for r in runs if r["server"] == name]
+        cells = [f"{med(r['rps'] for r in rs):,.0f}", fmt_us(med(r["p50_us"] for r in rs)),
+                 fmt_us(med(r["p99_us"] for r in rs)), *last(rs)]
+        add(f"| {label} | {' | '.join(cells)} |")
+    return by
 
 
 SECTIONS = [

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use hubspot_sim::RunningSimulator;
 use hyper::{Method, StatusCode};
 
-use super::{BIN, KEY, ServeChild, hash_key, metric_at, send, spawn_serve, wait_for};
+use super::{BIN, ServeChild, config_toml, metric_at, send, spawn_serve, wait_for};
 
 /// A redis-server process on a free loopback port, without persistence; killed on drop.
 pub struct RedisServer {
@@ -91,10 +91,10 @@ impl Drop for RedisServer {
     }
 }
 
-/// A gateway config file's text for cluster mode: loopback port-0 listeners, `upstream`,
-/// the account's budget `requests` per `per`, OAuth credentials from the `T_*` variables
-/// [`spawn_serve`] sets, client `tests` with [`KEY`], and `[cluster]` on `redis_url` with
-/// `cluster` as further lines of that table.
+/// A gateway config file's text for cluster mode: [`config_toml`]'s (loopback port-0
+/// listeners, client `tests` with [`super::KEY`]) with OAuth credentials from the `T_*` variables
+/// [`spawn_serve`] sets, the account's budget `requests` per `per`, and `[cluster]` on
+/// `redis_url` with `cluster` as further lines of that table.
 pub fn cluster_toml(
     upstream: &str,
     requests: u32,
@@ -102,28 +102,20 @@ pub fn cluster_toml(
     redis_url: &str,
     cluster: &str,
 ) -> String {
+    const UNLIMITED: &str = r#"rate_limit = { requests = 10000, per = "10s" }"#;
+    let base = config_toml(
+        upstream,
+        "client_id_env = \"T_CLIENT_ID\"\nclient_secret_env = \"T_CLIENT_SECRET\"\n\
+         refresh_token_env = \"T_REFRESH_TOKEN\"",
+    );
+    assert!(
+        base.contains(UNLIMITED),
+        "config_toml's budget line changed"
+    );
+    let budget = format!("rate_limit = {{ requests = {requests}, per = \"{per}\" }}");
     format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-admin_listen = "127.0.0.1:0"
-shutdown_grace = "2s"
-[upstream]
-base_url = "{upstream}"
-request_timeout = "10s"
-rate_limit = {{ requests = {requests}, per = "{per}" }}
-[token]
-client_id_env = "T_CLIENT_ID"
-client_secret_env = "T_CLIENT_SECRET"
-refresh_token_env = "T_REFRESH_TOKEN"
-[[auth.clients]]
-name = "tests"
-key_sha256 = "{}"
-[cluster]
-redis_url = "{redis_url}"
-{cluster}
-"#,
-        hash_key(KEY)
+        "{}[cluster]\nredis_url = \"{redis_url}\"\n{cluster}\n",
+        base.replace(UNLIMITED, &budget)
     )
 }
 
