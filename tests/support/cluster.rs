@@ -212,15 +212,8 @@ pub struct Arrival {
 /// Every status request the simulator received since it started (or was reset), oldest
 /// first.
 pub async fn arrivals(sim: &RunningSimulator) -> Vec<Arrival> {
-    let seen = send(
-        Method::GET,
-        &format!("{}/__sim/arrivals", sim.base_url()),
-        &[],
-    )
-    .await
-    .json();
-    seen.as_array()
-        .expect("a list of arrivals")
+    super::sim_list(sim, "/__sim/arrivals")
+        .await
         .iter()
         .map(|a| Arrival {
             at_ms: a["at_ms"].as_f64().expect("at_ms"),

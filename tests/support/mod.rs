@@ -307,14 +307,17 @@ pub async fn get_all_with(
 /// The status requests the simulator received, as it recorded them (method, path, query,
 /// headers), oldest first.
 pub async fn sim_requests(sim: &RunningSimulator) -> Vec<serde_json::Value> {
-    let seen = send(
-        Method::GET,
-        &format!("{}/__sim/requests", sim.base_url()),
-        &[],
-    )
-    .await
-    .json();
-    seen.as_array().expect("a list of requests").clone()
+    sim_list(sim, "/__sim/requests").await
+}
+
+/// The JSON list a simulator control route (`/__sim/requests`, `/__sim/arrivals`) answers.
+pub async fn sim_list(sim: &RunningSimulator, route: &str) -> Vec<serde_json::Value> {
+    let seen = send(Method::GET, &format!("{}{route}", sim.base_url()), &[])
+        .await
+        .json();
+    seen.as_array()
+        .unwrap_or_else(|| panic!("{route} answers a list: {seen}"))
+        .clone()
 }
 
 /// The gateway binary cargo built for these tests.
