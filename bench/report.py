@@ -312,6 +312,94 @@ def section_cache_hit_idle(d, add, goals, chart_png):
     add("")
 
 
+def section_cluster(d, add, goals, chart_png):
+    add("## 8. Cluster mode: three replicas and one redis-server on loopback")
+    add("")
+    add(load_line(d))
+    add("")
+    add(f"Three gateway replicas with `[cluster]` at its defaults (Redis call `timeout` 50 ms) "
+        "share one redis-server (no persistence); `gw_single` is the same config without "
+        "`[cluster]`. Everything, the load included, shares the 2 cores, so these are "
+        "contended figures by construction.")
+    add("")
+    lat = d["latency_ms"]
+    waves = d["waves"]
+    if waves:
+        calls = [w["upstream_calls"] for w in waves]
+        p99 = med(w["p99_us"] for w in waves)
+        add(f"**Waves**: `bench-client wave` with {d['n']} callers of one new PENDING task, "
+            f"connections spread evenly over the 3 replicas, released together; upstream "
+            f"latency {lat} ms; upstream calls counted by the simulator per wave.")
+        add("")
+        add("| waves | upstream calls per wave | p50 | p99 | max | send spread | p99 − upstream |")
+        add("|---:|---|---:|---:|---:|---:|---:|")
+        add(f"| {len(waves)} | {', '.join(map(str, calls))} | "
+            f"{fmt_us(med(w['p50_us'] for w in waves))} | {fmt_us(p99)} | "
+            f"{fmt_us(med(w['max_us'] for w in waves))} | "
+            f"{fmt_us(med(w['send_spread_us'] for w in waves))} | {fmt_us(p99 - lat * 1000)} |")
+        add("")
+        goals.append((f"cluster, {d['n']} callers over 3 replicas: one upstream call per wave",
+                      f"{calls}", all(c == 1 for c in calls)))
+        goals.append((f"cluster, {d['n']} callers over 3 replicas: p99 ≤ upstream + 20 ms",
+                      fmt_us(p99), p99 <= (lat + 20) * 1000))
+    if d["miss"]:
+        add(f"**Miss path**: wrk, 1 connection, a PENDING task (every request asks the "
+            f"simulator, at zero latency), medians of {d['reps']} runs of {d['seconds']} s, "
+            "alternated.")
+        add("")
+        add("| gateway | req/s | p50 | p99 | upstream calls / requests |")
+        add("|---|---:|---:|---:|---:|")
+        by = cluster_rows(add, d["miss"], lambda rs: [
+            f"{sum(r['upstream_calls'] for r in rs):,} / {sum(r['requests'] for r in rs):,}"])
+        added = med(r["p50_us"] for r in by["gw_r0"]) - med(r["p50_us"] for r in by["gw_single"])
+        add(f"| **added by Redis** | | **{fmt_us(added)}** | | |")
+        add("")
+        goals.append(("cluster miss path adds ≤ 300 µs p50 over a lone replica", fmt_us(added),
+                      added <= 300))
+    if d["hit"]:
+        add(f"**Cache hit**: wrk, 16 connections, the gateways on CPU 0 and wrk on CPU 1, "
+            f"medians of {d['reps']} runs of {d['seconds']} s, alternated.")
+        add("")
+        add("| gateway | req/s | p50 | p99 | contended runs |")
+        add("|---|---:|---:|---:|---:|")
+        by = cluster_rows(add, d["hit"], lambda rs: [
+            f"{sum(1 for r in rs if r['contended'])} of {len(rs)}"])
+        rps = {name: med(r["rps"] for r in rs) for name, rs in by.items()}
+        ratio = rps["gw_r0"] / rps["gw_single"] if rps["gw_single"] else 0.0
+        add("")
+        goals.append(("cluster cache hit ≥ 0.95 × lone gateway",
+                      f"{ratio:.2f} × ({rps['gw_r0']:,.0f} vs {rps['gw_single']:,.0f} req/s)",
+                      ratio >= 0.95))
+    state = d.get("replica_metrics") or {}
+    if state:
+        rows = []
+        for name, m in sorted(state.items()):
+            up = m.get("hubspot_gateway_cluster_backend_up")
+            fallbacks = sum(v for k, v in m.items()
+                            if k.startswith("hubspot_gateway_cluster_local_fallbacks_total"))
+            timeouts = sum(v for k, v in m.items()
+                           if k.startswith("hubspot_gateway_cluster_redis_calls_total")
+                           and 'result="timeout"' in k)
+            rows.append(f"{name}: backend_up {up:.0f}, Redis timeouts {timeouts:.0f}, "
+                        f"operations done locally {fallbacks:.0f}" if up is not None
+                        else f"{name}: no cluster metrics")
+        add("Replicas at the end: " + "; ".join(rows) + ".")
+        add("")
+
+
+def cluster_rows(add, runs, last):
+    """One row per gateway of the cluster workload's pair (the lone gateway first): req/s,
+    p50 and p99 medians, then the cells `last(runs)` gives; returns the runs by gateway."""
+    names = {"gw_single": "lone gateway, no `[cluster]`", "gw_r0": "one cluster replica"}
+    by = {}
+    for name, label in names.items():
+        rs = by[name] = [r for r in runs if r["server"] == name]
+        cells = [f"{med(r['rps'] for r in rs):,.0f}", fmt_us(med(r["p50_us"] for r in rs)),
+                 fmt_us(med(r["p99_us"] for r in rs)), *last(rs)]
+        add(f"| {label} | {' | '.join(cells)} |")
+    return by
+
+
 SECTIONS = [
     ("cache_hit", section_cache_hit),
     ("http2", section_http2),
@@ -321,6 +409,7 @@ SECTIONS = [
     ("memory", section_memory),
     ("idle", section_idle),
     ("cache_hit_idle", section_cache_hit_idle),
+    ("cluster", section_cluster),
 ]
 
 

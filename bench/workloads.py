@@ -12,13 +12,13 @@ import shutil
 import time
 import uuid
 
-from harness import (GATEWAY_B_BIN, GATEWAY_BIN, ROOT, ROUTE, SERVERS_H1, TARGET, Servers,
-                     check_config, gateway_config, log, machine_state, metrics, open_files,
-                     raise_file_limit, rss_kib, set_affinity, wait_http)
+from harness import (GATEWAY_B_BIN, GATEWAY_BIN, REPLICAS, ROOT, ROUTE, SERVERS_H1, TARGET,
+                     Servers, check_config, gateway_config, log, machine_state, metrics,
+                     open_files, raise_file_limit, rss_kib, set_affinity, wait_http)
 from loadgen import IdleConns, client, h2load, wrk
 
 WORKLOADS = ["cache_hit", "http2", "miss", "coalescing", "storm", "memory", "idle",
-             "cache_hit_idle"]
+             "cache_hit_idle", "cluster"]
 
 # How long the gateway may leave a connection silent or idle in the idle workloads: longer
 # than any of them holds one (the full run holds 10,000 for ~15-30 s), so they measure held
@@ -361,6 +361,82 @@ class Bench:
         finally:
             s.stop_gateway("gw_idle")
         self.save("cache_hit_idle", data)
+
+    def cluster(self):
+        """Cluster mode: three replicas sharing one redis-server, beside one gateway of the
+        same config without `[cluster]`. Waves of callers of one new PENDING task spread over
+        the replicas (upstream calls per wave, p99 against the upstream latency); the miss path
+        (1 connection, a PENDING task, zero upstream latency) and the cache hit (pinned like
+        cache_hit) on one replica against the lone gateway, alternated."""
+        s = self.servers
+        waves = 1 if self.smoke else self.args.waves
+        n = 30 if self.smoke else 300
+        secs = 1 if self.smoke else self.args.seconds
+        reps = 1 if self.smoke else self.args.reps
+        latency = 200
+        s.start_redis()
+        # The production defaults but the prefix: a fresh one per run.
+        cluster = {"redis_url": f"redis://{s.addr['redis']}",
+                   "key_prefix": f"bench-{uuid.uuid4().hex[:8]}:"}
+        data = {"machine_before": machine_state(), "latency_ms": latency, "n": n,
+                "seconds": secs, "reps": reps, "cluster": cluster, "waves": [], "miss": [],
+                "hit": []}
+        try:
+            for name in REPLICAS:
+                s.start_gateway(name, cluster=cluster)
+            s.start_gateway("gw_single")
+            s.sim_latency(latency)
+            addrs = ",".join(s.addr[name] for name in REPLICAS)
+            for wave in range(waves):
+                task = f"pending-cluster-wave-{uuid.uuid4().hex[:12]}"
+                r = self.counted_client("wave", addrs, ROUTE.format(task), n,
+                                        *s.wrk_headers("gw_r0"), settle=0.3)
+                r.update(wave=wave)
+                log(f"cluster wave{wave} n{n} over {len(REPLICAS)} replicas: upstream "
+                    f"{r['upstream_calls']} p50 {r['p50_us']} p99 {r['p99_us']} max "
+                    f"{r['max_us']} statuses {r['statuses']} errors {r['errors']}")
+                self.check_client(f"cluster wave {wave}", r)
+                data["waves"].append(r)
+            s.sim_latency(0)
+            pair = ["gw_r0", "gw_single"]
+            for rep in range(reps):
+                for name in (pair if rep % 2 == 0 else pair[::-1]):
+                    before = s.sim_status_requests()
+                    r = wrk(s.url(name, f"pending-cluster-miss-{name}"), 1, secs, 1,
+                            s.wrk_headers(name))
+                    r.pop("raw")
+                    r.update(server=name, rep=rep, upstream_calls=s.sim_status_requests() - before)
+                    log(f"cluster miss rep{rep} {name}: {r['rps']:.0f} req/s p50 {r['p50_us']} "
+                        f"p99 {r['p99_us']} upstream {r['upstream_calls']} non2xx {r['non2xx']}")
+                    self.check_wrk(f"cluster miss {name}", r)
+                    data["miss"].append(r)
+            for name in pair:
+                wait_http(s.url(name, "complete-bench"), s.auth_headers(name))
+            pids = [s.procs.pid(name) for name in pair]
+            set_affinity(pids, "0")
+            try:
+                for rep in range(reps):
+                    for name in (pair if rep % 2 == 0 else pair[::-1]):
+                        busy_before = machine_state()["compilers"]
+                        r = wrk(s.url(name, "complete-bench"), 16, secs, 1, s.wrk_headers(name),
+                                cpus="1")
+                        r.pop("raw")
+                        r["contended"] = bool(busy_before or machine_state()["compilers"])
+                        r.update(server=name, rep=rep)
+                        log(f"cluster hit rep{rep} {name}: {r['rps']:.0f} req/s p50 "
+                            f"{r['p50_us']} us p99 {r['p99_us']} us non2xx {r['non2xx']}")
+                        self.check_wrk(f"cluster hit {name}", r)
+                        data["hit"].append(r)
+            finally:
+                set_affinity(pids, "0-1")
+            # Whether the replicas used Redis all along or fell back (a call past `timeout`).
+            data["replica_metrics"] = {name: metrics(s.admin[name]) for name in REPLICAS}
+        finally:
+            s.sim_latency(0)
+            for name in (*REPLICAS, "gw_single"):
+                s.stop_gateway(name)
+            s.procs.stop("redis")
+        self.save("cluster", data)
 
     def counted_client(self, *args, settle=0.0):
         """One bench-client run, its wall time, and the upstream calls the simulator counted

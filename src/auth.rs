@@ -73,6 +73,8 @@ pub struct Authenticator {
 struct ClientTable {
     by_key_hash: HashMap<[u8; 32], Arc<str>>,
     by_cert_cn: HashMap<String, Arc<str>>,
+    /// Each client's `share` of the outbound budget, when it has one.
+    shares: HashMap<Arc<str>, f64>,
 }
 
 impl ClientTable {
@@ -80,6 +82,9 @@ impl ClientTable {
         let mut table = ClientTable::default();
         for c in &config.clients {
             let name: Arc<str> = Arc::from(c.name.as_str());
+            if let Some(share) = c.share {
+                table.shares.insert(name.clone(), share);
+            }
             if let Some(hash) = c.key_sha256.as_deref().and_then(decode_hex32) {
                 table.by_key_hash.insert(hash, name.clone());
             }
@@ -138,6 +143,12 @@ impl Authenticator {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// The `share` of the outbound budget `client` may use, if it has one; a reload changes
+    /// it with the rest of the client list.
+    pub fn share(&self, client: &str) -> Option<f64> {
+        self.table().shares.get(client).copied()
     }
 
     /// The configured name of the caller, or why it is refused.
@@ -223,6 +234,7 @@ mod tests {
                 name: "billing".into(),
                 key_sha256: Some(hash_key("k-123")),
                 cert_cn: None,
+                share: Some(0.25),
             }],
         })
     }
@@ -260,6 +272,14 @@ mod tests {
             a.authenticate(&HeaderMap::new(), None),
             Err(AuthError::Missing)
         );
+    }
+
+    /// A client's share is looked up by its name; an unknown name has none.
+    #[test]
+    fn shares_follow_the_name() {
+        let a = auth();
+        assert_eq!(a.share("billing"), Some(0.25));
+        assert_eq!(a.share("other"), None);
     }
 
     /// Two `Authorization` headers are refused even when both carry a valid key.

@@ -35,6 +35,22 @@ pub struct Stored {
     stale_for: Duration,
     /// The HubSpot account whose token fetched it; an answer is never served to another.
     hub_id: Option<u64>,
+    /// A 200 whose `status` is COMPLETE or CANCELED: the only kind replicas share as a HIT.
+    terminal: bool,
+    /// Who asked HubSpot for it.
+    pub origin: Origin,
+}
+
+/// Who asked HubSpot for an answer; with cluster mode, another replica may have. It decides
+/// what the callers of a flight see in `X-Cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This replica's own call.
+    HubSpot,
+    /// The shared (second-level) cache, stored by any replica: a HIT.
+    SharedCache,
+    /// Another replica's call for the same task, shared with this one: COALESCED.
+    Peer,
 }
 
 /// The outcome of a fetch, shared with every caller that waited for it. The error side is
@@ -147,7 +163,9 @@ impl moka::Expiry<StatusRequest, Arc<Stored>> for PerEntryTtl {
         value: &Arc<Stored>,
         _: Instant,
     ) -> Option<Duration> {
-        Some(value.kept_for())
+        // An answer from the shared cache arrives already aged: it leaves when its windows
+        // close as counted from HubSpot's answer, not from this replica's copy.
+        Some(value.kept_for().saturating_sub(value.stored_at.elapsed()))
     }
 }
 
@@ -235,6 +253,8 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
         body: Bytes,
         hub_id: Option<u64>,
     ) -> Stored {
+        let terminal =
+            status == StatusCode::OK && matches!(task_status(&body), Some("COMPLETE" | "CANCELED"));
         let (fresh_for, stale_for) = match (status, task_status(&body)) {
             (StatusCode::OK, Some("COMPLETE" | "CANCELED")) => (self.terminal_ttl, Duration::ZERO),
             (StatusCode::OK, Some("PENDING" | "PROCESSING")) => {
@@ -252,7 +272,34 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
             fresh_for,
             stale_for,
             hub_id,
+            terminal,
+            origin: Origin::HubSpot,
         }
+    }
+
+    /// Wraps an answer another replica obtained, as [`AnswerCache::entry`] does, with its
+    /// `origin` and its `age` (time since HubSpot gave it), so its windows and its `Age`
+    /// header count from HubSpot's answer whichever replica asked.
+    pub fn shared_entry(
+        &self,
+        origin: Origin,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        hub_id: u64,
+        age: Duration,
+    ) -> Stored {
+        let mut stored = self.entry(status, headers, body, Some(hub_id));
+        stored.origin = origin;
+        if let Some(then) = stored.stored_at.checked_sub(age) {
+            stored.stored_at = then;
+        }
+        stored
+    }
+
+    /// How long terminal answers are kept: also their life in the shared cache.
+    pub fn terminal_ttl(&self) -> Duration {
+        self.terminal_ttl
     }
 
     /// A stored answer young enough to be a HIT, of the current HubSpot account.
@@ -304,6 +351,17 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
 }
 
 impl Stored {
+    /// Whether this is a terminal answer (a 200 COMPLETE or CANCELED) still young enough to
+    /// be a HIT: what replicas share through the second-level cache.
+    pub fn is_fresh_terminal(&self) -> bool {
+        self.terminal && self.stored_at.elapsed() < self.fresh_for
+    }
+
+    /// The HubSpot account whose token obtained it, when known.
+    pub fn hub_id(&self) -> Option<u64> {
+        self.hub_id
+    }
+
     /// Whether this answer was kept (as a HIT later, or to stand in for a failure).
     pub fn is_stored(&self) -> bool {
         !self.kept_for().is_zero()
@@ -341,6 +399,8 @@ impl Stored {
             fresh_for: self.fresh_for,
             stale_for: self.stale_for,
             hub_id: self.hub_id,
+            terminal: self.terminal,
+            origin: self.origin,
         }
     }
 }

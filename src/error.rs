@@ -1,7 +1,5 @@
 //! The one place where failures become responses, all in HubSpot's error shape.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{self, HeaderValue};
@@ -9,9 +7,10 @@ use hyper::{Response, StatusCode};
 use serde_json::json;
 
 use crate::auth::AuthError;
+use crate::budget::{Throttle, ThrottleSource};
 use crate::route::RouteError;
 use crate::token::TokenError;
-use crate::upstream::{MAX_BODY, Policy, ThrottleSource, UpstreamError, retry_after_value};
+use crate::upstream::{MAX_BODY, Policy, UpstreamError};
 
 /// Everything that can stop a request from getting HubSpot's answer.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +49,7 @@ impl GatewayError {
             GatewayError::Upstream(
                 UpstreamError::Unavailable(_)
                 | UpstreamError::Timeout
-                | UpstreamError::Throttled { .. }
+                | UpstreamError::Throttled(_)
                 | UpstreamError::TooLarge { .. },
             )
             | GatewayError::WaitTimeout => Fault::Upstream,
@@ -82,8 +81,8 @@ impl GatewayError {
                 Some(json!({ "missingScopes": scopes })),
             ),
             GatewayError::Token(e) => (StatusCode::SERVICE_UNAVAILABLE, "TOKEN_UNAVAILABLE", format!("The gateway has no valid HubSpot token: {e}."), None),
-            GatewayError::Upstream(UpstreamError::Throttled { retry_after, by, policy }) => {
-                return rate_limited(*retry_after, *by, *policy, correlation_id);
+            GatewayError::Upstream(UpstreamError::Throttled(throttle)) => {
+                return rate_limited(throttle, correlation_id);
             }
             GatewayError::Upstream(UpstreamError::TooLarge { limit }) => (StatusCode::BAD_GATEWAY, "UPSTREAM_ANSWER_TOO_LARGE", format!("HubSpot's answer was larger than the {} the gateway relays ({limit} bytes); it was not passed on.", if *limit == MAX_BODY { "1 MiB".to_owned() } else { format!("{limit} bytes") }), None),
             GatewayError::Upstream(UpstreamError::Unavailable(_)) => (StatusCode::BAD_GATEWAY, "UPSTREAM_UNAVAILABLE", "HubSpot could not be reached.".to_owned(), None),
@@ -106,16 +105,18 @@ impl GatewayError {
 }
 
 /// HubSpot's own 429 shape (`policyName` lets HubSpot's clients tell a ten-secondly limit,
-/// worth retrying soon, from a daily one), plus `category` so it is a valid `Error`, and
-/// `Retry-After` in whole seconds.
-fn rate_limited(
-    retry_after: Duration,
-    source: ThrottleSource,
-    policy: Policy,
-    correlation_id: &str,
-) -> Response<Full<Bytes>> {
-    let message = match (source, policy) {
+/// worth retrying soon, from a daily one), plus `category` so it is a valid `Error`;
+/// `Retry-After` in whole seconds and the `RateLimit-*` headers of the budget that refused.
+fn rate_limited(throttle: &Throttle, correlation_id: &str) -> Response<Full<Bytes>> {
+    let policy = throttle.policy;
+    let message = match (throttle.by, policy) {
         (ThrottleSource::LocalBudget, _) => "You have reached your ten_secondly_rolling limit.",
+        (ThrottleSource::ClientShare, _) => {
+            "You have reached your share of the gateway's ten_secondly_rolling limit; other callers are not held."
+        }
+        (ThrottleSource::DailyLimit, _) => {
+            "The gateway's daily limit of HubSpot calls is reached; calls resume after midnight UTC."
+        }
         (ThrottleSource::HubSpot429, Policy::Daily) => {
             "HubSpot's daily limit is reached; the gateway holds all calls until it resets."
         }
@@ -132,8 +133,11 @@ fn rate_limited(
         "policyName": policy.label(),
         "category": "RATE_LIMITS",
     });
-    let extra = vec![(header::RETRY_AFTER, retry_after_value(retry_after))];
-    json_response(StatusCode::TOO_MANY_REQUESTS, &body, extra)
+    json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        &body,
+        throttle.headers().into(),
+    )
 }
 
 fn json_response(

@@ -4,7 +4,10 @@
 //! 2. **auth**: the caller's API key or certificate becomes a client name (or 401);
 //! 3. **cache**: a stored answer is served as a HIT;
 //! 4. **coalesce**: a miss joins the fetch in flight for its key, or leads a new one, which
-//!    runs in its own task so a caller hanging up does not cancel it for the others;
+//!    runs in its own task so a caller hanging up does not cancel it for the others. In
+//!    cluster mode the leader then asks the shared cache (a HIT, with its true `Age`) and
+//!    joins the task's flight across replicas: another replica's answer is COALESCED, and
+//!    only the flight's leader goes on to HubSpot (Redis failing: this replica goes alone);
 //! 5. **token**: the verified HubSpot token in service (or 503);
 //! 6. **upstream**: HubSpot is asked within the deadline and the rate budget; a 401 forces
 //!    one token refresh and one retry, a 403 `MISSING_SCOPES` a re-verification;
@@ -12,7 +15,10 @@
 //!    one for `pending_ttl` and `stale_if_error`) or only passed on; when HubSpot failed,
 //!    the last non-terminal answer within `stale_if_error` stands in (STALE);
 //! 8. **respond**: HubSpot's status and body with the gateway's cache headers, or the
-//!    failure in HubSpot's error shape ([`crate::error`]), and the request's metrics.
+//!    failure in HubSpot's error shape ([`crate::error`]), and the request's metrics;
+//! 9. **share** (cluster mode, after the callers have their answer): a terminal answer
+//!    goes to the shared cache, and every HubSpot answer to the replicas waiting on the
+//!    flight.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,7 +32,9 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use crate::auth::{Authenticator, PeerCertName};
-use crate::cache::{AnswerCache, CacheOutcome, Flight, Outcome, Stored};
+use crate::budget::Charge;
+use crate::cache::{AnswerCache, CacheOutcome, Flight, Origin, Outcome, Stored};
+use crate::cluster::{self, ClusterBackend, TaskKey};
 use crate::error::{Fault, GatewayError};
 use crate::metrics::{Metrics, RequestSeries};
 use crate::route::{StatusRequest, match_route};
@@ -47,6 +55,18 @@ pub struct Gateway {
     request_timeout: Duration,
     shutting_down: AtomicBool,
     series: RequestSeries,
+    /// The shared backend in cluster mode.
+    cluster: Option<Arc<ClusterBackend>>,
+}
+
+/// What the leader of a task's flight across replicas owes the others once its own callers
+/// have their answer.
+struct Share {
+    cluster: Arc<ClusterBackend>,
+    task: TaskKey,
+    /// The flight's lease; dropped unpublished (the fetch failed without an answer from
+    /// HubSpot), it is released and a waiting replica takes the flight over.
+    lease: cluster::Lease,
 }
 
 /// Who asked, what for, and what they get.
@@ -64,6 +84,7 @@ struct Handled {
 
 impl Gateway {
     /// Puts the parts together; the metric series of the common answers are resolved here.
+    /// `cluster` is the shared backend in cluster mode (`None` without `[cluster]`).
     pub fn new(
         auth: Authenticator,
         cache: AnswerCache<GatewayError>,
@@ -71,9 +92,11 @@ impl Gateway {
         hubspot: Arc<HubSpot>,
         metrics: Metrics,
         request_timeout: Duration,
+        cluster: Option<Arc<ClusterBackend>>,
     ) -> Gateway {
         let series = metrics.request_series(auth.names());
         Gateway {
+            cluster,
             series,
             auth,
             cache,
@@ -202,21 +225,52 @@ impl Gateway {
                 let gateway = self.clone();
                 let request_id = request_id.clone();
                 let fetched = key.clone();
+                // The leader's client is charged for the HubSpot calls its flight makes.
+                let charged = client.clone();
                 let tries = Arc::new(AtomicU32::new(0));
                 let counted = tries.clone();
                 // The fetch runs in its own task, so a leader that hangs up does not cancel it
                 // for the followers. Should it panic, dropping `leader` ends the flight and
                 // its callers get an internal error at once.
                 tokio::spawn(async move {
-                    let fetch = gateway.fetch(fetched, request_id);
-                    let outcome = crate::log::counting_tries(counted, fetch).await;
+                    let fetch = gateway.fetch_shared(fetched, request_id, charged);
+                    let (outcome, share) = crate::log::counting_tries(counted, fetch).await;
+                    // Taken before the outcome moves into the cache; sent after it answered
+                    // this replica's callers, so Redis is never on their path.
+                    let owed = share.map(|share| {
+                        let answer = outcome.as_ref().ok().and_then(|s| shareable(s, &share));
+                        let store = outcome
+                            .as_ref()
+                            .is_ok_and(|s| s.origin == Origin::HubSpot && s.is_fresh_terminal());
+                        (share, answer, store)
+                    });
                     gateway.cache.complete(leader, outcome);
+                    if let Some((share, answer, store)) = owed {
+                        share
+                            .finish(answer, store, gateway.cache.terminal_ttl())
+                            .await;
+                    }
                 });
                 (rx, CacheOutcome::Miss, Some(tries))
             }
         };
         let result = wait(rx, self.request_timeout + Duration::from_secs(1)).await;
         let tries = tries.map_or(0, |t| t.load(Ordering::Relaxed));
+        // Another replica's answer: from the shared cache a HIT, from its flight COALESCED,
+        // for this flight's leader and followers alike.
+        let cache = match &result {
+            Ok(stored) => match stored.origin {
+                Origin::SharedCache => CacheOutcome::Hit,
+                Origin::Peer => {
+                    if cache == CacheOutcome::Miss {
+                        self.metrics.coalesced_requests_total.inc();
+                    }
+                    CacheOutcome::Coalesced
+                }
+                Origin::HubSpot => cache,
+            },
+            Err(_) => cache,
+        };
         // HubSpot failed: the last answer seen, if recent enough, serves instead.
         if let Some(failed) = hubspot_failure(&result)
             && let Some(stale) = self.cache.stale(&key)
@@ -240,24 +294,103 @@ impl Gateway {
         }
     }
 
-    /// Steps 5–7: token, upstream, classify.
+    /// A leader's fetch: in cluster mode the shared cache, then the task's flight across
+    /// replicas, and HubSpot only for the flight's leader; without `[cluster]`, without a
+    /// hub id to key Redis by, or when Redis fails, this replica's own call. Returns what
+    /// the leader then owes the other replicas.
+    async fn fetch_shared(
+        &self,
+        key: StatusRequest,
+        request_id: HeaderValue,
+        client: Arc<str>,
+    ) -> (Result<Stored, GatewayError>, Option<Share>) {
+        // One deadline for the whole fetch (waiting on another replica, the 401 refresh and
+        // retry included), so the fetch never outlives the callers waiting for it.
+        let deadline = Instant::now() + self.request_timeout;
+        // Keyed by the account of the token in service: a task is never shared across hubs.
+        let hub = self.tokens.current().ok().and_then(|t| t.hub_id);
+        let (Some(cluster), Some(hub)) = (self.cluster.clone(), hub) else {
+            return (self.fetch(key, request_id, deadline, client).await, None);
+        };
+        let task = TaskKey::new(hub, key.task_id.as_str());
+        if let Some(hit) = self.shared_hit(&cluster, &task).await {
+            return (Ok(hit), None);
+        }
+        let lease = match cluster.join_flight(&task, deadline.into()).await {
+            Ok(cluster::Flight::Leader(lease)) => lease,
+            Ok(cluster::Flight::Answer(answer)) => {
+                if let Some(stored) = self.adopt(answer, Origin::Peer, Duration::ZERO) {
+                    return (Ok(stored), None);
+                }
+                // An answer this build cannot pass on: ask HubSpot rather than fail.
+                return (self.fetch(key, request_id, deadline, client).await, None);
+            }
+            // The other replica's call outlived this caller's deadline: what a caller gets
+            // when HubSpot is too slow.
+            Ok(cluster::Flight::DeadlineReached) => return (Err(GatewayError::WaitTimeout), None),
+            // Redis down or failing: this replica asks HubSpot itself.
+            Err(_) => return (self.fetch(key, request_id, deadline, client).await, None),
+        };
+        let share = Share {
+            cluster: cluster.clone(),
+            task,
+            lease,
+        };
+        // Another replica may have finished this task between the first look and the lease:
+        // its stored answer saves a HubSpot call, and is handed to this flight's waiters.
+        if let Some(hit) = self.shared_hit(&cluster, &share.task).await {
+            return (Ok(hit), Some(share));
+        }
+        (
+            self.fetch(key, request_id, deadline, client).await,
+            Some(share),
+        )
+    }
+
+    /// The shared cache's answer for `task`, if a replica stored one that is still a HIT
+    /// here; Redis failing is a miss.
+    async fn shared_hit(&self, cluster: &ClusterBackend, task: &TaskKey) -> Option<Stored> {
+        let found = cluster.cache_get(task).await.ok()??;
+        self.adopt(found.answer, Origin::SharedCache, found.age)
+            .filter(Stored::is_fresh_terminal)
+    }
+
+    /// Another replica's answer as this replica stores and serves it; `None` when its
+    /// status or a header is not one HTTP allows (a newer build's, or damaged bytes).
+    fn adopt(&self, answer: cluster::Answer, origin: Origin, age: Duration) -> Option<Stored> {
+        let status = StatusCode::from_u16(answer.status).ok()?;
+        let mut headers = hyper::HeaderMap::with_capacity(answer.headers.len());
+        for (name, value) in answer.headers {
+            let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
+            headers.append(name, HeaderValue::from_maybe_shared(value).ok()?);
+        }
+        Some(
+            self.cache
+                .shared_entry(origin, status, headers, answer.body, answer.hub_id, age),
+        )
+    }
+
+    /// Steps 5–7: token, upstream, classify, by `deadline`.
     async fn fetch(
         &self,
         key: StatusRequest,
         request_id: HeaderValue,
+        deadline: Instant,
+        client: Arc<str>,
     ) -> Result<Stored, GatewayError> {
-        // One deadline for the whole fetch, the 401 refresh and retry included, so the fetch
-        // never outlives the callers waiting for it.
-        let deadline = Instant::now() + self.request_timeout;
         let mut token = self.tokens.current()?;
-        let mut answer = self.ask(&key, &token, &request_id, deadline).await?;
+        let mut answer = self
+            .ask(&key, &token, &request_id, deadline, &client)
+            .await?;
         if answer.status == StatusCode::UNAUTHORIZED {
             // HubSpot refused a token we believe valid: one forced refresh (single-flight,
             // rate-limited in the token manager), one retry, and whatever that answers.
             let wait = deadline.saturating_duration_since(Instant::now());
             if self.tokens.force_refresh(token.generation, wait).await {
                 token = self.tokens.current()?;
-                answer = self.ask(&key, &token, &request_id, deadline).await?;
+                answer = self
+                    .ask(&key, &token, &request_id, deadline, &client)
+                    .await?;
             }
             // Still refused: the gateway's credential is at fault, not the caller's, so the
             // caller must not see a 401 it would take for a problem with its own key.
@@ -274,16 +407,29 @@ impl Gateway {
             .entry(answer.status, answer.headers, answer.body, token.hub_id))
     }
 
-    /// Asks HubSpot with `token`, never past its use-by time.
+    /// Asks HubSpot with `token`, never past its use-by time, charging `client`.
     async fn ask(
         &self,
         key: &StatusRequest,
         token: &ActiveToken,
         request_id: &HeaderValue,
         deadline: Instant,
+        client: &str,
     ) -> Result<Answer, UpstreamError> {
+        let charge = Charge {
+            client,
+            share: self.auth.share(client),
+            hub_id: token.hub_id,
+        };
         self.hubspot
-            .get_status(key, &token.access, token.usable_until, request_id, deadline)
+            .get_status(
+                key,
+                &token.access,
+                token.usable_until,
+                request_id,
+                deadline,
+                &charge,
+            )
             .await
     }
 
@@ -339,7 +485,8 @@ impl Gateway {
     /// token problem worth reporting, if any (a failed refresh or static rotation while the
     /// last verified token still serves: callers are served correctly), and the hold after
     /// a HubSpot 429, if one is in force (ready all the same: callers get a correct 429, and
-    /// another replica would share the account's limit).
+    /// another replica would share the account's limit); in cluster mode, whether Redis is
+    /// in use (ready either way: without it the replica serves correctly in local mode).
     pub fn readiness(&self) -> Readiness {
         let hold = self.hubspot.hold_status().map(|h| UpstreamHold {
             policy: h.policy.label(),
@@ -352,7 +499,11 @@ impl Gateway {
         } else {
             self.tokens.current().err().map(|e| e.to_string())
         };
+        let cluster = self.cluster.as_ref().map(|c| ClusterState {
+            backend: if c.is_up() { "up" } else { "down" },
+        });
         Readiness {
+            cluster,
             ready: not_ready.is_none(),
             reason: not_ready.clone(),
             token_problem: not_ready
@@ -403,6 +554,17 @@ pub struct Readiness {
     /// The hold after a HubSpot 429 in force, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_hold: Option<UpstreamHold>,
+    /// In cluster mode, the shared backend's state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterState>,
+}
+
+/// The cluster backend as `/readyz` shows it. `down` leaves the gateway ready: each replica
+/// then serves with its local share of the budget, its own cache and single-flight.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterState {
+    /// `up` (budget, cache and flights shared through Redis) or `down` (local mode).
+    pub backend: &'static str,
 }
 
 impl Readiness {
@@ -446,6 +608,45 @@ fn hubspot_failure(result: &Outcome<GatewayError>) -> Option<StatusCode> {
             Fault::Client | Fault::Credential | Fault::Internal => None,
         },
     }
+}
+
+impl Share {
+    /// Step 9: a terminal answer of this replica's own call goes to the shared cache for
+    /// `ttl`, then `answer` (any HubSpot answer, PENDING and HubSpot's errors included, as
+    /// local followers get them) to the replicas waiting on the flight. Without an answer
+    /// (no HubSpot answer to pass on: unreachable, too slow, the budget refused, no token)
+    /// the lease is released, so a waiting replica takes the flight over within its own
+    /// deadline instead of getting this replica's error: that failure may be this
+    /// replica's alone, and the gateway's own errors are not HubSpot answers to replay.
+    /// Redis failing here is only counted: the callers already have their answer.
+    async fn finish(self, answer: Option<cluster::Answer>, store: bool, ttl: Duration) {
+        let Some(answer) = answer else { return };
+        if store {
+            let _ = self.cluster.cache_put(&self.task, &answer, ttl).await;
+        }
+        let _ = self.lease.publish(&answer).await;
+    }
+}
+
+/// An answer of `share`'s hub as replicas exchange it: HubSpot's status, the headers a
+/// replay sends and the body. `None` for another hub's answer (the token changed account
+/// during the call), which is never shared.
+fn shareable(stored: &Stored, share: &Share) -> Option<cluster::Answer> {
+    (stored.hub_id() == Some(share.task.hub_id)).then(|| cluster::Answer {
+        hub_id: share.task.hub_id,
+        status: stored.status.as_u16(),
+        headers: stored
+            .headers
+            .iter()
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    Bytes::copy_from_slice(value.as_bytes()),
+                )
+            })
+            .collect(),
+        body: stored.body.clone(),
+    })
 }
 
 /// Whether a 403 body is HubSpot's `MISSING_SCOPES` error.

@@ -7,8 +7,11 @@
 //! - [`gateway`]: the request handler, reading top to bottom as route → auth → cache →
 //!   coalesce → token → upstream → classify → respond.
 //! - [`cache`]: terminal answers in memory, and single-flight for every miss.
+//! - [`cluster`]: with `[cluster]`, the cache, flights and budget replicas share through
+//!   Redis, falling back to the local ones while Redis is down.
 //! - [`token`]: the HubSpot credential: refresh ahead of expiry, scope verification.
-//! - [`upstream`]: the pooled HubSpot client: deadlines, retries, the rate budget.
+//! - [`budget`]: the outbound budget every HubSpot call asks first: windows, holds, shares.
+//! - [`upstream`]: the pooled HubSpot client: deadlines, retries, the 429 reading.
 //! - [`proxy`]: the outbound proxy HubSpot connections may have to tunnel through.
 //! - [`error`]: the one place failures become HubSpot-shaped responses.
 //! - [`metrics`]: the Prometheus registry.
@@ -21,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod budget;
 pub mod cache;
 pub mod cluster;
 pub mod config;

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::auth::AuthError;
+use crate::budget::ThrottleSource;
 use crate::cache::CacheOutcome;
 use crate::token::ForceReason;
-use crate::upstream::{Policy, ThrottleSource};
+use crate::upstream::Policy;
 use hyper::StatusCode;
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -38,6 +39,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub token_forced_refreshes_total: IntCounterVec,
     pub token_rotation_failed: IntGauge,
+    /// Refresh grants HubSpot answered with a different refresh token than the one sent.
+    pub token_refresh_token_rotated_total: IntCounter,
     // Live reload of the config, client keys and TLS files.
     /// Reloads by `result`: `applied` or `refused` (the running config kept serving).
     pub config_reloads_total: IntCounterVec,
@@ -51,6 +54,11 @@ pub struct Metrics {
     pub upstream_budget_limit: IntGauge,
     /// Seconds until the hold after a HubSpot 429 ends; 0 when none is in force.
     pub upstream_hold_seconds: Gauge,
+    /// HubSpot calls each client's requests caused (a flight's leader is charged), by
+    /// `client`.
+    pub client_upstream_calls_total: IntCounterVec,
+    /// Calls refused because the client's `share` of the budget was spent, by `client`.
+    pub client_share_refusals_total: IntCounterVec,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -181,6 +189,17 @@ impl Metrics {
             "token_rotation_failed",
             "1 while the static token file holds a token that could not be read or verified; the last verified token stays in service.",
         );
+        let token_refresh_token_rotated_total = IntCounter::with_opts(
+            Opts::new(
+                "token_refresh_token_rotated_total",
+                "Refresh grants HubSpot answered with a new refresh token. With several replicas each holding its own copy, any increase means they must share one refresher.",
+            )
+            .namespace(PREFIX),
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(token_refresh_token_rotated_total.clone()))
+            .expect("each name registered once");
         // Live reload: both results exist from the start, so a dashboard sees 0, not nothing.
         let config_reloads_total = counter(
             "config_reloads_total",
@@ -226,12 +245,22 @@ impl Metrics {
         registry
             .register(Box::new(upstream_hold_seconds.clone()))
             .expect("each name registered once");
+        let client_upstream_calls_total = counter(
+            "client_upstream_calls_total",
+            "HubSpot calls caused by each client's requests (cache hits and coalesced answers cause none).",
+            &["client"],
+        );
+        let client_share_refusals_total = counter(
+            "client_share_refusals_total",
+            "Calls refused with 429 because the client's share of the outbound budget was spent.",
+            &["client"],
+        );
         // Every series of a known label set exists from the start at 0, so an `increase()`
         // alert sees the first event rather than a series appearing at 1.
         for policy in Policy::ALL {
             upstream_429_total.with_label_values(&[policy.label()]);
         }
-        for source in [ThrottleSource::HubSpot429, ThrottleSource::LocalBudget] {
+        for source in ThrottleSource::ALL {
             upstream_throttled_total.with_label_values(&[source.label()]);
         }
         for result in ["success", "failure"] {
@@ -274,12 +303,15 @@ impl Metrics {
             build_info,
             token_forced_refreshes_total,
             token_rotation_failed,
+            token_refresh_token_rotated_total,
             config_reloads_total,
             config_last_load_timestamp_seconds,
             upstream_429_total,
             upstream_budget_remaining,
             upstream_budget_limit,
             upstream_hold_seconds,
+            client_upstream_calls_total,
+            client_share_refusals_total,
         }
     }
 
@@ -290,6 +322,10 @@ impl Metrics {
     pub fn request_series(&self, clients: Vec<Arc<str>>) -> RequestSeries {
         let fetched = [CacheOutcome::Miss, CacheOutcome::Coalesced];
         for client in &clients {
+            self.client_upstream_calls_total
+                .with_label_values(&[&**client]);
+            self.client_share_refusals_total
+                .with_label_values(&[&**client]);
             for code in ["404", "429", "502", "503", "504"] {
                 for outcome in fetched {
                     self.requests_total

@@ -32,6 +32,7 @@ use tokio::time::Instant;
 
 use crate::auth::{Authenticator, PeerCertName};
 use crate::cache::AnswerCache;
+use crate::cluster::{ClusterBackend, ClusterConfig, ClusterMetrics};
 use crate::config::{Config, Credentials, ServerConfig};
 use crate::gateway::Gateway;
 use crate::metrics::{ConnectionMetrics, Metrics};
@@ -47,6 +48,10 @@ pub enum RunError {
     Tls(#[from] TlsError),
     #[error("HubSpot client setup failed: {0}")]
     Upstream(#[source] crate::upstream::SetupError),
+    /// `[cluster]` cannot be used: its password is unreadable, or its URL or CA file cannot
+    /// be set up. (A Redis that does not answer is not this: the gateway starts in local mode.)
+    #[error("cluster backend setup failed: {0}")]
+    Cluster(String),
 }
 
 /// The two bound sockets.
@@ -118,8 +123,14 @@ pub async fn run_with_reload(
     let file_limit = raise_file_limit();
     let metrics = Metrics::new();
     let connection_metrics = metrics.register_connections();
-    let hubspot =
-        Arc::new(HubSpot::new(&config.upstream, metrics.clone()).map_err(RunError::Upstream)?);
+    let cluster = match &config.cluster {
+        Some(cluster) => Some(connect_cluster(cluster, &metrics).await?),
+        None => None,
+    };
+    let hubspot = Arc::new(
+        HubSpot::new(&config.upstream, metrics.clone(), cluster.clone())
+            .map_err(RunError::Upstream)?,
+    );
     let auth = Authenticator::new(&config.auth);
     let (tokens, refresher) = TokenManager::new(
         credentials,
@@ -145,6 +156,7 @@ pub async fn run_with_reload(
         hubspot,
         metrics,
         config.upstream.request_timeout,
+        cluster,
     ));
     if config.auth.mode == crate::config::AuthMode::None {
         tracing::warn!("auth.mode = \"none\": every caller is accepted without credentials");
@@ -204,6 +216,29 @@ pub async fn run_with_reload(
     }
     tracing::info!("gateway stopped");
     Ok(())
+}
+
+/// The shared backend of `[cluster]`, its metrics on the gateway's registry. A Redis that
+/// does not answer yet is no error: the backend starts down (local mode, logged once) and
+/// comes up by itself when Redis answers.
+async fn connect_cluster(
+    config: &ClusterConfig,
+    metrics: &Metrics,
+) -> Result<Arc<ClusterBackend>, RunError> {
+    let password = config
+        .password(&|name| std::env::var(name).ok())
+        .map_err(RunError::Cluster)?;
+    let cluster_metrics = ClusterMetrics::register(metrics.registry())
+        .map_err(|e| RunError::Cluster(format!("metrics: {e}")))?;
+    let backend = ClusterBackend::connect(config.clone(), password, cluster_metrics)
+        .await
+        .map_err(|e| RunError::Cluster(e.to_string()))?;
+    tracing::info!(
+        prefix = %config.key_prefix,
+        up = backend.is_up(),
+        "cluster mode: budget, cache and flights shared through Redis"
+    );
+    Ok(Arc::new(backend))
 }
 
 /// The bounds one listener applies.

@@ -1,7 +1,6 @@
-//! The HubSpot client: pooled hyper over rustls, deadlines, retries, and the outbound budget.
+//! The HubSpot client: pooled hyper over rustls, deadlines, retries, and HubSpot's 429s read
+//! into the outbound budget ([`crate::budget`]).
 
-use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -14,11 +13,15 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 
+use crate::budget::{Budget, Charge};
+pub use crate::budget::{HoldStatus, Throttle, ThrottleSource, daily_hold};
+use crate::cluster::ClusterBackend;
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::proxy::Egress;
 use crate::route::StatusRequest;
 use crate::secret::Secret;
+use std::sync::Arc;
 
 /// Headers of HubSpot's answer that reach the caller; everything else stays here.
 const KEPT_HEADERS: &[&str] = &[
@@ -125,25 +128,6 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
-/// How long a `DAILY` 429 without `Retry-After` holds, from `now`. HubSpot resets daily
-/// limits at midnight in the account's time zone, which the gateway does not know:
-///
-/// - the first `DAILY` hold lasts until the next midnight UTC;
-/// - a `DAILY` 429 within a day after a `DAILY` hold ended (`probing`) means the account's
-///   midnight is later than UTC's (or the limit was spent again): it holds until the next
-///   whole hour UTC, so the reset is found within the hour (every time zone's midnight falls
-///   on a UTC hour, or at :30/:45 for a few), for at most one call an hour.
-pub fn daily_hold(now: SystemTime, probing: bool) -> Duration {
-    const HOUR: u64 = 3600;
-    let period = if probing { HOUR } else { 24 * HOUR };
-    let since_epoch = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO);
-    let into_period = Duration::from_secs(since_epoch.as_secs() % period)
-        + Duration::from_nanos(u64::from(since_epoch.subsec_nanos()));
-    Duration::from_secs(period) - into_period
-}
-
 /// `wait` as a `Retry-After` value: whole seconds, rounded up, at least 1 (what HubSpot's
 /// clients and RFC 9110 expect; `0` would invite an immediate retry).
 pub fn retry_after_value(wait: Duration) -> HeaderValue {
@@ -153,36 +137,6 @@ pub fn retry_after_value(wait: Duration) -> HeaderValue {
     HeaderValue::from(secs.max(1))
 }
 
-/// A hold on every upstream call after a HubSpot 429, as `/readyz` and the metrics show it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HoldStatus {
-    /// The policy HubSpot named.
-    pub policy: Policy,
-    /// Time left until calls may go out again.
-    pub remaining: Duration,
-    /// When HubSpot asked for longer than `upstream.max_hold`: what it asked for.
-    pub capped_from: Option<Duration>,
-}
-
-/// Who held an upstream call back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThrottleSource {
-    /// HubSpot answered 429; every call waits until its interval is over.
-    HubSpot429,
-    /// The gateway's own budget (`upstream.rate_limit`) is spent.
-    LocalBudget,
-}
-
-impl ThrottleSource {
-    /// The `source` label of `upstream_throttled_total`.
-    pub fn label(self) -> &'static str {
-        match self {
-            ThrottleSource::HubSpot429 => "hubspot_429",
-            ThrottleSource::LocalBudget => "local_budget",
-        }
-    }
-}
-
 /// Why no answer came from HubSpot.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -190,15 +144,9 @@ pub enum UpstreamError {
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("HubSpot did not answer within the deadline")]
     Timeout,
-    #[error("upstream calls are held back ({}, {})", .by.label(), .policy.label())]
-    Throttled {
-        /// How long until a call may go out again.
-        retry_after: Duration,
-        /// Who is holding calls back.
-        by: ThrottleSource,
-        /// The policy the hold is for (`TenSecondlyRolling` for the local budget).
-        policy: Policy,
-    },
+    /// The outbound budget refused the call: which budget, for how long, its quota.
+    #[error("upstream calls are held back ({}, {})", .0.by.label(), .0.policy.label())]
+    Throttled(Throttle),
     /// HubSpot answered with more than [`MAX_BODY`] bytes: not a status answer, not relayed.
     #[error("HubSpot's answer is larger than the {limit} bytes the gateway relays")]
     TooLarge {
@@ -241,22 +189,28 @@ pub struct HubSpot {
     api_version: crate::route::ApiVersion,
     request_timeout: Duration,
     user_agent: HeaderValue,
-    budget: RateBudget,
+    budget: Budget,
     max_hold: Duration,
     metrics: Metrics,
 }
 
 impl HubSpot {
     /// Builds the client from validated config, reading the proxy password and proxy
-    /// variables from the process environment.
-    pub fn new(config: &UpstreamConfig, metrics: Metrics) -> Result<HubSpot, SetupError> {
-        HubSpot::with_env(config, metrics, &|name| std::env::var(name).ok())
+    /// variables from the process environment. With `cluster`, the outbound budget is the
+    /// account's, shared with every replica through it.
+    pub fn new(
+        config: &UpstreamConfig,
+        metrics: Metrics,
+        cluster: Option<Arc<ClusterBackend>>,
+    ) -> Result<HubSpot, SetupError> {
+        HubSpot::with_env(config, metrics, cluster, &|name| std::env::var(name).ok())
     }
 
     /// [`HubSpot::new`] with `env` standing for the process environment.
     pub fn with_env(
         config: &UpstreamConfig,
         metrics: Metrics,
+        cluster: Option<Arc<ClusterBackend>>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<HubSpot, SetupError> {
         let route = crate::proxy::route(config, env)?;
@@ -289,14 +243,14 @@ impl HubSpot {
                 "hubspot-files-gateway/",
                 env!("CARGO_PKG_VERSION")
             )),
-            budget: RateBudget::new(config.rate_limit.requests, config.rate_limit.per),
+            budget: Budget::new(config, cluster),
             max_hold: config.max_hold,
             metrics,
         })
     }
 
     /// Asks HubSpot for one task's status with `bearer` by `deadline`: within the outbound
-    /// budget, each try bounded by half the request timeout (so a hung connection leaves time
+    /// budget (every try charged to `charge`'s client and account), each try bounded by half the request timeout (so a hung connection leaves time
     /// for one more), retried on connect errors, timed-out tries and 502/503/504 while the
     /// deadline and the bearer's `usable_until` allow.
     pub async fn get_status(
@@ -306,6 +260,7 @@ impl HubSpot {
         usable_until: Option<Instant>,
         request_id: &HeaderValue,
         deadline: Instant,
+        charge: &Charge<'_>,
     ) -> Result<Answer, UpstreamError> {
         let path = req.upstream_path(self.api_version);
         let per_try = self.request_timeout / 2;
@@ -315,18 +270,24 @@ impl HubSpot {
             attempt += 1;
             // Built before the budget is touched: a request that cannot be built is not sent.
             let request = self.request(Method::GET, &path, Some(bearer), Some(request_id), None)?;
-            if let Err((retry_after, by, policy)) = self.budget.acquire() {
+            if let Err(throttle) = self.budget.acquire(charge).await {
                 self.metrics
                     .upstream_throttled_total
-                    .with_label_values(&[by.label()])
+                    .with_label_values(&[throttle.by.label()])
                     .inc();
+                if throttle.by == ThrottleSource::ClientShare {
+                    self.metrics
+                        .client_share_refusals_total
+                        .with_label_values(&[charge.client])
+                        .inc();
+                }
                 // A retry that finds the budget spent returns what HubSpot last said.
-                return last.unwrap_or(Err(UpstreamError::Throttled {
-                    retry_after,
-                    by,
-                    policy,
-                }));
+                return last.unwrap_or(Err(UpstreamError::Throttled(throttle)));
             }
+            self.metrics
+                .client_upstream_calls_total
+                .with_label_values(&[charge.client])
+                .inc();
             crate::log::upstream_try();
             let started = Instant::now();
             let result = self.send(request, deadline.min(started + per_try)).await;
@@ -346,14 +307,14 @@ impl HubSpot {
                 Err(UpstreamError::Unavailable(_) | UpstreamError::Timeout) => true,
                 // An oversized answer would be as large again: one call is enough.
                 Err(
-                    UpstreamError::Throttled { .. }
+                    UpstreamError::Throttled(_)
                     | UpstreamError::Request(_)
                     | UpstreamError::TooLarge { .. },
                 ) => false,
             };
             let mut result = result;
             if let Ok(answer) = &mut result {
-                self.observe_rate_headers(answer);
+                self.observe_rate_headers(answer, charge.hub_id).await;
             }
             let backoff = Duration::from_millis(50 << attempt)
                 + Duration::from_millis(rand::rng().random_range(0..50));
@@ -495,8 +456,9 @@ impl HubSpot {
     /// Follows HubSpot's own view of the budget: the remaining gauge, and a 429's hold. The
     /// caller's `Retry-After` is always the gateway's own (whole seconds until the hold it
     /// set ends), never HubSpot's value verbatim; another answer's `Retry-After` (a 503's)
-    /// is passed on in that form when valid and dropped when not.
-    fn observe_rate_headers(&self, answer: &mut Answer) {
+    /// is passed on in that form when valid and dropped when not. A 429 also gets the
+    /// `RateLimit-*` headers of the hold it started, and holds every replica in cluster mode.
+    async fn observe_rate_headers(&self, answer: &mut Answer, hub_id: Option<u64>) {
         let number = |name: &str| {
             answer
                 .headers
@@ -547,7 +509,14 @@ impl HubSpot {
             ),
         };
         let asked = asked.max(MIN_HOLD);
-        let hold = self.budget.hold(asked, cap, policy);
+        let quota = match policy {
+            Policy::Daily => number("x-hubspot-ratelimit-daily"),
+            Policy::TenSecondlyRolling | Policy::Secondly | Policy::Unknown => {
+                number("x-hubspot-ratelimit-max")
+            }
+        };
+        let limit = self.budget.hold_limit(policy, quota);
+        let hold = self.budget.hold(asked, cap, policy, limit, hub_id).await;
         if hold.newly_capped {
             tracing::warn!(
                 policy = policy.label(),
@@ -557,9 +526,9 @@ impl HubSpot {
                 "HubSpot asked for a hold longer than the cap (upstream.max_hold; 24 h for DAILY); holding for the cap"
             );
         }
-        answer
-            .headers
-            .insert(header::RETRY_AFTER, retry_after_value(hold.remaining));
+        for (name, value) in crate::budget::rate_limit_headers(limit, hold.remaining) {
+            answer.headers.insert(name, value);
+        }
     }
 
     /// The hold in force after a HubSpot 429, if any.
@@ -570,7 +539,7 @@ impl HubSpot {
     /// Brings the budget and hold gauges up to date (called when metrics are read).
     pub fn update_gauges(&self) {
         let m = &self.metrics;
-        m.upstream_budget_limit.set(self.budget.limit as i64);
+        m.upstream_budget_limit.set(i64::from(self.budget.limit()));
         m.upstream_budget_remaining
             .set(self.budget.remaining() as i64);
         m.upstream_hold_seconds.set(
@@ -580,163 +549,16 @@ impl HubSpot {
     }
 }
 
-/// HubSpot counts calls in a rolling window; so does this, exactly: a call is allowed when
-/// fewer than `limit` calls were sent in the last `per`. After a HubSpot 429, every call is
-/// held until the time HubSpot named (capped as [`HubSpot::observe_rate_headers`] says).
-struct RateBudget {
-    limit: usize,
-    per: Duration,
-    state: Mutex<BudgetState>,
-}
-
-struct BudgetState {
-    sent: VecDeque<Instant>,
-    hold: Option<Hold>,
-    /// When the latest `DAILY` hold ends or ended.
-    daily_until: Option<Instant>,
-}
-
-/// One hold after a 429.
-#[derive(Debug, Clone, Copy)]
-struct Hold {
-    until: Instant,
-    policy: Policy,
-    capped_from: Option<Duration>,
-}
-
-/// What [`RateBudget::hold`] decided.
-struct HoldSet {
-    /// Time until the hold in force ends.
-    remaining: Duration,
-    /// This 429 started a capped hold (so it is logged once, not once per 429).
-    newly_capped: bool,
-}
-
-impl RateBudget {
-    fn new(limit: u32, per: Duration) -> RateBudget {
-        RateBudget {
-            limit: limit as usize,
-            per,
-            state: Mutex::new(BudgetState {
-                sent: VecDeque::with_capacity(limit as usize),
-                hold: None,
-                daily_until: None,
-            }),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Takes one call from the budget, or says how long to wait, why not, and for which
-    /// policy.
-    fn acquire(&self) -> Result<(), (Duration, ThrottleSource, Policy)> {
-        let now = Instant::now();
-        let mut s = self.lock();
-        if let Some(hold) = s.hold {
-            if hold.until > now {
-                return Err((hold.until - now, ThrottleSource::HubSpot429, hold.policy));
-            }
-            s.hold = None;
-        }
-        s.prune(now, self.per);
-        if s.sent.len() >= self.limit {
-            let oldest = s.sent.front().copied().unwrap_or(now);
-            return Err((
-                self.per.saturating_sub(now.duration_since(oldest)),
-                ThrottleSource::LocalBudget,
-                Policy::TenSecondlyRolling,
-            ));
-        }
-        s.sent.push_back(now);
-        Ok(())
-    }
-
-    /// Calls the window allows right now.
-    fn remaining(&self) -> usize {
-        let mut s = self.lock();
-        s.prune(Instant::now(), self.per);
-        self.limit.saturating_sub(s.sent.len())
-    }
-
-    /// Holds every call for `asked`, at most `cap`; a hold already in force that ends later
-    /// stays (two 429s in flight at once must not shorten the first one's hold).
-    fn hold(&self, asked: Duration, cap: Duration, policy: Policy) -> HoldSet {
-        let now = Instant::now();
-        let held = asked.min(cap);
-        let capped_from = (asked > cap).then_some(asked);
-        let new = Hold {
-            // `max_hold` is bounded by config validation; a clock near its end must not panic.
-            until: now.checked_add(held).unwrap_or(now),
-            policy,
-            capped_from,
-        };
-        let mut s = self.lock();
-        let current = s.hold.filter(|h| h.until > now);
-        let newly_capped = capped_from.is_some() && current.is_none_or(|h| h.capped_from.is_none());
-        let kept = match current {
-            Some(h) if h.until >= new.until => h,
-            _ => new,
-        };
-        s.hold = Some(kept);
-        if kept.policy == Policy::Daily {
-            s.daily_until = Some(kept.until);
-        }
-        HoldSet {
-            remaining: kept.until.saturating_duration_since(now),
-            newly_capped: newly_capped && kept.capped_from.is_some(),
-        }
-    }
-
-    /// Whether a `DAILY` hold ended less than a day ago (see [`daily_hold`]).
-    fn daily_probing(&self) -> bool {
-        let now = Instant::now();
-        self.lock()
-            .daily_until
-            .is_some_and(|t| t <= now && now - t < Duration::from_secs(24 * 3600))
-    }
-
-    fn hold_status(&self) -> Option<HoldStatus> {
-        let now = Instant::now();
-        let hold = self.lock().hold.filter(|h| h.until > now)?;
-        Some(HoldStatus {
-            policy: hold.policy,
-            remaining: hold.until.saturating_duration_since(now),
-            capped_from: hold.capped_from,
-        })
-    }
-}
-
-impl BudgetState {
-    /// Forgets calls older than the window.
-    fn prune(&mut self, now: Instant, per: Duration) {
-        while self
-            .sent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= per)
-        {
-            self.sent.pop_front();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn budget_is_a_rolling_window() {
-        let b = RateBudget::new(3, Duration::from_millis(200));
-        for _ in 0..3 {
-            assert!(b.acquire().is_ok());
-        }
-        let (wait, source, _) = b.acquire().expect_err("spent");
-        assert_eq!(source, ThrottleSource::LocalBudget);
-        assert!(wait <= Duration::from_millis(200));
-        std::thread::sleep(Duration::from_millis(210));
-        assert!(b.acquire().is_ok(), "window rolled over");
-    }
+    /// A call charged to a client with a share of the whole budget.
+    const CHARGE: Charge<'static> = Charge {
+        client: "tests",
+        share: Some(1.0),
+        hub_id: None,
+    };
 
     /// A bearer a header cannot carry, or a path a URI cannot, is a typed error before
     /// anything is sent or taken from the budget, never an empty request or a panic.
@@ -749,7 +571,7 @@ mod tests {
             },
             ..UpstreamConfig::default()
         };
-        let hubspot = HubSpot::new(&config, Metrics::new()).expect("client");
+        let hubspot = HubSpot::new(&config, Metrics::new(), None).expect("client");
         let req = crate::route::match_route(
             &Method::GET,
             "/files/v3/files/import-from-url/async/tasks/a/status",
@@ -759,12 +581,18 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(1);
         for _ in 0..2 {
             let bad = Secret::new("pat-na1-\nsecret");
-            match hubspot.get_status(&req, &bad, None, &id, deadline).await {
+            match hubspot
+                .get_status(&req, &bad, None, &id, deadline, &CHARGE)
+                .await
+            {
                 Err(UpstreamError::Request(RequestError::Bearer(_))) => {}
                 other => panic!("{other:?}"),
             }
         }
-        assert!(hubspot.budget.acquire().is_ok(), "the budget was not spent");
+        assert!(
+            hubspot.budget.acquire(&CHARGE).await.is_ok(),
+            "the budget was not spent"
+        );
         match hubspot.get("/oauth/v1/access-tokens/a b").await {
             Err(e @ UpstreamError::Request(RequestError::Uri(_))) => {
                 assert!(!format!("{e:?}").contains("a b"));
@@ -818,87 +646,13 @@ mod tests {
                 .expect("a loopback base_url"),
             ..UpstreamConfig::default()
         };
-        let hubspot = HubSpot::new(&config, Metrics::new()).expect("client");
+        let hubspot = HubSpot::new(&config, Metrics::new(), None).expect("client");
         for _ in 0..2 {
             match hubspot.get("/big").await {
                 Err(UpstreamError::TooLarge { limit }) => assert_eq!(limit, MAX_BODY),
                 other => panic!("{other:?}"),
             }
         }
-    }
-
-    /// A DAILY hold that has ended puts the budget in probing mode for a day; one still in
-    /// force, or none, does not.
-    #[test]
-    fn probing_follows_an_ended_daily_hold() {
-        let b = RateBudget::new(100, Duration::from_secs(10));
-        assert!(!b.daily_probing());
-        b.hold(Duration::from_millis(50), MAX_DAILY_HOLD, Policy::Daily);
-        assert!(!b.daily_probing(), "the hold is still in force");
-        std::thread::sleep(Duration::from_millis(80));
-        assert!(b.daily_probing());
-        assert!(b.acquire().is_ok(), "the hold ended");
-    }
-
-    /// A 429's hold stops every call, for the policy it named.
-    #[test]
-    fn a_429_holds_every_call() {
-        let b = RateBudget::new(100, Duration::from_secs(10));
-        b.hold(
-            Duration::from_secs(2),
-            Duration::from_secs(60),
-            Policy::Daily,
-        );
-        let (wait, source, policy) = b.acquire().expect_err("held");
-        assert_eq!(source, ThrottleSource::HubSpot429);
-        assert_eq!(policy, Policy::Daily);
-        assert!(wait > Duration::from_secs(1));
-    }
-
-    /// A hold longer than the cap is cut to it, remembers what was asked, and is reported as
-    /// newly capped once: a second 429 during it is not a new capped hold.
-    #[test]
-    fn a_long_hold_is_capped_and_reported_once() {
-        let b = RateBudget::new(100, Duration::from_secs(10));
-        let cap = Duration::from_secs(5);
-        let first = b.hold(Duration::from_secs(300), cap, Policy::TenSecondlyRolling);
-        assert!(first.newly_capped);
-        assert!(first.remaining <= cap);
-        let second = b.hold(Duration::from_secs(300), cap, Policy::TenSecondlyRolling);
-        assert!(!second.newly_capped);
-        let status = b.hold_status().expect("a hold");
-        assert_eq!(status.capped_from, Some(Duration::from_secs(300)));
-        assert!(status.remaining <= cap);
-        // A shorter hold does not shorten the one in force.
-        b.hold(Duration::from_secs(1), cap, Policy::Secondly);
-        assert!(b.hold_status().expect("a hold").remaining > Duration::from_secs(3));
-    }
-
-    /// A first DAILY hold ends at the next midnight UTC (from midnight itself, a whole day
-    /// ahead: the limit just reset, so a DAILY 429 now means the next reset); while probing
-    /// after one, at the next whole hour UTC.
-    #[test]
-    fn daily_reset_is_the_next_midnight_utc_then_hourly() {
-        let midnight = SystemTime::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400);
-        assert_eq!(daily_hold(midnight, false), Duration::from_secs(86_400));
-        let evening =
-            midnight + Duration::from_secs(23 * 3600 + 59 * 60) + Duration::from_millis(500);
-        assert_eq!(
-            daily_hold(evening, false),
-            Duration::from_secs(59) + Duration::from_millis(500)
-        );
-        let morning = midnight + Duration::from_secs(4 * 3600 + 10 * 60);
-        assert_eq!(
-            daily_hold(morning, false),
-            Duration::from_secs(19 * 3600 + 50 * 60)
-        );
-        assert_eq!(daily_hold(morning, true), Duration::from_secs(50 * 60));
-        // The same instant, written as HubSpot would in a Retry-After, is read back exactly.
-        let date = httpdate::fmt_http_date(midnight + Duration::from_secs(86_400));
-        assert_eq!(
-            parse_retry_after(&date, midnight),
-            Some(Duration::from_secs(86_400))
-        );
     }
 
     /// The policies HubSpot documents are recognised; anything else is `unknown`.

@@ -1,6 +1,10 @@
 //! The cluster backend against a real `redis-server` on loopback, with several backends
-//! standing in for replicas: the shared rolling window, holds, the second-level cache,
-//! flights across replicas, and Redis killed, restarted and frozen.
+//! standing in for replicas: the shared rolling window and client shares (alone and through
+//! the gateway's budget), holds, the second-level cache, flights across replicas, and Redis
+//! killed, restarted and frozen. Then the request path in cluster mode: gateways in this
+//! process sharing one Redis and one simulator.
+
+mod support;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -9,11 +13,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use hubspot_files_gateway::budget::{Budget, Charge, ThrottleSource};
+use hubspot_files_gateway::cluster::budget::ClientWindow;
 use hubspot_files_gateway::cluster::{
     Admission, Answer, BudgetPolicy, ClusterBackend, ClusterConfig, ClusterError, ClusterMetrics,
     ClusterOptions, Flight, Refusal, TaskKey,
 };
+use hubspot_files_gateway::config::{RateLimit, UpstreamConfig};
 use hubspot_files_gateway::secret::Secret;
+use hubspot_files_gateway::upstream::Policy;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::time::Instant;
 
@@ -266,26 +274,33 @@ async fn wait_up(backend: &ClusterBackend, what: &str) {
     }
 }
 
+/// Runs `cmd` on `server` every 10 ms until `done` holds for its answer (10 s at most).
+async fn poll_redis<T: redis::FromRedisValue>(
+    server: &RedisServer,
+    cmd: &redis::Cmd,
+    what: &str,
+    mut done: impl FnMut(T) -> bool,
+) {
+    let mut conn = server.inspect().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done(cmd.query_async(&mut conn).await.expect("inspection query")) {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Waits until `n` connections subscribe to the flights channel, so a test that relies on
 /// pub/sub does not race the subscriber's start.
 async fn wait_subscribers(server: &RedisServer, n: i64) {
-    let mut conn = server.inspect().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, count): (String, i64) = redis::cmd("PUBSUB")
-            .arg("NUMSUB")
-            .arg("t:flights:v1")
-            .query_async::<Vec<(String, i64)>>(&mut conn)
-            .await
-            .expect("PUBSUB NUMSUB")
-            .pop()
-            .expect("one channel");
-        if count >= n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "only {count} of {n} subscribers");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut numsub = redis::cmd("PUBSUB");
+    numsub.arg("NUMSUB").arg("t:flights:v1");
+    poll_redis(
+        server,
+        &numsub,
+        &format!("{n} subscribers"),
+        |counts: Vec<(String, i64)>| counts.first().is_some_and(|(_, count)| *count >= n),
+    )
+    .await;
 }
 
 /// Four replicas hammering one hub with a 30/10 s budget: no 10 s span of the recorded call
@@ -437,14 +452,257 @@ async fn daily_hold_and_daily_limit_last_until_the_reset() {
     assert_close(held, until_reset(offset), slack);
 }
 
+/// A client's window inside the account's, shared by two replicas: the client gets its 3
+/// calls across both, then `ClientShare` refusals that record nothing; other clients use
+/// the rest of the account's 10; with the account full, a client under its own limit is
+/// refused by the account's window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_windows_hold_across_replicas() {
+    let server = RedisServer::start();
+    let (a, _) = replica(&server).await;
+    let (b, _) = replica(&server).await;
+    let per = Duration::from_secs(60);
+    let p = policy(10, per);
+    let greedy = Some(ClientWindow {
+        client: "greedy",
+        limit: 3,
+    });
+    let replicas = [&a, &b];
+    for i in 0..3 {
+        let r = replicas[i % 2]
+            .acquire_for(9, &p, greedy)
+            .await
+            .expect("acquire");
+        assert!(matches!(r, Admission::Allowed { .. }), "{r:?}");
+    }
+    let mut conn = server.inspect().await;
+    for i in 0..5 {
+        match replicas[i % 2]
+            .acquire_for(9, &p, greedy)
+            .await
+            .expect("acquire")
+        {
+            Admission::Refused { wait, reason } => {
+                assert_eq!(reason, Refusal::ClientShare);
+                assert!(wait > Duration::ZERO && wait <= per, "wait {wait:?}");
+            }
+            other => panic!("share not enforced: {other:?}"),
+        }
+    }
+    let recorded = |conn: &mut redis::aio::MultiplexedConnection, key: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("ZCARD")
+                .arg(key)
+                .query_async::<u64>(&mut conn)
+                .await
+                .expect("ZCARD")
+        }
+    };
+    assert_eq!(
+        recorded(&mut conn, "t:rl:9").await,
+        3,
+        "refusals recorded nothing"
+    );
+    assert_eq!(recorded(&mut conn, "t:rlc:9:greedy").await, 3);
+    for i in 0..7 {
+        let r = replicas[i % 2].acquire(9, &p).await.expect("acquire");
+        assert!(
+            matches!(r, Admission::Allowed { .. }),
+            "other call {i}: {r:?}"
+        );
+    }
+    assert!(matches!(
+        b.acquire(9, &p).await.expect("acquire"),
+        Admission::Refused {
+            reason: Refusal::Window,
+            ..
+        }
+    ));
+    let other = Some(ClientWindow {
+        client: "other",
+        limit: 3,
+    });
+    assert!(matches!(
+        a.acquire_for(9, &p, other).await.expect("acquire"),
+        Admission::Refused {
+            reason: Refusal::Window,
+            ..
+        }
+    ));
+    assert!(matches!(
+        a.acquire_for(9, &p, greedy).await.expect("acquire"),
+        Admission::Refused {
+            reason: Refusal::ClientShare,
+            ..
+        }
+    ));
+    assert_eq!(recorded(&mut conn, "t:rl:9").await, 10);
+    assert_eq!(recorded(&mut conn, "t:rlc:9:other").await, 0);
+}
+
+/// The gateway's budget on one replica's backend: `requests` per minute, `daily` a day.
+async fn shared_budget(
+    server: &RedisServer,
+    requests: u32,
+    daily: Option<u64>,
+    timeout: Duration,
+) -> Budget {
+    let config = UpstreamConfig {
+        rate_limit: RateLimit {
+            requests,
+            per: Duration::from_secs(60),
+        },
+        daily_limit: daily,
+        ..UpstreamConfig::default()
+    };
+    let (backend, _) = replica_with(server, |c| c.timeout = timeout, fast_probe()).await;
+    Budget::new(&config, Some(Arc::new(backend)))
+}
+
+/// A call of `client` (with `share`) for hub `hub`.
+fn charge(client: &str, share: Option<f64>, hub: u64) -> Charge<'_> {
+    Charge {
+        client,
+        share,
+        hub_id: Some(hub),
+    }
+}
+
+/// Two replicas' budgets over one Redis are one account's: a share of 0.5 of 6 gives its
+/// client 3 calls across both, the account's 6 bound the sum, a 429 one replica saw holds
+/// the other, and the daily limit counts both. Each refusal names its budget and quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_is_the_accounts_across_replicas() {
+    let server = RedisServer::start();
+    let slow_ok = Duration::from_millis(500);
+    let a = shared_budget(&server, 6, None, slow_ok).await;
+    let b = shared_budget(&server, 6, None, slow_ok).await;
+    let replicas = [&a, &b];
+    let greedy = charge("greedy", Some(0.5), 21);
+    for i in 0..3 {
+        replicas[i % 2]
+            .acquire(&greedy)
+            .await
+            .expect("within the share");
+    }
+    let refused = b.acquire(&greedy).await.expect_err("share spent");
+    assert_eq!(refused.by, ThrottleSource::ClientShare);
+    assert_eq!(refused.limit, 3);
+    let quiet = charge("quiet", None, 21);
+    for i in 0..3 {
+        replicas[i % 2]
+            .acquire(&quiet)
+            .await
+            .expect("within the account");
+    }
+    let refused = a.acquire(&quiet).await.expect_err("account spent");
+    assert_eq!(refused.by, ThrottleSource::LocalBudget);
+    assert_eq!(refused.limit, 6);
+    assert!(refused.wait > Duration::ZERO && refused.wait <= Duration::from_secs(60));
+
+    // A 429 seen by one replica holds the other's calls for that hub.
+    a.hold(
+        Duration::from_secs(3),
+        Duration::from_secs(60),
+        Policy::TenSecondlyRolling,
+        100,
+        Some(22),
+    )
+    .await;
+    let held = b
+        .acquire(&charge("quiet", None, 22))
+        .await
+        .expect_err("held");
+    assert_eq!(held.by, ThrottleSource::HubSpot429);
+    assert!(held.wait > Duration::from_secs(1) && held.wait <= Duration::from_secs(3));
+    // A DAILY one holds as DAILY.
+    a.hold(
+        Duration::from_secs(30),
+        Duration::from_secs(86_400),
+        Policy::Daily,
+        100,
+        Some(23),
+    )
+    .await;
+    let held = b
+        .acquire(&charge("quiet", None, 23))
+        .await
+        .expect_err("held");
+    assert_eq!(
+        (held.by, held.policy),
+        (ThrottleSource::HubSpot429, Policy::Daily)
+    );
+
+    let c = shared_budget(&server, 100, Some(2), slow_ok).await;
+    let d = shared_budget(&server, 100, Some(2), slow_ok).await;
+    c.acquire(&charge("quiet", None, 24)).await.expect("day 1");
+    d.acquire(&charge("quiet", None, 24)).await.expect("day 2");
+    let spent = c
+        .acquire(&charge("quiet", None, 24))
+        .await
+        .expect_err("daily");
+    assert_eq!(spent.by, ThrottleSource::DailyLimit);
+    assert_eq!((spent.policy, spent.limit), (Policy::Daily, 2));
+    assert_close(
+        spent.wait,
+        until_reset(Duration::ZERO),
+        Duration::from_secs(5),
+    );
+}
+
+/// With Redis gone, each replica keeps its part of the account's budget (`requests /
+/// replicas_hint` = 3 of 6) and a share of that part, answering refusals rather than
+/// errors; calls it made while Redis was up still count in its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_each_replica_keeps_its_part() {
+    let mut server = RedisServer::start();
+    let timeout = Duration::from_millis(100);
+    let fresh = shared_budget(&server, 6, None, timeout).await;
+    let busy = shared_budget(&server, 6, None, timeout).await;
+    for _ in 0..3 {
+        busy.acquire(&charge("quiet", None, 31))
+            .await
+            .expect("shared");
+    }
+    server.kill();
+    for i in 0..3 {
+        fresh
+            .acquire(&charge("quiet", None, 31))
+            .await
+            .unwrap_or_else(|t| panic!("local call {i} refused: {t:?}"));
+    }
+    for budget in [&fresh, &busy] {
+        let refused = budget
+            .acquire(&charge("quiet", None, 31))
+            .await
+            .expect_err("the local part is spent");
+        assert_eq!(refused.by, ThrottleSource::LocalBudget);
+        assert_eq!(refused.limit, 3, "limit / replicas_hint");
+    }
+    let other = shared_budget(&server, 6, None, timeout).await;
+    other
+        .acquire(&charge("greedy", Some(0.5), 31))
+        .await
+        .expect("one call: floor(3 x 0.5)");
+    let refused = other
+        .acquire(&charge("greedy", Some(0.5), 31))
+        .await
+        .expect_err("share of the local part");
+    assert_eq!(
+        (refused.by, refused.limit),
+        (ThrottleSource::ClientShare, 1)
+    );
+}
+
 /// An answer stored by one replica is read by another with its true age; another hub, another
-/// API version or an expired entry gives nothing.
+/// task or an expired entry gives nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_level_cache_is_shared_with_its_age() {
     let server = RedisServer::start();
     let (a, _) = replica(&server).await;
     let (b, b_metrics) = replica(&server).await;
-    let key = TaskKey::new(11, "v3", "complete-1");
+    let key = TaskKey::new(11, "complete-1");
     let stored = answer(11, "COMPLETE");
     a.cache_put(&key, &stored, Duration::from_secs(60))
         .await
@@ -458,17 +716,17 @@ async fn second_level_cache_is_shared_with_its_age() {
         hit.age
     );
     assert_eq!(b_metrics.cache_hits_total.get(), 1);
-    let other_hub = TaskKey::new(12, "v3", "complete-1");
+    let other_hub = TaskKey::new(12, "complete-1");
     assert!(b.cache_get(&other_hub).await.expect("get").is_none());
-    let other_version = TaskKey::new(11, "2026-03", "complete-1");
-    assert!(b.cache_get(&other_version).await.expect("get").is_none());
+    let other_task = TaskKey::new(11, "complete-10");
+    assert!(b.cache_get(&other_task).await.expect("get").is_none());
     assert!(matches!(
         a.cache_put(&other_hub, &stored, Duration::from_secs(60))
             .await,
         Err(ClusterError::WrongHub)
     ));
 
-    let short = TaskKey::new(11, "v3", "complete-2");
+    let short = TaskKey::new(11, "complete-2");
     a.cache_put(&short, &stored, Duration::from_millis(200))
         .await
         .expect("put");
@@ -479,7 +737,7 @@ async fn second_level_cache_is_shared_with_its_age() {
 /// Runs `k` replicas into one flight at once; the leader answers after `work`. Returns how
 /// many led and every answer the others got.
 async fn race_flight(replicas: Vec<ClusterBackend>, work: Duration) -> (usize, Vec<Answer>) {
-    let key = TaskKey::new(21, "v3", "pending-1");
+    let key = TaskKey::new(21, "pending-1");
     let barrier = Arc::new(tokio::sync::Barrier::new(replicas.len()));
     let mut tasks = Vec::new();
     for backend in replicas {
@@ -574,7 +832,7 @@ async fn dead_leader_is_taken_over() {
     let short_lease = |c: &mut ClusterConfig| c.lease_ttl = Duration::from_secs(1);
     let (a, _) = replica_with(&server, short_lease, ClusterOptions::default()).await;
     let (b, b_metrics) = replica_with(&server, short_lease, ClusterOptions::default()).await;
-    let key = TaskKey::new(31, "v3", "processing-1");
+    let key = TaskKey::new(31, "processing-1");
     let far = || Instant::now() + Duration::from_secs(8);
 
     // Alive: renewed past three lease lives, so the waiter reaches its own deadline.
@@ -626,7 +884,7 @@ async fn redis_killed_then_restarted() {
     backend.acquire(41, &p).await.expect("shared budget");
 
     server.kill();
-    let key = TaskKey::new(41, "v3", "t");
+    let key = TaskKey::new(41, "t");
     for _ in 0..5 {
         let started = Instant::now();
         assert!(backend.acquire(41, &p).await.is_err());
@@ -665,12 +923,12 @@ async fn starts_down_and_comes_up_by_itself() {
     assert!(!backend.is_up());
     assert_eq!(metrics.backend_up.get(), 0);
     assert!(matches!(
-        backend.cache_get(&TaskKey::new(1, "v3", "t")).await,
+        backend.cache_get(&TaskKey::new(1, "t")).await,
         Err(ClusterError::Down)
     ));
     server.run();
     wait_up(&backend, "backend not up 15 s after Redis started").await;
-    assert!(backend.cache_get(&TaskKey::new(1, "v3", "t")).await.is_ok());
+    assert!(backend.cache_get(&TaskKey::new(1, "t")).await.is_ok());
 }
 
 /// Redis frozen (SIGSTOP): every kind of call returns within the 50 ms timeout (with margin
@@ -683,7 +941,7 @@ async fn frozen_redis_never_holds_a_call() {
     let (backend, metrics) = replica_with(&server, |c| c.timeout = timeout, fast).await;
     assert!(backend.is_up());
     let p = policy(10, Duration::from_secs(10));
-    let key = TaskKey::new(51, "v3", "t");
+    let key = TaskKey::new(51, "t");
     let bound = timeout + Duration::from_millis(400);
 
     server.signal("-STOP");
@@ -769,7 +1027,7 @@ async fn tls_with_a_private_ca() {
     )
     .await;
     assert!(trusting.is_up());
-    let key = TaskKey::new(71, "v3", "complete-tls");
+    let key = TaskKey::new(71, "complete-tls");
     trusting
         .cache_put(&key, &answer(71, "COMPLETE"), Duration::from_secs(60))
         .await
@@ -790,7 +1048,7 @@ async fn miss_round_trips_are_measured() {
     let rounds = 200u32;
     let started = Instant::now();
     for i in 0..rounds {
-        let key = TaskKey::new(61, "v3", format!("task-{i}"));
+        let key = TaskKey::new(61, format!("task-{i}"));
         assert!(backend.cache_get(&key).await.expect("get").is_none());
         let Flight::Leader(lease) = backend
             .join_flight(&key, Instant::now() + Duration::from_secs(5))
@@ -825,4 +1083,275 @@ async fn miss_round_trips_are_measured() {
         eprintln!("  {op}: mean {:.3} ms", mean * 1000.0);
     }
     assert!(per_miss < Duration::from_millis(250), "{per_miss:?}");
+}
+
+// The request path in cluster mode: two gateways in this process, one redis-server, and the
+// simulator standing in for HubSpot.
+
+/// A simulator for hub `hub_id` without HubSpot's rate limit (these tests count calls),
+/// answering every status request after `latency`.
+async fn hub_sim(hub_id: u64, latency: Duration) -> hubspot_sim::RunningSimulator {
+    support::simulator(hubspot_sim::SimConfig {
+        hub_id,
+        latency,
+        rate_limit: None,
+        ..hubspot_sim::SimConfig::default()
+    })
+    .await
+}
+
+/// A ready gateway in front of `sim` in cluster mode on `server`.
+async fn replica_gateway(
+    sim: &hubspot_sim::RunningSimulator,
+    server: &RedisServer,
+) -> support::TestGateway {
+    replica_gateway_timing(sim, server, Duration::from_secs(5)).await
+}
+
+/// [`replica_gateway`] with `upstream.request_timeout` set to `request_timeout`.
+async fn replica_gateway_timing(
+    sim: &hubspot_sim::RunningSimulator,
+    server: &RedisServer,
+    request_timeout: Duration,
+) -> support::TestGateway {
+    let mut config = support::config(&sim.base_url());
+    config.upstream.request_timeout = request_timeout;
+    let mut cluster = ClusterConfig::new(server.url());
+    // As in `replica_with`: a loaded machine must not turn a functional test into a
+    // fallback test.
+    cluster.timeout = Duration::from_millis(500);
+    cluster.key_prefix = "t:".into();
+    config.cluster = Some(cluster);
+    let gateway = support::gateway(config, support::oauth()).await;
+    support::wait_ready(&gateway).await;
+    gateway
+}
+
+/// `/readyz` as status and JSON.
+async fn readyz(gateway: &support::TestGateway) -> (hyper::StatusCode, serde_json::Value) {
+    let reply = support::send(hyper::Method::GET, &gateway.admin_url("/readyz"), &[]).await;
+    (reply.status, reply.json())
+}
+
+/// A COMPLETE task fetched through replica A is a HIT on replica B without a HubSpot call,
+/// with the same body and an `Age` counted from HubSpot's answer to A (not from B's copy);
+/// B keeps it in memory afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
+    let server = RedisServer::start();
+    let sim = hub_sim(7_001, Duration::ZERO).await;
+    let a = replica_gateway(&sim, &server).await;
+    let b = replica_gateway(&sim, &server).await;
+    let first = support::get(&a.status_url("complete-shared")).await;
+    assert_eq!(first.status, 200);
+    assert_eq!(first.header("x-cache"), "MISS");
+    // Past one second, so a true Age is at least 1 whichever replica answers.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let hit = support::get(&b.status_url("complete-shared")).await;
+    assert_eq!(hit.status, 200);
+    assert_eq!(hit.header("x-cache"), "HIT", "{:?}", hit.headers);
+    assert_eq!(hit.header("cache-status"), "hubspot-files-gateway; hit");
+    assert_eq!(hit.body, first.body);
+    let age: u64 = hit.header("age").parse().expect("an Age header");
+    assert!((1..=10).contains(&age), "Age {age}");
+    assert_eq!(
+        support::status_requests(&sim).await,
+        1,
+        "B did not ask HubSpot"
+    );
+    let shared = "hubspot_gateway_cluster_cache_hits_total";
+    assert_eq!(support::metric(&b, shared).await, Some(1.0));
+    let again = support::get(&b.status_url("complete-shared")).await;
+    assert_eq!(again.header("x-cache"), "HIT");
+    assert_eq!(
+        support::metric(&b, shared).await,
+        Some(1.0),
+        "from B's memory"
+    );
+    assert_eq!(support::status_requests(&sim).await, 1);
+    let (status, ready) = readyz(&b).await;
+    assert_eq!(status, 200);
+    assert_eq!(ready["cluster"]["backend"], "up", "{ready}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Callers of a new task on replicas A and B at the same time cost one HubSpot call: one
+/// caller's answer is the MISS, the other's is COALESCED with the same body; the next round,
+/// the task still PENDING, costs one call again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_callers_on_two_replicas_cost_one_hubspot_call() {
+    let server = RedisServer::start();
+    // HubSpot takes long enough that the second replica joins while the first one asks.
+    let sim = hub_sim(7_002, Duration::from_millis(600)).await;
+    let a = replica_gateway(&sim, &server).await;
+    let b = replica_gateway(&sim, &server).await;
+    for round in 1..=2u64 {
+        let replies = support::get_all(vec![
+            a.status_url("pending-flight"),
+            b.status_url("pending-flight"),
+        ])
+        .await;
+        let mut seen: Vec<&str> = replies.iter().map(|r| r.header("x-cache")).collect();
+        seen.sort_unstable();
+        assert_eq!(seen, ["COALESCED", "MISS"], "round {round}");
+        assert!(replies.iter().all(|r| r.status == 200));
+        assert_eq!(replies[0].body, replies[1].body);
+        assert_eq!(support::status_requests(&sim).await, round, "round {round}");
+    }
+    let coalesced = |gw| async move {
+        support::metric(gw, "hubspot_gateway_coalesced_requests_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    assert_eq!(coalesced(&a).await + coalesced(&b).await, 2.0);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Redis killed under a running replica: callers still get HubSpot's answers (200, no 5xx),
+/// the backend metric says 0 and `/readyz` stays ready showing `down`; a replica started
+/// while Redis is down serves too; both return to shared mode once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_means_local_mode_not_errors() {
+    let mut server = RedisServer::start();
+    let sim = hub_sim(7_003, Duration::ZERO).await;
+    let a = replica_gateway(&sim, &server).await;
+    let up = "hubspot_gateway_cluster_backend_up";
+    assert_eq!(support::metric(&a, up).await, Some(1.0));
+    server.kill();
+    for task in ["complete-down-1", "pending-down-2", "complete-down-1"] {
+        let reply = support::get(&a.status_url(task)).await;
+        assert_eq!(reply.status, 200, "{task}: {:?}", reply.body);
+    }
+    assert_eq!(support::metric(&a, up).await, Some(0.0));
+    let (status, ready) = readyz(&a).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["cluster"]["backend"], "down", "{ready}");
+    let late = replica_gateway(&sim, &server).await;
+    assert_eq!(
+        support::get(&late.status_url("complete-down-3"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(support::metric(&late, up).await, Some(0.0));
+    server.run();
+    for gateway in [&a, &late] {
+        support::wait_for(
+            || async { support::metric(gateway, up).await == Some(1.0) },
+            "backend up again",
+        )
+        .await;
+    }
+    assert_eq!(readyz(&late).await.1["cluster"]["backend"], "up");
+    a.stop().await;
+    late.stop().await;
+}
+
+/// Two HubSpot accounts on one Redis never share: the same taskId's COMPLETE answer stored
+/// by hub 7004's replica is a MISS for hub 7005's, whose own HubSpot is asked and whose
+/// body names its own hub; concurrent callers of one new task cost one call per hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_never_share() {
+    let server = RedisServer::start();
+    let (sim_a, sim_b) = (
+        hub_sim(7_004, Duration::from_millis(400)).await,
+        hub_sim(7_005, Duration::from_millis(400)).await,
+    );
+    let a = replica_gateway(&sim_a, &server).await;
+    let b = replica_gateway(&sim_b, &server).await;
+    let first = support::get(&a.status_url("complete-hubs")).await;
+    assert_eq!(first.header("x-cache"), "MISS");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = support::get(&b.status_url("complete-hubs")).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(other.header("x-cache"), "MISS");
+    let body = String::from_utf8_lossy(&other.body);
+    assert!(body.contains("7005") && !body.contains("7004"), "{body}");
+    let replies = support::get_all(vec![
+        a.status_url("pending-hubs"),
+        b.status_url("pending-hubs"),
+    ])
+    .await;
+    assert!(replies.iter().all(|r| r.header("x-cache") == "MISS"));
+    assert_eq!(support::status_requests(&sim_a).await, 2);
+    assert_eq!(support::status_requests(&sim_b).await, 2);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Waits until some replica holds the flight lease of `task` in hub `hub`, so the next
+/// caller is sure to find a leader at work.
+async fn wait_lease(server: &RedisServer, hub: u64, task: &str) {
+    let key = format!("t:lease:{hub}:{task}");
+    let mut exists = redis::cmd("EXISTS");
+    exists.arg(&key);
+    poll_redis(server, &exists, &format!("a lease {key}"), |held: bool| {
+        held
+    })
+    .await;
+}
+
+/// A replica waiting on another's flight past its own deadline answers what a slow HubSpot
+/// gives (504 `UPSTREAM_TIMEOUT`) without calling HubSpot itself; the leader's caller still
+/// gets HubSpot's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_past_its_deadline_gets_the_slow_hubspot_answer() {
+    let server = RedisServer::start();
+    let sim = hub_sim(7_006, Duration::from_millis(1800)).await;
+    let a = replica_gateway(&sim, &server).await;
+    let b = replica_gateway_timing(&sim, &server, Duration::from_secs(1)).await;
+    let url = a.status_url("pending-slow");
+    let leader = tokio::spawn(async move { support::get(&url).await });
+    wait_lease(&server, 7_006, "pending-slow").await;
+    let started = std::time::Instant::now();
+    let waiter = support::get(&b.status_url("pending-slow")).await;
+    assert_eq!(waiter.status, 504, "{:?}", waiter.body);
+    assert_eq!(waiter.json()["category"], "UPSTREAM_TIMEOUT");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let led = leader.await.expect("leader's request");
+    assert_eq!((led.status.as_u16(), led.header("x-cache")), (200, "MISS"));
+    assert_eq!(support::status_requests(&sim).await, 1);
+    let deadline = r#"hubspot_gateway_cluster_flight_waits_total{outcome="deadline"}"#;
+    assert_eq!(support::metric(&b, deadline).await, Some(1.0));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A leader that gets no answer from HubSpot (its call timed out) releases the flight, and
+/// the waiting replica takes it over within its own deadline instead of inheriting the
+/// failure: one account (hub 7007) behind two simulators, the leader's too slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_leader_hands_the_flight_over() {
+    let server = RedisServer::start();
+    let slow = hub_sim(7_007, Duration::from_millis(3000)).await;
+    let fast = hub_sim(7_007, Duration::ZERO).await;
+    let a = replica_gateway_timing(&slow, &server, Duration::from_secs(1)).await;
+    let b = replica_gateway(&fast, &server).await;
+    let url = a.status_url("complete-handover");
+    let leader = tokio::spawn(async move { support::get(&url).await });
+    wait_lease(&server, 7_007, "complete-handover").await;
+    let waiter = support::get(&b.status_url("complete-handover")).await;
+    let led = leader.await.expect("leader's request");
+    assert_eq!(led.status, 504, "{:?}", led.body);
+    assert_eq!(
+        (waiter.status.as_u16(), waiter.header("x-cache")),
+        (200, "MISS")
+    );
+    assert_eq!(support::status_requests(&fast).await, 1);
+    let takeovers = "hubspot_gateway_cluster_lease_takeovers_total";
+    assert_eq!(support::metric(&b, takeovers).await, Some(1.0));
+    // B's answer went to the shared cache: A now answers it as a HIT without its HubSpot.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let slow_calls = support::status_requests(&slow).await;
+    let hit = support::get(&a.status_url("complete-handover")).await;
+    assert_eq!((hit.status.as_u16(), hit.header("x-cache")), (200, "HIT"));
+    assert_eq!(support::status_requests(&slow).await, slow_calls);
+    a.stop().await;
+    b.stop().await;
 }

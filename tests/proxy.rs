@@ -450,7 +450,7 @@ async fn tls_to_hubspot_runs_inside_the_tunnel() {
     );
     let upstream: hubspot_files_gateway::config::UpstreamConfig =
         toml::from_str(text.trim_start_matches("[upstream]\n")).expect("upstream config");
-    let hubspot = HubSpot::new(&upstream, Metrics::new()).expect("client");
+    let hubspot = HubSpot::new(&upstream, Metrics::new(), None).expect("client");
     // The recorder never finishes the handshake: the call fails, what matters is what it saw.
     let call = tokio::spawn(async move { hubspot.get("/oauth/v1/access-tokens/x").await });
     let (head, after) = tokio::time::timeout(Duration::from_secs(10), recorder)

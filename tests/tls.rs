@@ -181,6 +181,7 @@ async fn client_certificates_name_the_caller() {
         name: "billing".into(),
         key_sha256: None,
         cert_cn: Some("billing-service".into()),
+        share: None,
     }];
     let gw = gateway(cfg, oauth()).await;
     wait_ready(&gw).await;

@@ -24,6 +24,18 @@ async fn sim_with_ttl(ttl: u64) -> RunningSimulator {
     .await
 }
 
+/// A simulator issuing tokens of 4 s (refreshed about every 2 s) for the configured refresh
+/// token only, without a rate limit: for the rotation tests, which turn rotation on.
+async fn sim_for_rotation() -> RunningSimulator {
+    simulator(SimConfig {
+        token_ttl: Duration::from_secs(4),
+        rate_limit: None,
+        refresh_token: Some("test-refresh-token-SECRET".into()),
+        ..SimConfig::default()
+    })
+    .await
+}
+
 /// A counter of `GET /__sim/stats`.
 async fn count(sim: &RunningSimulator, name: &str) -> u64 {
     stats(sim).await[name]
@@ -558,13 +570,7 @@ async fn upstream_403_missing_scopes_reverifies_the_token() {
 /// gateway keeps refreshing, so it used each new refresh token.
 #[tokio::test]
 async fn rotated_refresh_token_is_used_for_the_next_refresh() {
-    let sim = simulator(SimConfig {
-        token_ttl: Duration::from_secs(4),
-        rate_limit: None,
-        refresh_token: Some("test-refresh-token-SECRET".into()),
-        ..SimConfig::default()
-    })
-    .await;
+    let sim = sim_for_rotation().await;
     faults(&sim, json!({ "rotate_refresh_token": true })).await;
     let gw = gateway(config(&sim.base_url()), oauth()).await;
     wait_ready(&gw).await;
@@ -994,4 +1000,46 @@ refresh_token_file = "{d}/refresh_token""#,
         }
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// HubSpot answering refreshes with a new refresh token: the binary counts every rotation
+/// (`token_refresh_token_rotated_total`, 0 before the first), says so once at warn however
+/// many follow, and never prints a refresh token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_token_rotation_is_counted_and_warned_once() {
+    let sim = sim_for_rotation().await;
+    let dir = temp_dir("rotation-warning");
+    let config = dir.join("gateway.toml");
+    let token = "client_id_env = \"T_CLIENT_ID\"\nclient_secret_env = \"T_CLIENT_SECRET\"\nrefresh_token_env = \"T_REFRESH_TOKEN\"";
+    std::fs::write(&config, config_toml(&sim.base_url(), token)).expect("config");
+    let mut gw = spawn_serve(std::process::Command::new(BIN), &config);
+    let rotated = "hubspot_gateway_token_refresh_token_rotated_total";
+    wait_for(
+        || async { metric_at(&gw.admin, rotated).await == Some(0.0) },
+        "the rotation counter at 0 from start",
+    )
+    .await;
+    faults(&sim, json!({ "rotate_refresh_token": true })).await;
+    // Tokens of 4 s are refreshed about every 2 s: two rotations within 15 s.
+    wait_for_up_to(
+        Duration::from_secs(15),
+        || async { metric_at(&gw.admin, rotated).await >= Some(2.0) },
+        "two rotations",
+    )
+    .await;
+    let _ = gw.child.kill();
+    let _ = gw.child.wait();
+    let lines: Vec<String> = gw.log.try_iter().collect();
+    let warned: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("WARN") && l.contains("new refresh token"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{lines:#?}");
+    assert!(warned[0].contains("share one refresher"), "{}", warned[0]);
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.contains("SECRET") && !l.contains("na1-")),
+        "a refresh token was printed: {lines:#?}"
+    );
 }

@@ -1,10 +1,12 @@
-//! The account's outbound budget shared by every replica: an exact rolling window, a hold
-//! after HubSpot's 429, and an optional daily limit.
+//! The account's outbound budget shared by every replica: an exact rolling window, each
+//! client's share of it, a hold after HubSpot's 429, and an optional daily limit.
 //!
 //! The window is a sorted set of call times per hub, checked and recorded by one Lua script
 //! that reads Redis' own clock (`TIME`), so replicas' clocks do not matter. A call at `t`
 //! counts until `t + per`, so no half-open span of length `per` ever holds more than `limit`
 //! calls. A fixed window or GCRA would let about twice the limit through across a boundary.
+//! A client with a share has its own sorted set beside the account's, checked and recorded
+//! by the same script, so a call refused by either takes nothing from the other.
 //!
 //! Daily reset: HubSpot resets the daily limit at midnight in the account's time zone, which
 //! the gateway cannot see; the reset is `daily_reset_offset` after UTC midnight (default 0,
@@ -59,15 +61,28 @@ pub enum Refusal {
     Hold,
     /// HubSpot's daily limit was hit; `wait` is until the daily reset.
     DailyHold,
+    /// The calling client's own window is full; `wait` is until it (and the account's
+    /// window, when that is full too) has room.
+    ClientShare,
     /// The configured daily limit is spent; `wait` is until the daily reset.
     DailyLimit,
 }
 
 const DAY_MS: u64 = 86_400_000;
 
-/// KEYS: window, hold, daily counter. ARGV: limit, per ms, unique member, daily limit (0 =
-/// none), reset offset ms. Returns {code, n}: 1 allowed (n = remaining, then time),
-/// 0 window (n = wait ms), 2 hold, 4 daily hold, 3 daily limit (n = wait ms).
+/// One client's window inside the account's: at most `limit` of its calls per window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientWindow<'a> {
+    /// The client's configured name.
+    pub client: &'a str,
+    /// Its calls per window (`floor(limit × share)`, at least 1).
+    pub limit: u32,
+}
+
+/// KEYS: window, hold, daily counter, and the client's window when ARGV[6] > 0. ARGV:
+/// limit, per ms, unique member, daily limit (0 = none), reset offset ms, client limit (0 =
+/// none). Returns {code, n}: 1 allowed (n = remaining, then time), 0 window (n = wait ms),
+/// 2 hold, 4 daily hold, 3 daily limit, 5 client share (n = wait ms).
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -86,16 +101,33 @@ if daily > 0 then
   local used = tonumber(redis.call('GET', KEYS[3]) or '0')
   if used >= daily then return {3, to_reset, now} end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - per)
-local n = redis.call('ZCARD', KEYS[1])
-if n >= limit then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  local wait = tonumber(oldest[2]) + per - now
+-- How long until the window at `key` holds fewer than `max` calls (0: it does now).
+local function wait_for(key, max)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - per)
+  local n = redis.call('ZCARD', key)
+  if n < max then return n, 0 end
+  local leaving = redis.call('ZRANGE', key, n - max, n - max, 'WITHSCORES')
+  local wait = tonumber(leaving[2]) + per - now
   if wait < 1 then wait = 1 end
-  return {0, wait, now}
+  return n, wait
 end
-redis.call('ZADD', KEYS[1], now, now .. ':' .. ARGV[3])
+local n, wait = wait_for(KEYS[1], limit)
+local client = tonumber(ARGV[6])
+if client > 0 then
+  local _, own = wait_for(KEYS[4], client)
+  if own > 0 then
+    if wait > own then own = wait end
+    return {5, own, now}
+  end
+end
+if wait > 0 then return {0, wait, now} end
+local member = now .. ':' .. ARGV[3]
+redis.call('ZADD', KEYS[1], now, member)
 redis.call('PEXPIRE', KEYS[1], per)
+if client > 0 then
+  redis.call('ZADD', KEYS[4], now, member)
+  redis.call('PEXPIRE', KEYS[4], per)
+end
 if daily > 0 then
   redis.call('INCR', KEYS[3])
   redis.call('PEXPIRE', KEYS[3], to_reset)
@@ -132,20 +164,36 @@ impl ClusterBackend {
         hub_id: u64,
         policy: &BudgetPolicy,
     ) -> Result<Admission, ClusterError> {
+        self.acquire_for(hub_id, policy, None).await
+    }
+
+    /// [`ClusterBackend::acquire`] for a call charged to `client`'s window as well: both are
+    /// checked and, if both have room, recorded in one script, so a refusal by either
+    /// records nothing.
+    pub async fn acquire_for(
+        &self,
+        hub_id: u64,
+        policy: &BudgetPolicy,
+        client: Option<ClientWindow<'_>>,
+    ) -> Result<Admission, ClusterError> {
+        let mut script = ACQUIRE.prepare_invoke();
+        script
+            .key(self.key("rl", hub_id))
+            .key(self.key("hold", hub_id))
+            .key(self.key("day", hub_id));
+        if let Some(c) = client {
+            // Hub ids are digits, so `hub:name` names one client of one hub.
+            script.key(self.key("rlc", format_args!("{hub_id}:{}", c.client)));
+        }
+        script
+            .arg(policy.limit)
+            .arg(millis(policy.per))
+            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .arg(policy.daily_limit.unwrap_or(0))
+            .arg(millis(policy.daily_reset_offset) % DAY_MS)
+            .arg(client.map_or(0, |c| c.limit.max(1)));
         let (code, n, now): (i64, i64, u64) = self
-            .call(
-                "budget_acquire",
-                ACQUIRE
-                    .key(self.key("rl", hub_id))
-                    .key(self.key("hold", hub_id))
-                    .key(self.key("day", hub_id))
-                    .arg(policy.limit)
-                    .arg(millis(policy.per))
-                    .arg(uuid::Uuid::new_v4().simple().to_string())
-                    .arg(policy.daily_limit.unwrap_or(0))
-                    .arg(millis(policy.daily_reset_offset) % DAY_MS)
-                    .invoke_async(&mut self.conn()),
-            )
+            .call("budget_acquire", script.invoke_async(&mut self.conn()))
             .await?;
         let wait = Duration::from_millis(u64::try_from(n).unwrap_or(1).max(1));
         let refused = |reason| Ok(Admission::Refused { wait, reason });
@@ -158,6 +206,7 @@ impl ClusterBackend {
             2 => refused(Refusal::Hold),
             3 => refused(Refusal::DailyLimit),
             4 => refused(Refusal::DailyHold),
+            5 => refused(Refusal::ClientShare),
             other => Err(ClusterError::Redis {
                 op: "budget_acquire",
                 message: format!("unexpected script answer {other}"),
@@ -181,6 +230,17 @@ impl ClusterBackend {
     ) -> Result<Duration, ClusterError> {
         let offset = millis(policy.daily_reset_offset) % DAY_MS;
         self.set_hold("budget_hold_daily", hub_id, 0, "daily", offset)
+            .await
+    }
+
+    /// Holds every replica's calls for `hub_id` for `wait` as a `DAILY` hold (refused as
+    /// [`Refusal::DailyHold`]): HubSpot's `Retry-After`, or the hold this replica chose.
+    pub async fn hold_daily_for(
+        &self,
+        hub_id: u64,
+        wait: Duration,
+    ) -> Result<Duration, ClusterError> {
+        self.set_hold("budget_hold_daily", hub_id, millis(wait).max(1), "daily", 0)
             .await
     }
 

@@ -156,6 +156,25 @@ impl ClusterConfig {
         )
     }
 
+    /// What `check-config` checks beyond the table itself: the CA file is read, and with
+    /// `secrets` the password too. Each problem names its key, never the path or the secret.
+    pub fn file_problems(
+        &self,
+        secrets: bool,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(path) = &self.redis_ca_file
+            && std::fs::read(path).is_err()
+        {
+            problems.push("cluster.redis_ca_file cannot be read".to_owned());
+        }
+        if secrets && let Err(e) = self.password(env) {
+            problems.push(e);
+        }
+        problems
+    }
+
     /// This replica's share of an account `limit` while Redis is unreachable (at least 1, so
     /// a replica can always make progress).
     pub fn local_share(&self, limit: u32) -> u32 {
@@ -237,6 +256,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("lease_ttl"), "{err}");
+    }
+
+    /// `check-config` reads the CA file and, unless told not to, the password: a missing
+    /// one is named by its key, without the path or variable name.
+    #[test]
+    fn files_and_password_are_checked() {
+        let c = parse(
+            "redis_url = \"rediss://v\"\nredis_ca_file = \"/nonexistent/ca-x.pem\"\nredis_password_env = \"PW_VAR_X\"",
+        )
+        .expect("valid table");
+        let problems = c.file_problems(true, &|_| None).join("; ");
+        assert!(problems.contains("cluster.redis_ca_file"), "{problems}");
+        assert!(problems.contains("cluster.redis_password"), "{problems}");
+        assert!(
+            !problems.contains("ca-x") && !problems.contains("PW_VAR_X"),
+            "{problems}"
+        );
+        let without_secrets = c.file_problems(false, &|_| None);
+        assert_eq!(without_secrets.len(), 1, "{without_secrets:?}");
     }
 
     /// Bounds that would make the cluster unsafe are refused.

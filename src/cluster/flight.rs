@@ -280,10 +280,13 @@ impl Lease {
 
     /// Publishes the answer to every waiter (key and pub/sub message) and releases the lease.
     pub async fn publish(mut self, answer: &Answer) -> Result<(), ClusterError> {
-        self.stop_renewing();
-        self.finished = true;
+        // Encoded first: an answer that cannot be stored returns here with the lease still
+        // unfinished, so dropping it releases the lease and a waiter takes over at once
+        // instead of waiting `lease_ttl` for it to expire.
         let bytes = answer.encode()?;
         let message = encode_published(&self.lease_key, &self.token, &bytes)?;
+        self.stop_renewing();
+        self.finished = true;
         let backend = self.backend.clone();
         let _: i64 = backend
             .call(

@@ -13,7 +13,7 @@
 //! down and returns an error at once, and while down every call returns
 //! [`ClusterError::Down`] without touching the network, so the caller uses its local budget,
 //! cache and single-flight. A background probe brings the backend back up when Redis answers.
-//! Nothing stored holds a credential: keys are made of hub ids, API versions and task ids, and
+//! Nothing stored holds a credential: keys are made of hub ids and task ids, and
 //! [`codec`] refuses credential headers.
 
 pub mod budget;
@@ -104,37 +104,30 @@ impl Default for ClusterOptions {
     }
 }
 
-/// One task as the cluster names it: the HubSpot account, the API version and the taskId.
-/// The key it yields is injective (the version's length is part of it), so no two tasks or
-/// hubs share a key whatever the strings hold.
+/// One task as the cluster names it: the HubSpot account and the taskId. No API version:
+/// HubSpot is always asked on `upstream.api_version`, so callers on every version share one
+/// entry and one flight, as they do in one replica's memory. The key it yields
+/// (`{prefix}{kind}:{hub_id}:{task_id}`) is injective: a hub id is digits only, so the first
+/// `:` after the prefix and kind ends it, whatever the taskId holds.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TaskKey {
     /// The HubSpot account (hub id) whose token asks.
     pub hub_id: u64,
-    /// The API version of the route (`v3`, `2026-03`).
-    pub version: String,
     /// The validated taskId.
     pub task_id: String,
 }
 
 impl TaskKey {
-    /// A key for `task_id` of API `version` in account `hub_id`.
-    pub fn new(hub_id: u64, version: impl Into<String>, task_id: impl Into<String>) -> TaskKey {
+    /// A key for `task_id` in account `hub_id`.
+    pub fn new(hub_id: u64, task_id: impl Into<String>) -> TaskKey {
         TaskKey {
             hub_id,
-            version: version.into(),
             task_id: task_id.into(),
         }
     }
 
     fn suffix(&self) -> String {
-        format!(
-            "{}:{}:{}:{}",
-            self.hub_id,
-            self.version.len(),
-            self.version,
-            self.task_id
-        )
+        format!("{}:{}", self.hub_id, self.task_id)
     }
 }
 
@@ -343,5 +336,23 @@ impl ClusterBackend {
 
     fn conn(&self) -> ConnectionManager {
         self.inner.conn.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Keys ignore the API version and separate hubs and tasks: a hub id is digits only, so
+    /// no pair of (hub, taskId) can spell another's key.
+    #[test]
+    fn task_keys_name_hub_and_task_only() {
+        let key = TaskKey::new(21_557_345, "complete-1");
+        assert_eq!(key.suffix(), "21557345:complete-1");
+        assert_ne!(
+            TaskKey::new(1, "2:x").suffix(),
+            TaskKey::new(12, "x").suffix()
+        );
+        assert_ne!(TaskKey::new(1, "a").suffix(), TaskKey::new(2, "a").suffix());
     }
 }

@@ -39,6 +39,9 @@ impl Config {
             problems.extend(p.0);
         }
         problems.extend(crate::proxy::check(&self.upstream, secrets, env));
+        if let Some(cluster) = &self.cluster {
+            problems.extend(cluster.file_problems(secrets, env));
+        }
         if let Some(files) = crate::tls::TlsFiles::from_config(&self.server) {
             // Read problems are reported per file; only if all read does building mean more.
             let mut readable = true;

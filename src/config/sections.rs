@@ -130,7 +130,14 @@ pub struct UpstreamConfig {
     /// Deadline for one upstream call, retries included.
     #[serde(with = "duration")]
     pub request_timeout: Duration,
+    /// The outbound budget, a rolling window like HubSpot's. Without `[cluster]` it is this
+    /// replica's; with `[cluster]` it is the whole account's, shared by every replica through
+    /// Redis (each keeps `requests / replicas_hint` while Redis does not answer).
     pub rate_limit: RateLimit,
+    /// Calls to HubSpot per UTC day at most (the account's, in cluster mode); unset counts
+    /// none. Past it callers get 429 `DAILY` until midnight UTC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub daily_limit: Option<u64>,
     /// The longest hold after a HubSpot 429 other than `DAILY`: a longer `Retry-After` is
     /// cut to this (logged, shown on `/readyz`). `DAILY` holds last until the daily reset.
     #[serde(with = "duration")]
@@ -154,6 +161,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(10),
             rate_limit: RateLimit::default(),
+            daily_limit: None,
             max_hold: Duration::from_secs(60),
             proxy: crate::proxy::ProxySetting::Direct,
             proxy_username: None,
@@ -326,6 +334,11 @@ pub struct ClientConfig {
     /// Subject common name of the client certificate; for `mode = "mtls"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert_cn: Option<String>,
+    /// The part of the outbound budget this client's requests may use, in (0, 1]: at most
+    /// `floor(rate_limit.requests × share)` (at least 1) of its HubSpot calls per window.
+    /// Unset: no limit of its own (the whole budget still bounds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<f64>,
 }
 
 /// The credentials read from files or the environment at start-up.

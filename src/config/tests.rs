@@ -196,3 +196,31 @@ fn every_problem_is_reported_in_one_run() {
         assert!(err.contains(part), "{part} missing: {err}");
     }
 }
+
+/// A client's `share` is a fraction in (0, 1]; anything else is refused by position, never
+/// echoed. `upstream.daily_limit` is unset by default and refused at 0.
+#[test]
+fn shares_and_the_daily_limit_are_checked() {
+    let c = Config::parse(MINIMAL).expect("valid");
+    assert_eq!(c.auth.clients[0].share, None);
+    assert_eq!(c.upstream.daily_limit, None);
+    let with_share = |v: &str| Config::parse(&format!("{MINIMAL}share = {v}\n"));
+    let ok = with_share("0.5").expect("valid");
+    assert_eq!(ok.auth.clients[0].share, Some(0.5));
+    assert_eq!(
+        with_share("1").expect("valid").auth.clients[0].share,
+        Some(1.0)
+    );
+    for bad in ["0", "0.0", "-0.25", "1.5", "nan", "inf"] {
+        let err = with_share(bad).expect_err(bad).to_string();
+        assert!(err.contains("auth.clients[0].share"), "{bad}: {err}");
+        assert!(!err.contains(bad) || bad == "0", "{bad} echoed: {err}");
+    }
+    let daily = |v: &str| Config::parse(&format!("[upstream]\ndaily_limit = {v}\n{MINIMAL}"));
+    assert_eq!(
+        daily("250000").expect("valid").upstream.daily_limit,
+        Some(250_000)
+    );
+    let err = daily("0").expect_err("0").to_string();
+    assert!(err.contains("upstream.daily_limit"), "{err}");
+}

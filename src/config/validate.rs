@@ -23,6 +23,9 @@ impl Config {
         if rl.requests == 0 {
             invalid("upstream.rate_limit.requests must be > 0".into());
         }
+        if self.upstream.daily_limit == Some(0) {
+            invalid("upstream.daily_limit must be > 0 (leave it unset for none)".into());
+        }
         for (name, d, range) in self.durations() {
             if !range.contains(&d) {
                 invalid(format!(
@@ -199,6 +202,11 @@ impl Config {
             if let Some(first) = names.insert(c.name.as_str(), i) {
                 invalid(format!(
                     "auth.clients[{i}].name repeats auth.clients[{first}].name"
+                ));
+            }
+            if c.share.is_some_and(|s| !(s > 0.0 && s <= 1.0)) {
+                invalid(format!(
+                    "auth.clients[{i}].share must be a fraction in (0, 1]"
                 ));
             }
             if let Some(h) = &c.key_sha256

@@ -25,6 +25,8 @@ pub(super) struct OAuth {
     /// within a short step.
     lifetime: Option<Duration>,
     backoff: Duration,
+    /// Whether a rotation was already logged at warn: it says the same every time.
+    rotation_warned: bool,
 }
 
 impl OAuth {
@@ -41,6 +43,7 @@ impl OAuth {
             api,
             lifetime: None,
             backoff: MIN_BACKOFF,
+            rotation_warned: false,
         }
     }
 }
@@ -122,7 +125,18 @@ impl Source for OAuth {
             .refresh_token
             .filter(|r| !r.is_empty() && r != self.refresh_token.expose())
         {
-            tracing::info!("HubSpot returned a new refresh token; using it from now on");
+            cx.metrics.token_refresh_token_rotated_total.inc();
+            // This process follows the new token, but only this process holds it: replicas
+            // that each refresh with their own copy would retire one another's. Said once at
+            // warn, the counter tells every further rotation.
+            if self.rotation_warned {
+                tracing::info!("HubSpot returned a new refresh token; using it from now on");
+            } else {
+                self.rotation_warned = true;
+                tracing::warn!(
+                    "HubSpot returned a new refresh token (rotation); using it from now on. It lives only in this process: with several replicas, each refreshing with its own copy, they must share one refresher (see README, cluster mode)"
+                );
+            }
             self.refresh_token = Secret::new(new);
         }
         if let Some(scopes) = &grant.scopes {

@@ -2,6 +2,8 @@
 //! the binary (its path, a temp dir, a config file, its log, signals).
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -71,6 +73,7 @@ pub fn config(upstream: &str) -> Config {
         name: "tests".into(),
         key_sha256: Some(hash_key(KEY)),
         cert_cn: None,
+        share: None,
     }];
     c
 }
@@ -276,7 +279,14 @@ pub async fn metric_at(admin: &str, series: &str) -> Option<f64> {
 /// GETs every URL at once, one task each, with the test key on one shared client; returns the
 /// answers in order.
 pub async fn get_all(urls: Vec<String>) -> Vec<Reply> {
-    let client = std::sync::Arc::new(client());
+    get_all_with(std::sync::Arc::new(client()), urls).await
+}
+
+/// [`get_all`] on `client`, whose pooled connections (opened by an earlier wave) are reused.
+pub async fn get_all_with(
+    client: std::sync::Arc<Client<HttpConnector, Full<Bytes>>>,
+    urls: Vec<String>,
+) -> Vec<Reply> {
     let auth = std::sync::Arc::new(format!("Bearer {KEY}"));
     let calls: Vec<_> = urls
         .into_iter()
@@ -297,14 +307,17 @@ pub async fn get_all(urls: Vec<String>) -> Vec<Reply> {
 /// The status requests the simulator received, as it recorded them (method, path, query,
 /// headers), oldest first.
 pub async fn sim_requests(sim: &RunningSimulator) -> Vec<serde_json::Value> {
-    let seen = send(
-        Method::GET,
-        &format!("{}/__sim/requests", sim.base_url()),
-        &[],
-    )
-    .await
-    .json();
-    seen.as_array().expect("a list of requests").clone()
+    sim_list(sim, "/__sim/requests").await
+}
+
+/// The JSON list a simulator control route (`/__sim/requests`, `/__sim/arrivals`) answers.
+pub async fn sim_list(sim: &RunningSimulator, route: &str) -> Vec<serde_json::Value> {
+    let seen = send(Method::GET, &format!("{}{route}", sim.base_url()), &[])
+        .await
+        .json();
+    seen.as_array()
+        .unwrap_or_else(|| panic!("{route} answers a list: {seen}"))
+        .clone()
 }
 
 /// The gateway binary cargo built for these tests.

@@ -1,5 +1,5 @@
 //! `/__sim/*`: the test-only control surface (no auth): stats, reset, recorded requests,
-//! faults.
+//! arrival times, faults.
 
 use hyper::{Method, StatusCode};
 use uuid::Uuid;
@@ -23,6 +23,7 @@ pub(crate) fn handle(
             empty(StatusCode::NO_CONTENT)
         }
         (&Method::GET, "/__sim/requests") => json(StatusCode::OK, &sim.lock().requests),
+        (&Method::GET, "/__sim/arrivals") => json(StatusCode::OK, &sim.lock().arrivals),
         (&Method::GET, "/__sim/faults") => json(StatusCode::OK, &sim.lock().faults),
         (&Method::POST, "/__sim/faults") => set_faults(sim, body, correlation),
         _ => return None,

@@ -45,6 +45,7 @@ pub(crate) async fn status(
         let mut state = sim.lock();
         state.stats.status_requests += 1;
         state.record(request);
+        state.arrive(sim.started.elapsed(), task_id);
         let overridden = state.faults.take_override();
         (state.faults.clone(), overridden)
     };

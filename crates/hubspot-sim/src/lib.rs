@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 pub use faults::{FaultUpdate, Faults, RetryAfter, StatusOverride};
-pub use state::{RecordedRequest, Stats};
+pub use state::{Arrival, RecordedRequest, Stats};
 
 use body::{HubSpotError, SimResponse};
 use files::Outcome;

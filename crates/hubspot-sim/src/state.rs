@@ -13,6 +13,9 @@ use super::faults::Faults;
 
 /// How many status-route requests `GET /__sim/requests` keeps.
 const RECORDED_REQUESTS: usize = 1000;
+/// How many status-route arrivals `GET /__sim/arrivals` keeps: small entries, so enough for
+/// a benchmark's whole run.
+const RECORDED_ARRIVALS: usize = 200_000;
 /// Expired tokens are remembered this long (so a 401 can say "expired"), then forgotten.
 const FORGET_EXPIRED_AFTER: Duration = Duration::from_secs(3600);
 /// The app and user every simulated token belongs to.
@@ -77,6 +80,16 @@ pub struct RecordedRequest {
     pub query: Option<String>,
     /// Headers by lower-case name; repeated headers joined with ", ".
     pub headers: BTreeMap<String, String>,
+}
+
+/// When a status-route request reached the simulator (`GET /__sim/arrivals`), before any
+/// latency or fault: what a rate limiter in front of it is judged by.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Arrival {
+    /// Milliseconds since the simulator started (microsecond precision).
+    pub at_ms: f64,
+    /// The taskId asked for, decoded.
+    pub task_id: String,
 }
 
 /// An access token the simulator issued.
@@ -182,6 +195,7 @@ pub(crate) struct State {
     pub faults: Faults,
     pub stats: Stats,
     pub requests: VecDeque<RecordedRequest>,
+    pub arrivals: VecDeque<Arrival>,
     pub imports: HashMap<String, ImportedTask>,
     pub rate: RateWindow,
     tokens: HashMap<String, IssuedToken>,
@@ -197,6 +211,8 @@ pub(crate) struct State {
 /// The simulator: its fixed config and its changing state.
 pub(crate) struct Sim {
     pub config: SimConfig,
+    /// The zero of every [`Arrival::at_ms`].
+    pub started: Instant,
     state: Mutex<State>,
 }
 
@@ -222,6 +238,7 @@ impl Sim {
             faults,
             stats: Stats::default(),
             requests: VecDeque::new(),
+            arrivals: VecDeque::new(),
             imports: HashMap::new(),
             rate: RateWindow::new(config.rate_limit),
             tokens: HashMap::new(),
@@ -232,6 +249,7 @@ impl Sim {
         };
         Self {
             config,
+            started: Instant::now(),
             state: Mutex::new(state),
         }
     }
@@ -251,11 +269,23 @@ impl State {
         self.requests.push_back(request);
     }
 
-    /// `POST /__sim/reset`: zero counters, forget recorded requests, empty the rate window.
-    /// Issued tokens, imports and faults stay.
+    /// Keeps a status-route arrival for `GET /__sim/arrivals`.
+    pub fn arrive(&mut self, since_start: Duration, task_id: &str) {
+        if self.arrivals.len() == RECORDED_ARRIVALS {
+            self.arrivals.pop_front();
+        }
+        self.arrivals.push_back(Arrival {
+            at_ms: since_start.as_secs_f64() * 1000.0,
+            task_id: task_id.to_owned(),
+        });
+    }
+
+    /// `POST /__sim/reset`: zero counters, forget recorded requests and arrivals, empty the
+    /// rate window. Issued tokens, imports and faults stay.
     pub fn reset(&mut self) {
         self.stats = Stats::default();
         self.requests.clear();
+        self.arrivals.clear();
         self.rate.clear();
     }
 

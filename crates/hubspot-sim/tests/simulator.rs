@@ -923,6 +923,52 @@ async fn recorded_requests_show_headers() {
     assert_eq!(recorded[0]["method"], "HEAD");
 }
 
+/// `/__sim/arrivals` lists every status request's arrival time, oldest first, taken before
+/// the injected latency (so callers held together arrive together) and cleared by reset:
+/// what a rate limiter in front of the simulator is judged by.
+#[tokio::test]
+async fn arrivals_record_when_requests_came() {
+    let sim = Sim::start(SimConfig::default()).await;
+    let token = sim.token().await;
+    sim.faults(json!({ "latency_ms": 400 })).await;
+    let (pending, complete) = (
+        status_path(V3, "pending-a"),
+        status_path(V2026, "complete%2Db"),
+    );
+    let (a, b) = tokio::join!(sim.get(&pending, &token), sim.get(&complete, &token));
+    assert_eq!((a.status, b.status), (StatusCode::OK, StatusCode::OK));
+    sim.get(&status_path(V3, "missing-c"), "bad").await;
+    let arrivals = sim
+        .send(Method::GET, "/__sim/arrivals", &[], "")
+        .await
+        .json();
+    let arrivals = arrivals.as_array().expect("a list");
+    assert_eq!(arrivals.len(), 3, "{arrivals:?}");
+    let at: Vec<f64> = arrivals
+        .iter()
+        .map(|a| a["at_ms"].as_f64().expect("at_ms"))
+        .collect();
+    let mut first_two: Vec<&str> = arrivals[..2]
+        .iter()
+        .map(|a| a["task_id"].as_str().expect("task_id"))
+        .collect();
+    first_two.sort_unstable();
+    assert_eq!(first_two, ["complete-b", "pending-a"]);
+    assert_eq!(arrivals[2]["task_id"], "missing-c");
+    assert!(at.windows(2).all(|w| w[0] <= w[1]), "{at:?}");
+    // Both arrived before either answer's 400 ms latency ran out; the third only after.
+    assert!(at[1] - at[0] < 400.0, "{at:?}");
+    assert!(at[2] - at[0] >= 400.0, "{at:?}");
+
+    sim.send(Method::POST, "/__sim/reset", &[], "").await;
+    assert_eq!(
+        sim.send(Method::GET, "/__sim/arrivals", &[], "")
+            .await
+            .json(),
+        json!([])
+    );
+}
+
 /// With `rotate_refresh_token`, each token answer returns a new refresh token and the old
 /// one gets `BAD_REFRESH_TOKEN`; the new one works.
 #[tokio::test]

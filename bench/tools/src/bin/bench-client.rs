@@ -4,13 +4,15 @@
 //! `wave`: opens N connections first, then every caller sends one GET of the same path at the
 //! same moment (released together by one signal) and records its own latency, from just before
 //! its write to the last byte of the answer. This is "N concurrent callers of one new key".
+//! ADDR may list several servers separated by commas (replicas of one gateway): caller i
+//! connects to the i-th mod their number, so the wave spreads evenly over them.
 //!
 //! `storm`: C clients, each on its own keep-alive connection, poll one of T tasks (client i
 //! polls task i mod T) every interval for a duration, each starting at a random phase within
 //! the first interval so the clients are not synchronised. Records every poll's latency.
 //!
 //! ```text
-//! bench-client wave  ADDR PATH N [HEADER]
+//! bench-client wave  ADDR[,ADDR...] PATH N [HEADER]
 //! bench-client storm ADDR PATH_TEMPLATE CLIENTS TASKS INTERVAL_MS DURATION_MS [HEADER]
 //! ```
 //! `PATH_TEMPLATE` has `{}` where the task number goes; `HEADER` is one extra request header,
@@ -148,12 +150,12 @@ impl Tally {
     }
 }
 
-async fn wave(addr: SocketAddr, path: String, n: usize, header: Option<String>) {
+async fn wave(addrs: Vec<SocketAddr>, path: String, n: usize, header: Option<String>) {
     let request = Arc::new(request(&path, &header));
     let (go_tx, go_rx) = watch::channel(false);
     let mut conns = Vec::with_capacity(n);
-    for _ in 0..n {
-        conns.push(Conn::open(addr).await.expect("connect"));
+    for addr in addrs.iter().cycle().take(n) {
+        conns.push(Conn::open(*addr).await.expect("connect"));
     }
     let mut tasks = Vec::with_capacity(n);
     for mut conn in conns {
@@ -235,7 +237,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = || -> ! {
         eprintln!(
-            "usage: bench-client wave ADDR PATH N [HEADER]\n       bench-client storm ADDR PATH_TEMPLATE CLIENTS TASKS INTERVAL_MS DURATION_MS [HEADER]"
+            "usage: bench-client wave ADDR[,ADDR...] PATH N [HEADER]\n       bench-client storm ADDR PATH_TEMPLATE CLIENTS TASKS INTERVAL_MS DURATION_MS [HEADER]"
         );
         std::process::exit(64)
     };
@@ -245,9 +247,12 @@ fn main() {
         .expect("runtime");
     match args.first().map(String::as_str) {
         Some("wave") if args.len() >= 4 => {
-            let addr = args[1].parse().unwrap_or_else(|_| usage());
+            let addrs: Vec<SocketAddr> = args[1]
+                .split(',')
+                .map(|a| a.parse().unwrap_or_else(|_| usage()))
+                .collect();
             let n = args[3].parse().unwrap_or_else(|_| usage());
-            runtime.block_on(wave(addr, args[2].clone(), n, args.get(4).cloned()));
+            runtime.block_on(wave(addrs, args[2].clone(), n, args.get(4).cloned()));
         }
         Some("storm") if args.len() >= 7 => {
             let addr = args[1].parse().unwrap_or_else(|_| usage());

@@ -1,0 +1,735 @@
+//! The outbound budget every call to HubSpot asks first: the account's rolling window
+//! (`upstream.rate_limit`), each client's share of it (`[[auth.clients]] share`), the
+//! optional daily limit (`upstream.daily_limit`), and the hold after a HubSpot 429.
+//!
+//! Without a cluster backend all of it is kept here. With one, the window, the shares, the
+//! daily count and the holds are the whole account's, checked and recorded in Redis by one
+//! script; when Redis cannot answer, this replica keeps its part of them here
+//! (`limit / replicas_hint`, see [`ClusterConfig::local_share`]): never more, never an error.
+//! Every call allowed is recorded here as well, so a replica that falls back counts the calls
+//! it already made in the window.
+//!
+//! [`ClusterConfig::local_share`]: crate::cluster::ClusterConfig::local_share
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use hyper::header::{self, HeaderName, HeaderValue};
+
+use crate::cluster::budget::ClientWindow;
+use crate::cluster::{Admission, BudgetPolicy, ClusterBackend, Refusal};
+use crate::config::UpstreamConfig;
+use crate::upstream::{Policy, retry_after_value};
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+/// A hold on every upstream call after a HubSpot 429, as `/readyz` and the metrics show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldStatus {
+    /// The policy HubSpot named.
+    pub policy: Policy,
+    /// Time left until calls may go out again.
+    pub remaining: Duration,
+    /// When HubSpot asked for longer than `upstream.max_hold`: what it asked for.
+    pub capped_from: Option<Duration>,
+}
+
+/// Which budget held an upstream call back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThrottleSource {
+    /// HubSpot answered 429; every call waits until its interval is over.
+    HubSpot429,
+    /// The account's window (`upstream.rate_limit`) is spent: this replica's own, or in
+    /// cluster mode the one every replica shares.
+    LocalBudget,
+    /// The calling client's share of the window is spent; other clients still call.
+    ClientShare,
+    /// The configured `upstream.daily_limit` is spent until the daily reset.
+    DailyLimit,
+}
+
+impl ThrottleSource {
+    /// Every source, in label order (for metric series created at start).
+    pub const ALL: [ThrottleSource; 4] = [
+        ThrottleSource::HubSpot429,
+        ThrottleSource::LocalBudget,
+        ThrottleSource::ClientShare,
+        ThrottleSource::DailyLimit,
+    ];
+
+    /// The `source` label of `upstream_throttled_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            ThrottleSource::HubSpot429 => "hubspot_429",
+            ThrottleSource::LocalBudget => "local_budget",
+            ThrottleSource::ClientShare => "client_share",
+            ThrottleSource::DailyLimit => "daily_limit",
+        }
+    }
+}
+
+/// A call the budget refused: how long to wait, which budget refused, the HubSpot policy it
+/// stands for, and that budget's quota (the `RateLimit-Limit` a caller sees).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throttle {
+    /// How long until a call may be allowed (the `Retry-After` and `RateLimit-Reset`).
+    pub wait: Duration,
+    /// Which budget refused.
+    pub by: ThrottleSource,
+    /// `TenSecondlyRolling` for the windows, `Daily` for the daily limit, HubSpot's policy
+    /// for a hold.
+    pub policy: Policy,
+    /// Calls that budget allows per window (per day for the daily ones).
+    pub limit: u64,
+}
+
+impl Throttle {
+    /// `Retry-After` and the IETF draft's `RateLimit-Limit`, `RateLimit-Remaining` (0: the
+    /// call was refused) and `RateLimit-Reset` (whole seconds, as `Retry-After`) of the budget
+    /// that refused.
+    pub fn headers(&self) -> [(HeaderName, HeaderValue); 4] {
+        rate_limit_headers(self.limit, self.wait)
+    }
+}
+
+/// The headers of a 429 for a budget of `limit` that allows a call again in `wait`.
+pub fn rate_limit_headers(limit: u64, wait: Duration) -> [(HeaderName, HeaderValue); 4] {
+    let reset = retry_after_value(wait);
+    [
+        (header::RETRY_AFTER, reset.clone()),
+        (RATELIMIT_LIMIT, HeaderValue::from(limit)),
+        (RATELIMIT_REMAINING, HeaderValue::from(0u64)),
+        (RATELIMIT_RESET, reset),
+    ]
+}
+
+/// `RateLimit-Limit`: the quota of the budget a 429 is about.
+pub const RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+/// `RateLimit-Remaining`: calls left in it (0 on a 429).
+pub const RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+/// `RateLimit-Reset`: whole seconds until it allows a call again.
+pub const RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// Whom one HubSpot call is charged to.
+#[derive(Debug, Clone, Copy)]
+pub struct Charge<'a> {
+    /// The client whose request causes the call (a flight's leader).
+    pub client: &'a str,
+    /// Its `share` of the budget, when it has one.
+    pub share: Option<f64>,
+    /// The HubSpot account of the token in use; the shared budget is per account.
+    pub hub_id: Option<u64>,
+}
+
+/// The calls a client with `share` may make per window of `limit`: `floor(limit × share)`,
+/// at least 1 (a client is never shut out), at most `limit`.
+pub fn share_limit(limit: u32, share: f64) -> u32 {
+    let n = (f64::from(limit) * share).floor();
+    // `share` is validated to lie in (0, 1], so `n` is within 0..=limit.
+    (n as u32).clamp(1, limit.max(1))
+}
+
+/// How long a `DAILY` 429 without `Retry-After` holds, from `now`. HubSpot resets daily
+/// limits at midnight in the account's time zone, which the gateway does not know:
+///
+/// - the first `DAILY` hold lasts until the next midnight UTC;
+/// - a `DAILY` 429 within a day after a `DAILY` hold ended (`probing`) means the account's
+///   midnight is later than UTC's (or the limit was spent again): it holds until the next
+///   whole hour UTC, so the reset is found within the hour (every time zone's midnight falls
+///   on a UTC hour, or at :30/:45 for a few), for at most one call an hour.
+pub fn daily_hold(now: SystemTime, probing: bool) -> Duration {
+    const HOUR: u64 = 3600;
+    let period = if probing { HOUR } else { 24 * HOUR };
+    let since_epoch = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    let into_period = Duration::from_secs(since_epoch.as_secs() % period)
+        + Duration::from_nanos(u64::from(since_epoch.subsec_nanos()));
+    Duration::from_secs(period) - into_period
+}
+
+/// HubSpot counts calls in a rolling window; so does this, exactly: a call is allowed when
+/// fewer than `limit` calls were sent in the last `per` (and, for a client with a share,
+/// fewer than its part of them). After a HubSpot 429, every call is held until the time
+/// HubSpot named (capped by the caller of [`Budget::hold`]).
+pub struct Budget {
+    limit: u32,
+    per: Duration,
+    daily_limit: Option<u64>,
+    cluster: Option<Arc<ClusterBackend>>,
+    state: Mutex<BudgetState>,
+}
+
+struct BudgetState {
+    sent: VecDeque<Instant>,
+    /// The calls of each client that has a share, in the same window.
+    by_client: HashMap<Box<str>, VecDeque<Instant>>,
+    /// Calls sent on the current UTC day: (days since the epoch, calls).
+    today: (u64, u64),
+    hold: Option<Hold>,
+    /// When the latest `DAILY` hold ends or ended.
+    daily_until: Option<Instant>,
+}
+
+/// One hold after a 429.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    until: Instant,
+    policy: Policy,
+    capped_from: Option<Duration>,
+    /// The quota HubSpot's 429 named, for the `RateLimit-Limit` of held callers.
+    limit: u64,
+}
+
+/// What [`Budget::hold`] decided.
+#[derive(Debug, Clone, Copy)]
+pub struct HoldSet {
+    /// Time until the hold in force ends.
+    pub remaining: Duration,
+    /// This 429 started a capped hold (so it is logged once, not once per 429).
+    pub newly_capped: bool,
+}
+
+impl Budget {
+    /// The budget of `upstream.rate_limit` and `upstream.daily_limit`; with `cluster`, the
+    /// account's, shared with every replica.
+    pub fn new(config: &UpstreamConfig, cluster: Option<Arc<ClusterBackend>>) -> Budget {
+        let limit = config.rate_limit.requests;
+        Budget {
+            limit,
+            per: config.rate_limit.per,
+            daily_limit: config.daily_limit,
+            cluster,
+            state: Mutex::new(BudgetState {
+                sent: VecDeque::with_capacity(limit as usize),
+                by_client: HashMap::new(),
+                today: (0, 0),
+                hold: None,
+                daily_until: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BudgetState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes one call for `charge` from every budget at once, or says which one refused and
+    /// how long to wait. A refused call takes nothing from any of them.
+    pub async fn acquire(&self, charge: &Charge<'_>) -> Result<(), Throttle> {
+        let Some(cluster) = &self.cluster else {
+            return self.take_local(charge, self.limit, self.daily_limit);
+        };
+        // A hold this replica saw itself needs no round trip.
+        let held = self.lock().held(Instant::now());
+        if let Some(throttle) = held {
+            return Err(throttle);
+        }
+        let policy = BudgetPolicy {
+            limit: self.limit,
+            per: self.per,
+            daily_limit: self.daily_limit,
+            daily_reset_offset: Duration::ZERO,
+        };
+        let client = charge.share.map(|share| ClientWindow {
+            client: charge.client,
+            limit: share_limit(self.limit, share),
+        });
+        let hub = charge.hub_id.unwrap_or(0);
+        match cluster.acquire_for(hub, &policy, client).await {
+            Ok(Admission::Allowed { .. }) => {
+                self.lock().record(Instant::now(), self.per, charge);
+                Ok(())
+            }
+            Ok(Admission::Refused { wait, reason }) => Err(self.refused(reason, wait, client)),
+            Err(e) => {
+                tracing::debug!(error = %e, "shared budget not answering: this replica's part of it applies");
+                let hint = u64::from(cluster.config().replicas_hint.max(1));
+                let daily = self.daily_limit.map(|d| (d / hint).max(1));
+                self.take_local(charge, cluster.local_share(self.limit), daily)
+            }
+        }
+    }
+
+    /// A refusal of the shared budget as the caller sees it.
+    fn refused(&self, reason: Refusal, wait: Duration, client: Option<ClientWindow>) -> Throttle {
+        let limit = u64::from(self.limit);
+        let daily = self.daily_limit.unwrap_or(limit);
+        let (by, policy, limit) = match reason {
+            Refusal::Window => (
+                ThrottleSource::LocalBudget,
+                Policy::TenSecondlyRolling,
+                limit,
+            ),
+            Refusal::ClientShare => (
+                ThrottleSource::ClientShare,
+                Policy::TenSecondlyRolling,
+                client.map_or(limit, |c| u64::from(c.limit)),
+            ),
+            // Redis keeps when a hold ends, not which policy HubSpot named.
+            Refusal::Hold => (
+                ThrottleSource::HubSpot429,
+                Policy::TenSecondlyRolling,
+                limit,
+            ),
+            Refusal::DailyHold => (ThrottleSource::HubSpot429, Policy::Daily, daily),
+            Refusal::DailyLimit => (ThrottleSource::DailyLimit, Policy::Daily, daily),
+        };
+        Throttle {
+            wait,
+            by,
+            policy,
+            limit,
+        }
+    }
+
+    /// The budget kept here: `limit` calls per window, `daily` per UTC day.
+    fn take_local(
+        &self,
+        charge: &Charge<'_>,
+        limit: u32,
+        daily: Option<u64>,
+    ) -> Result<(), Throttle> {
+        let now = Instant::now();
+        let mut s = self.lock();
+        if let Some(throttle) = s.held(now) {
+            return Err(throttle);
+        }
+        if let Some(daily) = daily {
+            let (day, to_reset) = utc_day(SystemTime::now());
+            if s.today.0 == day && s.today.1 >= daily {
+                return Err(Throttle {
+                    wait: to_reset,
+                    by: ThrottleSource::DailyLimit,
+                    policy: Policy::Daily,
+                    limit: daily,
+                });
+            }
+        }
+        let account = s.wait_for(now, self.per, limit as usize, None);
+        if let Some(share) = charge.share {
+            let own = share_limit(limit, share);
+            if let Some(wait) = s.wait_for(now, self.per, own as usize, Some(charge.client)) {
+                // When the account's window is full too, the client cannot call before both
+                // have room.
+                return Err(Throttle {
+                    wait: account.map_or(wait, |a| a.max(wait)),
+                    by: ThrottleSource::ClientShare,
+                    policy: Policy::TenSecondlyRolling,
+                    limit: u64::from(own),
+                });
+            }
+        }
+        if let Some(wait) = account {
+            return Err(Throttle {
+                wait,
+                by: ThrottleSource::LocalBudget,
+                policy: Policy::TenSecondlyRolling,
+                limit: u64::from(limit),
+            });
+        }
+        s.record(now, self.per, charge);
+        Ok(())
+    }
+
+    /// Calls per window.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// Calls the window allows right now, as this replica counts them.
+    pub fn remaining(&self) -> usize {
+        let mut s = self.lock();
+        let (now, per) = (Instant::now(), self.per);
+        prune(&mut s.sent, now, per);
+        (self.limit as usize).saturating_sub(s.sent.len())
+    }
+
+    /// The `RateLimit-Limit` of a hold for `policy`: what HubSpot's 429 said (`hubspot`),
+    /// else the configured daily limit for `DAILY`, else the window's limit.
+    pub fn hold_limit(&self, policy: Policy, hubspot: Option<u64>) -> u64 {
+        let configured = match policy {
+            Policy::Daily => self.daily_limit.unwrap_or(u64::from(self.limit)),
+            Policy::TenSecondlyRolling | Policy::Secondly | Policy::Unknown => {
+                u64::from(self.limit)
+            }
+        };
+        hubspot.unwrap_or(configured)
+    }
+
+    /// Holds every call for `asked`, at most `cap`; a hold already in force that ends later
+    /// stays (two 429s in flight at once must not shorten the first one's hold). With a
+    /// cluster backend every replica is held too, for the hold this one keeps; if Redis does
+    /// not answer, this replica holds alone.
+    pub async fn hold(
+        &self,
+        asked: Duration,
+        cap: Duration,
+        policy: Policy,
+        limit: u64,
+        hub_id: Option<u64>,
+    ) -> HoldSet {
+        let set = self.hold_here(asked, cap, policy, limit);
+        if let Some(cluster) = &self.cluster {
+            let hub = hub_id.unwrap_or(0);
+            let shared = match policy {
+                Policy::Daily => cluster.hold_daily_for(hub, set.remaining).await,
+                Policy::TenSecondlyRolling | Policy::Secondly | Policy::Unknown => {
+                    cluster.hold(hub, set.remaining).await
+                }
+            };
+            if let Err(e) = shared {
+                tracing::debug!(error = %e, "shared hold not set: this replica holds alone");
+            }
+        }
+        set
+    }
+
+    fn hold_here(&self, asked: Duration, cap: Duration, policy: Policy, limit: u64) -> HoldSet {
+        let now = Instant::now();
+        let held = asked.min(cap);
+        let capped_from = (asked > cap).then_some(asked);
+        let new = Hold {
+            // `max_hold` is bounded by config validation; a clock near its end must not panic.
+            until: now.checked_add(held).unwrap_or(now),
+            policy,
+            capped_from,
+            limit,
+        };
+        let mut s = self.lock();
+        let current = s.hold.filter(|h| h.until > now);
+        let newly_capped = capped_from.is_some() && current.is_none_or(|h| h.capped_from.is_none());
+        let kept = match current {
+            Some(h) if h.until >= new.until => h,
+            _ => new,
+        };
+        s.hold = Some(kept);
+        if kept.policy == Policy::Daily {
+            s.daily_until = Some(kept.until);
+        }
+        HoldSet {
+            remaining: kept.until.saturating_duration_since(now),
+            newly_capped: newly_capped && kept.capped_from.is_some(),
+        }
+    }
+
+    /// Whether a `DAILY` hold ended less than a day ago (see [`daily_hold`]).
+    pub fn daily_probing(&self) -> bool {
+        let now = Instant::now();
+        self.lock()
+            .daily_until
+            .is_some_and(|t| t <= now && now - t < DAY)
+    }
+
+    /// The hold in force after a HubSpot 429 this replica saw, if any.
+    pub fn hold_status(&self) -> Option<HoldStatus> {
+        let now = Instant::now();
+        let hold = self.lock().hold.filter(|h| h.until > now)?;
+        Some(HoldStatus {
+            policy: hold.policy,
+            remaining: hold.until.saturating_duration_since(now),
+            capped_from: hold.capped_from,
+        })
+    }
+}
+
+impl BudgetState {
+    /// The hold in force as a refusal; an ended one is forgotten.
+    fn held(&mut self, now: Instant) -> Option<Throttle> {
+        let hold = self.hold?;
+        if hold.until > now {
+            return Some(Throttle {
+                wait: hold.until - now,
+                by: ThrottleSource::HubSpot429,
+                policy: hold.policy,
+                limit: hold.limit,
+            });
+        }
+        self.hold = None;
+        None
+    }
+
+    /// How long until the window (the account's, or `client`'s) holds fewer than `limit`
+    /// calls; `None` when it does now.
+    fn wait_for(
+        &mut self,
+        now: Instant,
+        per: Duration,
+        limit: usize,
+        client: Option<&str>,
+    ) -> Option<Duration> {
+        let sent = match client {
+            None => &mut self.sent,
+            Some(name) => self.by_client.get_mut(name)?,
+        };
+        prune(sent, now, per);
+        if sent.len() < limit {
+            return None;
+        }
+        // The call that leaves the window last before one more fits.
+        let oldest = sent.get(sent.len() - limit).copied().unwrap_or(now);
+        Some(per.saturating_sub(now.duration_since(oldest)))
+    }
+
+    /// Counts one call sent at `now` for `charge` in every window it belongs to.
+    fn record(&mut self, now: Instant, per: Duration, charge: &Charge<'_>) {
+        prune(&mut self.sent, now, per);
+        self.sent.push_back(now);
+        if charge.share.is_some() {
+            let sent = match self.by_client.get_mut(charge.client) {
+                Some(sent) => sent,
+                None => self.by_client.entry(charge.client.into()).or_default(),
+            };
+            prune(sent, now, per);
+            sent.push_back(now);
+        }
+        let (day, _) = utc_day(SystemTime::now());
+        if self.today.0 == day {
+            self.today.1 += 1;
+        } else {
+            self.today = (day, 1);
+        }
+    }
+}
+
+/// Forgets calls older than the window.
+fn prune(sent: &mut VecDeque<Instant>, now: Instant, per: Duration) {
+    while sent.front().is_some_and(|t| now.duration_since(*t) >= per) {
+        sent.pop_front();
+    }
+}
+
+/// The UTC day of `now` (days since the epoch) and the time left in it.
+fn utc_day(now: SystemTime) -> (u64, Duration) {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    (since.as_secs() / DAY.as_secs(), daily_hold(now, false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RateLimit;
+    use crate::upstream::{MAX_DAILY_HOLD, parse_retry_after};
+
+    /// A local budget of `requests` per `per`, and `daily` calls a day.
+    fn budget(requests: u32, per: Duration, daily: Option<u64>) -> Budget {
+        let config = UpstreamConfig {
+            rate_limit: RateLimit { requests, per },
+            daily_limit: daily,
+            ..UpstreamConfig::default()
+        };
+        Budget::new(&config, None)
+    }
+
+    /// A client without a share.
+    fn anyone(client: &str) -> Charge<'_> {
+        Charge {
+            client,
+            share: None,
+            hub_id: None,
+        }
+    }
+
+    /// `client` with `share`.
+    fn sharing(client: &str, share: f64) -> Charge<'_> {
+        Charge {
+            client,
+            share: Some(share),
+            hub_id: None,
+        }
+    }
+
+    /// The window refuses the call past the limit, as the account budget with its limit, and
+    /// allows it again once the oldest call has left it.
+    #[tokio::test]
+    async fn budget_is_a_rolling_window() {
+        let b = budget(3, Duration::from_millis(200), None);
+        for _ in 0..3 {
+            assert!(b.acquire(&anyone("a")).await.is_ok());
+        }
+        let refused = b.acquire(&anyone("b")).await.expect_err("spent");
+        assert_eq!(refused.by, ThrottleSource::LocalBudget);
+        assert_eq!(refused.policy, Policy::TenSecondlyRolling);
+        assert_eq!(refused.limit, 3);
+        assert!(refused.wait > Duration::ZERO && refused.wait <= Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(210));
+        assert!(b.acquire(&anyone("a")).await.is_ok(), "window rolled over");
+    }
+
+    /// A client at `floor(limit × share)` calls is refused with its share's quota while
+    /// another client still calls; its refused calls take nothing from the account, and it
+    /// calls again once its own oldest call leaves the window.
+    #[tokio::test]
+    async fn a_share_refuses_its_client_alone() {
+        let per = Duration::from_millis(300);
+        let b = budget(10, per, None);
+        for _ in 0..5 {
+            assert!(b.acquire(&sharing("greedy", 0.55)).await.is_ok());
+        }
+        for _ in 0..20 {
+            let refused = b
+                .acquire(&sharing("greedy", 0.55))
+                .await
+                .expect_err("share");
+            assert_eq!(refused.by, ThrottleSource::ClientShare);
+            assert_eq!(refused.limit, 5, "floor(10 × 0.55)");
+            assert!(refused.wait > Duration::ZERO && refused.wait <= per);
+        }
+        assert_eq!(b.remaining(), 5, "refused calls took nothing");
+        for _ in 0..5 {
+            assert!(b.acquire(&anyone("quiet")).await.is_ok());
+        }
+        // The account is full now: the greedy client's wait covers both windows.
+        let refused = b.acquire(&sharing("greedy", 0.55)).await.expect_err("both");
+        assert_eq!(refused.by, ThrottleSource::ClientShare);
+        let quiet = b.acquire(&anyone("quiet")).await.expect_err("account");
+        assert_eq!(quiet.by, ThrottleSource::LocalBudget);
+        assert!(refused.wait >= quiet.wait.saturating_sub(Duration::from_millis(5)));
+        std::thread::sleep(per + Duration::from_millis(20));
+        assert!(b.acquire(&sharing("greedy", 0.55)).await.is_ok());
+    }
+
+    /// A share's quota is the floor of its part of the limit, never 0 and never above it.
+    #[test]
+    fn share_limits_floor_and_stay_at_least_one() {
+        assert_eq!(share_limit(90, 0.5), 45);
+        assert_eq!(share_limit(90, 0.333), 29);
+        assert_eq!(share_limit(90, 1.0), 90);
+        assert_eq!(share_limit(3, 0.1), 1);
+        assert_eq!(share_limit(1, f64::MIN_POSITIVE), 1);
+    }
+
+    /// `upstream.daily_limit` refuses once spent, as `DAILY` with the wait until midnight UTC
+    /// and the daily quota; the window alone would have allowed it.
+    #[tokio::test]
+    async fn the_daily_limit_refuses_until_midnight_utc() {
+        let b = budget(100, Duration::from_secs(10), Some(2));
+        assert!(b.acquire(&anyone("a")).await.is_ok());
+        assert!(b.acquire(&anyone("b")).await.is_ok());
+        let refused = b.acquire(&anyone("a")).await.expect_err("daily");
+        assert_eq!(refused.by, ThrottleSource::DailyLimit);
+        assert_eq!(refused.policy, Policy::Daily);
+        assert_eq!(refused.limit, 2);
+        let to_midnight = daily_hold(SystemTime::now(), false);
+        assert!(refused.wait.abs_diff(to_midnight) < Duration::from_secs(2));
+    }
+
+    /// The 429 headers say the refusing budget's quota, nothing left, and the same whole
+    /// seconds in `RateLimit-Reset` and `Retry-After` (rounded up, at least 1).
+    #[test]
+    fn refusal_headers_name_the_budget() {
+        let t = Throttle {
+            wait: Duration::from_millis(2300),
+            by: ThrottleSource::ClientShare,
+            policy: Policy::TenSecondlyRolling,
+            limit: 45,
+        };
+        let headers = t.headers();
+        let get = |name: &HeaderName| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.to_str().expect("ascii").to_owned())
+        };
+        assert_eq!(get(&header::RETRY_AFTER).as_deref(), Some("3"));
+        assert_eq!(get(&RATELIMIT_LIMIT).as_deref(), Some("45"));
+        assert_eq!(get(&RATELIMIT_REMAINING).as_deref(), Some("0"));
+        assert_eq!(get(&RATELIMIT_RESET).as_deref(), Some("3"));
+        let short = rate_limit_headers(1, Duration::from_millis(1));
+        assert_eq!(short[3].1, "1");
+    }
+
+    /// A DAILY hold that has ended puts the budget in probing mode for a day; one still in
+    /// force, or none, does not.
+    #[tokio::test]
+    async fn probing_follows_an_ended_daily_hold() {
+        let b = budget(100, Duration::from_secs(10), None);
+        assert!(!b.daily_probing());
+        b.hold(
+            Duration::from_millis(50),
+            MAX_DAILY_HOLD,
+            Policy::Daily,
+            7,
+            None,
+        )
+        .await;
+        assert!(!b.daily_probing(), "the hold is still in force");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(b.daily_probing());
+        assert!(b.acquire(&anyone("a")).await.is_ok(), "the hold ended");
+    }
+
+    /// A 429's hold stops every call, shares or not, for the policy it named and with the
+    /// quota it was given.
+    #[tokio::test]
+    async fn a_429_holds_every_call() {
+        let b = budget(100, Duration::from_secs(10), None);
+        b.hold(
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+            Policy::Daily,
+            250_000,
+            None,
+        )
+        .await;
+        for charge in [anyone("a"), sharing("b", 0.5)] {
+            let refused = b.acquire(&charge).await.expect_err("held");
+            assert_eq!(refused.by, ThrottleSource::HubSpot429);
+            assert_eq!(refused.policy, Policy::Daily);
+            assert_eq!(refused.limit, 250_000);
+            assert!(refused.wait > Duration::from_secs(1));
+        }
+        assert_eq!(b.remaining(), 100, "held calls took nothing");
+    }
+
+    /// A hold longer than the cap is cut to it, remembers what was asked, and is reported as
+    /// newly capped once: a second 429 during it is not a new capped hold.
+    #[tokio::test]
+    async fn a_long_hold_is_capped_and_reported_once() {
+        let b = budget(100, Duration::from_secs(10), None);
+        let cap = Duration::from_secs(5);
+        let p = Policy::TenSecondlyRolling;
+        let first = b.hold(Duration::from_secs(300), cap, p, 100, None).await;
+        assert!(first.newly_capped);
+        assert!(first.remaining <= cap);
+        let second = b.hold(Duration::from_secs(300), cap, p, 100, None).await;
+        assert!(!second.newly_capped);
+        let status = b.hold_status().expect("a hold");
+        assert_eq!(status.capped_from, Some(Duration::from_secs(300)));
+        assert!(status.remaining <= cap);
+        // A shorter hold does not shorten the one in force.
+        b.hold(Duration::from_secs(1), cap, Policy::Secondly, 100, None)
+            .await;
+        assert!(b.hold_status().expect("a hold").remaining > Duration::from_secs(3));
+    }
+
+    /// A first DAILY hold ends at the next midnight UTC (from midnight itself, a whole day
+    /// ahead: the limit just reset, so a DAILY 429 now means the next reset); while probing
+    /// after one, at the next whole hour UTC.
+    #[test]
+    fn daily_reset_is_the_next_midnight_utc_then_hourly() {
+        let midnight = SystemTime::UNIX_EPOCH + Duration::from_secs(20_000 * 86_400);
+        assert_eq!(daily_hold(midnight, false), Duration::from_secs(86_400));
+        let evening =
+            midnight + Duration::from_secs(23 * 3600 + 59 * 60) + Duration::from_millis(500);
+        assert_eq!(
+            daily_hold(evening, false),
+            Duration::from_secs(59) + Duration::from_millis(500)
+        );
+        let morning = midnight + Duration::from_secs(4 * 3600 + 10 * 60);
+        assert_eq!(
+            daily_hold(morning, false),
+            Duration::from_secs(19 * 3600 + 50 * 60)
+        );
+        assert_eq!(daily_hold(morning, true), Duration::from_secs(50 * 60));
+        // The same instant, written as HubSpot would in a Retry-After, is read back exactly.
+        let date = httpdate::fmt_http_date(midnight + Duration::from_secs(86_400));
+        assert_eq!(
+            parse_retry_after(&date, midnight),
+            Some(Duration::from_secs(86_400))
+        );
+    }
+}

@@ -1,0 +1,226 @@
+//! The outbound budget as callers see it: per-client shares, the `RateLimit-*` headers of
+//! every 429 the gateway makes or passes on, and the per-client metrics (a real gateway on
+//! loopback in front of the HubSpot simulator).
+
+mod support;
+
+use std::time::Duration;
+
+use hubspot_files_gateway::auth::hash_key;
+use hubspot_files_gateway::config::ClientConfig;
+use hubspot_sim::SimConfig;
+use hyper::{Method, StatusCode};
+use serde_json::json;
+use support::*;
+
+/// The API key of the client with a share.
+const GREEDY_KEY: &str = "greedy-key-9876543210";
+
+/// A gateway allowing `limit` HubSpot calls a minute (long enough that no call leaves the
+/// window during a test, however slow the machine), with client `tests` (no share) and
+/// client `greedy` (`share = 0.5`).
+async fn start_shared(limit: u32) -> (hubspot_sim::RunningSimulator, TestGateway) {
+    start_with(SimConfig::default(), |c| {
+        c.upstream.rate_limit.requests = limit;
+        c.upstream.rate_limit.per = Duration::from_secs(60);
+        c.auth.clients.push(ClientConfig {
+            name: "greedy".into(),
+            key_sha256: Some(hash_key(GREEDY_KEY)),
+            cert_cn: None,
+            share: Some(0.5),
+        });
+    })
+    .await
+}
+
+/// GET as the greedy client.
+async fn get_greedy(url: &str) -> Reply {
+    send(
+        Method::GET,
+        url,
+        &[("authorization", &format!("Bearer {GREEDY_KEY}"))],
+    )
+    .await
+}
+
+/// A header as a whole number of seconds or calls, failing when it is not one.
+fn number(r: &Reply, name: &str) -> u64 {
+    let value = r.header(name);
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} {value:?} is not an integer"))
+}
+
+/// A 429 in HubSpot's rate-limit shape with `Retry-After` (1..=`max_wait` s) and the
+/// `RateLimit-*` headers of a budget of `limit` calls: none remaining, reset when
+/// `Retry-After` says.
+fn assert_rate_limited(r: &Reply, limit: u64, max_wait: u64, policy: &str) {
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    let body = r.json();
+    assert_eq!(body["status"], "error", "{body}");
+    assert_eq!(body["category"], "RATE_LIMITS", "{body}");
+    assert_eq!(body["errorType"], "RATE_LIMIT", "{body}");
+    assert_eq!(body["policyName"], policy, "{body}");
+    assert!(body["correlationId"].is_string(), "{body}");
+    let wait = number(r, "retry-after");
+    assert!((1..=max_wait).contains(&wait), "Retry-After {wait}");
+    assert_eq!(number(r, "ratelimit-limit"), limit);
+    assert_eq!(number(r, "ratelimit-remaining"), 0);
+    assert_eq!(number(r, "ratelimit-reset"), wait);
+}
+
+/// Two clients, the greedy one with half of a 10-call budget, hammering distinct tasks: the
+/// greedy one gets 5 calls, then 429s naming its share (limit 5) with a valid Retry-After,
+/// while the quiet one's calls go through; cache hits cost the greedy one nothing; the sum
+/// of HubSpot calls never passes the account's 10, whose own 429 names the account's limit.
+#[tokio::test]
+async fn a_share_holds_back_its_client_alone() {
+    let (sim, gw) = start_shared(10).await;
+    // One call caches a finished import; asking for it again is a hit and costs nothing.
+    assert_eq!(
+        get_greedy(&gw.status_url("complete-g")).await.status,
+        StatusCode::OK
+    );
+    for _ in 0..20 {
+        let hit = get_greedy(&gw.status_url("complete-g")).await;
+        assert_eq!(hit.status, StatusCode::OK);
+        assert_eq!(hit.header("x-cache"), "HIT");
+    }
+    for i in 0..4 {
+        let r = get_greedy(&gw.status_url(&format!("pending-g{i}"))).await;
+        assert_eq!(r.status, StatusCode::OK, "greedy call {i} within its share");
+    }
+    for i in 4..12 {
+        let r = get_greedy(&gw.status_url(&format!("pending-g{i}"))).await;
+        assert_rate_limited(&r, 5, 60, "TEN_SECONDLY_ROLLING");
+        assert!(
+            r.json()["message"].as_str().unwrap_or("").contains("share"),
+            "the message says it is the caller's share"
+        );
+    }
+    assert_eq!(
+        status_requests(&sim).await,
+        5,
+        "refused calls never reach HubSpot"
+    );
+    // The quiet client is not held by the greedy one's share.
+    for i in 0..5 {
+        let r = get(&gw.status_url(&format!("pending-q{i}"))).await;
+        assert_eq!(r.status, StatusCode::OK, "quiet call {i}");
+    }
+    // The account's 10 are spent: now everyone waits, told the account's limit.
+    let quiet = get(&gw.status_url("pending-q5")).await;
+    assert_rate_limited(&quiet, 10, 60, "TEN_SECONDLY_ROLLING");
+    let greedy = get_greedy(&gw.status_url("pending-g12")).await;
+    assert_rate_limited(&greedy, 5, 60, "TEN_SECONDLY_ROLLING");
+    assert_eq!(
+        status_requests(&sim).await,
+        10,
+        "the sum stays within the limit"
+    );
+    let calls = |client: &str| {
+        format!(r#"hubspot_gateway_client_upstream_calls_total{{client="{client}"}}"#)
+    };
+    assert_eq!(metric(&gw, &calls("greedy")).await, Some(5.0));
+    assert_eq!(metric(&gw, &calls("tests")).await, Some(5.0));
+    assert_eq!(
+        metric(
+            &gw,
+            r#"hubspot_gateway_client_share_refusals_total{client="greedy"}"#
+        )
+        .await,
+        Some(9.0)
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            r#"hubspot_gateway_client_share_refusals_total{client="tests"}"#
+        )
+        .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            r#"hubspot_gateway_upstream_throttled_total{source="client_share"}"#
+        )
+        .await,
+        Some(9.0)
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            r#"hubspot_gateway_upstream_throttled_total{source="local_budget"}"#
+        )
+        .await,
+        Some(1.0)
+    );
+}
+
+/// Callers coalesced onto one call, and hits, are charged nothing: only the flight's leader
+/// pays for the one HubSpot call, so a client with a share of 1 call is never refused by
+/// waiting on another's call.
+#[tokio::test]
+async fn coalesced_callers_are_not_charged() {
+    let (sim, gw) = start_with(SimConfig::default(), |c| {
+        c.upstream.rate_limit.requests = 2;
+        c.upstream.rate_limit.per = Duration::from_secs(60);
+        c.auth.clients.push(ClientConfig {
+            name: "greedy".into(),
+            key_sha256: Some(hash_key(GREEDY_KEY)),
+            cert_cn: None,
+            share: Some(0.5),
+        });
+    })
+    .await;
+    // A slow answer, so the greedy caller joins the quiet one's call in flight.
+    faults(&sim, json!({ "latency_ms": 800 })).await;
+    let url = gw.status_url("pending-shared");
+    let leader = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await }
+    });
+    wait_for(
+        || async { status_requests(&sim).await == 1 },
+        "the leader's call reached HubSpot",
+    )
+    .await;
+    let follower = get_greedy(&url).await;
+    assert_eq!(follower.status, StatusCode::OK);
+    assert_eq!(follower.header("x-cache"), "COALESCED");
+    assert_eq!(leader.await.expect("leader").status, StatusCode::OK);
+    faults(&sim, json!({ "latency_ms": 0 })).await;
+    // Its one call is still there to spend.
+    let own = get_greedy(&gw.status_url("pending-own")).await;
+    assert_eq!(own.status, StatusCode::OK);
+    assert_eq!(status_requests(&sim).await, 2);
+    let calls = |client: &str| {
+        format!(r#"hubspot_gateway_client_upstream_calls_total{{client="{client}"}}"#)
+    };
+    assert_eq!(metric(&gw, &calls("greedy")).await, Some(1.0));
+    assert_eq!(metric(&gw, &calls("tests")).await, Some(1.0));
+}
+
+/// HubSpot's own 429, passed on, keeps HubSpot's body and carries the `RateLimit-*` headers
+/// of the hold it started (HubSpot's `X-HubSpot-RateLimit-Max` as the limit); callers held
+/// after it get the gateway's 429 with the same limit.
+#[tokio::test]
+async fn hubspot_429_carries_the_holds_headers() {
+    let (sim, gw) = start().await;
+    faults(
+        &sim,
+        json!({ "status_override": { "status": 429, "count": 1, "retry_after": 7 } }),
+    )
+    .await;
+    let first = get(&gw.status_url("pending-h")).await;
+    let limit = number(&first, "x-hubspot-ratelimit-max");
+    assert_rate_limited(&first, limit, 7, "TEN_SECONDLY_ROLLING");
+    let held = get(&gw.status_url("pending-h2")).await;
+    assert_rate_limited(&held, limit, 7, "TEN_SECONDLY_ROLLING");
+    assert_eq!(status_requests(&sim).await, 1);
+    // Every series of both families exists from start, per client.
+    for family in ["client_upstream_calls_total", "client_share_refusals_total"] {
+        let series = format!(r#"hubspot_gateway_{family}{{client="tests"}}"#);
+        assert!(metric(&gw, &series).await.is_some(), "{series}");
+    }
+}
