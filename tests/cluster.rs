@@ -924,8 +924,63 @@ async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
     let (status, ready) = readyz(&b).await;
     assert_eq!(status, 200);
     assert_eq!(ready["cluster"]["backend"], "up", "{ready}");
+    // Redis holds the answer, never a credential: not the token HubSpot was sent, not the
+    // OAuth secrets, not the caller's key.
+    let sent = support::sim_requests(&sim).await;
+    let bearer = sent[0]["headers"]["authorization"]
+        .as_str()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .expect("HubSpot was sent a bearer token")
+        .to_owned();
+    let stored = String::from_utf8_lossy(&redis_contents(&server).await).into_owned();
+    assert!(stored.contains("complete-shared"), "the answer is there");
+    for secret in [
+        bearer.as_str(),
+        "SECRET",
+        support::KEY,
+        "Bearer",
+        "authorization",
+    ] {
+        assert!(!stored.contains(secret), "Redis holds {secret:?}");
+    }
     a.stop().await;
     b.stop().await;
+}
+
+/// Every key in `server` and every value under it, as bytes (strings, hashes, sets, sorted
+/// sets and lists).
+async fn redis_contents(server: &RedisServer) -> Vec<u8> {
+    let mut conn = server.inspect().await;
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    let mut all = Vec::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("TYPE");
+        let read = match kind.as_str() {
+            "string" => redis::cmd("GET").arg(&key).clone(),
+            "hash" => redis::cmd("HGETALL").arg(&key).clone(),
+            "zset" => redis::cmd("ZRANGE").arg(&key).arg(0).arg(-1).clone(),
+            "list" => redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).clone(),
+            "set" => redis::cmd("SMEMBERS").arg(&key).clone(),
+            other => panic!("the backend wrote a {other} at a key"),
+        };
+        let values: Vec<Vec<u8>> = match kind.as_str() {
+            "string" => vec![read.query_async(&mut conn).await.expect("GET")],
+            _ => read.query_async(&mut conn).await.expect("read"),
+        };
+        all.extend_from_slice(&key);
+        for value in values {
+            all.extend_from_slice(&value);
+        }
+    }
+    all
 }
 
 /// Callers of a new task on replicas A and B at the same time cost one HubSpot call: one
