@@ -897,8 +897,10 @@ async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
     let first = support::get(&a.status_url("complete-shared")).await;
     assert_eq!(first.status, 200);
     assert_eq!(first.header("x-cache"), "MISS");
-    // Past one second, so a true Age is at least 1 whichever replica answers.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Stored once A answered; then past one second, so a true Age is at least 1 whichever
+    // replica answers.
+    wait_key(&server, "c", 7_001, "complete-shared").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let hit = support::get(&b.status_url("complete-shared")).await;
     assert_eq!(hit.status, 200);
     assert_eq!(hit.header("x-cache"), "HIT", "{:?}", hit.headers);
@@ -989,8 +991,9 @@ async fn redis_contents(server: &RedisServer) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_on_two_replicas_cost_one_hubspot_call() {
     let server = RedisServer::start();
-    // HubSpot takes long enough that the second replica joins while the first one asks.
-    let sim = hub_sim(7_002, Duration::from_millis(600)).await;
+    // HubSpot takes long enough that the second replica joins while the first one asks,
+    // even on a loaded machine.
+    let sim = hub_sim(7_002, Duration::from_millis(1500)).await;
     let a = replica_gateway(&sim, &server).await;
     let b = replica_gateway(&sim, &server).await;
     for round in 1..=2u64 {
@@ -1070,7 +1073,7 @@ async fn two_hubs_never_share() {
     let b = replica_gateway(&sim_b, &server).await;
     let first = support::get(&a.status_url("complete-hubs")).await;
     assert_eq!(first.header("x-cache"), "MISS");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_key(&server, "c", 7_004, "complete-hubs").await;
     let other = support::get(&b.status_url("complete-hubs")).await;
     assert_eq!(other.status, 200);
     assert_eq!(other.header("x-cache"), "MISS");
@@ -1088,16 +1091,14 @@ async fn two_hubs_never_share() {
     b.stop().await;
 }
 
-/// Waits until some replica holds the flight lease of `task` in hub `hub`, so the next
-/// caller is sure to find a leader at work.
-async fn wait_lease(server: &RedisServer, hub: u64, task: &str) {
-    let key = format!("t:lease:{hub}:{task}");
+/// Waits until a replica wrote `kind` (`lease`: it leads the flight, so the next caller is
+/// sure to find a leader at work; `c`: the shared cache holds the answer) for `task` in hub
+/// `hub`.
+async fn wait_key(server: &RedisServer, kind: &str, hub: u64, task: &str) {
+    let key = format!("t:{kind}:{hub}:{task}");
     let mut exists = redis::cmd("EXISTS");
     exists.arg(&key);
-    poll_redis(server, &exists, &format!("a lease {key}"), |held: bool| {
-        held
-    })
-    .await;
+    poll_redis(server, &exists, &format!("key {key}"), |there: bool| there).await;
 }
 
 /// A replica waiting on another's flight past its own deadline answers what a slow HubSpot
@@ -1106,12 +1107,13 @@ async fn wait_lease(server: &RedisServer, hub: u64, task: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_past_its_deadline_gets_the_slow_hubspot_answer() {
     let server = RedisServer::start();
-    let sim = hub_sim(7_006, Duration::from_millis(1800)).await;
+    // Slower than B's deadline by a wide margin, within A's per-try bound (half its 5 s).
+    let sim = hub_sim(7_006, Duration::from_millis(2200)).await;
     let a = replica_gateway(&sim, &server).await;
     let b = replica_gateway_timing(&sim, &server, Duration::from_secs(1)).await;
     let url = a.status_url("pending-slow");
     let leader = tokio::spawn(async move { support::get(&url).await });
-    wait_lease(&server, 7_006, "pending-slow").await;
+    wait_key(&server, "lease", 7_006, "pending-slow").await;
     let started = std::time::Instant::now();
     let waiter = support::get(&b.status_url("pending-slow")).await;
     assert_eq!(waiter.status, 504, "{:?}", waiter.body);
@@ -1142,7 +1144,7 @@ async fn a_failed_leader_hands_the_flight_over() {
     let b = replica_gateway(&fast, &server).await;
     let url = a.status_url("complete-handover");
     let leader = tokio::spawn(async move { support::get(&url).await });
-    wait_lease(&server, 7_007, "complete-handover").await;
+    wait_key(&server, "lease", 7_007, "complete-handover").await;
     let waiter = support::get(&b.status_url("complete-handover")).await;
     let led = leader.await.expect("leader's request");
     assert_eq!(led.status, 504, "{:?}", led.body);
@@ -1154,7 +1156,7 @@ async fn a_failed_leader_hands_the_flight_over() {
     let takeovers = "hubspot_gateway_cluster_lease_takeovers_total";
     assert_eq!(support::metric(&b, takeovers).await, Some(1.0));
     // B's answer went to the shared cache: A now answers it as a HIT without its HubSpot.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_key(&server, "c", 7_007, "complete-handover").await;
     let slow_calls = support::status_requests(&slow).await;
     let hit = support::get(&a.status_url("complete-handover")).await;
     assert_eq!((hit.status.as_u16(), hit.header("x-cache")), (200, "HIT"));
