@@ -327,6 +327,11 @@ impl Gateway {
             // Redis down or failing: this replica asks HubSpot itself.
             Err(_) => return (self.fetch(key, request_id, deadline).await, None),
         };
+        if Instant::now() >= deadline {
+            // Taken over as the deadline passed: nothing can be asked in time. Dropping the
+            // lease releases it for a waiter with time left.
+            return (Err(GatewayError::WaitTimeout), None);
+        }
         let share = Share {
             cluster: cluster.clone(),
             task,
