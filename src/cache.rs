@@ -499,18 +499,12 @@ mod tests {
             ..CacheConfig::default()
         };
         let cache: AnswerCache<()> = AnswerCache::new(&config);
-        let body = || Bytes::from(r#"{"status":"COMPLETE"}"#);
-        let shared = |age| {
-            cache.shared_entry(
-                Origin::SharedCache,
-                StatusCode::OK,
-                HeaderMap::new(),
-                body(),
-                7,
-                age,
-            )
+        let shared = |origin, body: &'static str, age| {
+            let body = Bytes::from(body);
+            cache.shared_entry(origin, StatusCode::OK, HeaderMap::new(), body, 7, age)
         };
-        let aged = shared(Duration::from_secs(5));
+        let complete = r#"{"status":"COMPLETE"}"#;
+        let aged = shared(Origin::SharedCache, complete, Duration::from_secs(5));
         assert!(aged.is_fresh_terminal());
         assert_eq!(aged.origin, Origin::SharedCache);
         assert_eq!(aged.hub_id(), Some(7));
@@ -523,15 +517,9 @@ mod tests {
         };
         assert!(hit.stored_at.elapsed() >= Duration::from_secs(5));
         assert!(hit.kept_for().saturating_sub(hit.stored_at.elapsed()) <= Duration::from_secs(55));
-        assert!(!shared(Duration::from_secs(61)).is_fresh_terminal());
-        let pending = cache.shared_entry(
-            Origin::Peer,
-            StatusCode::OK,
-            HeaderMap::new(),
-            Bytes::from(r#"{"status":"PENDING"}"#),
-            7,
-            Duration::ZERO,
-        );
+        let expired = shared(Origin::SharedCache, complete, Duration::from_secs(61));
+        assert!(!expired.is_fresh_terminal());
+        let pending = shared(Origin::Peer, r#"{"status":"PENDING"}"#, Duration::ZERO);
         assert!(
             !pending.is_fresh_terminal(),
             "only terminal answers are shared as HITs"
