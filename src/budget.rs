@@ -118,14 +118,17 @@ pub struct Charge<'a> {
     pub client: &'a str,
     /// Its `share` of the budget, when it has one.
     pub share: Option<f64>,
-    /// The HubSpot account of the token in use; the shared budget is per account.
+    /// The HubSpot account of the token in use; the shared budget is per account (a token
+    /// whose account HubSpot did not name counts as account 0, the same on every replica).
     pub hub_id: Option<u64>,
 }
 
 /// The calls a client with `share` may make per window of `limit`: `floor(limit × share)`,
 /// at least 1 (a client is never shut out), at most `limit`.
 pub fn share_limit(limit: u32, share: f64) -> u32 {
-    let n = (f64::from(limit) * share).floor();
+    // The nudge keeps a product that is whole on paper whole in binary (100 × 0.29 is
+    // 28.999999999999996), far below any real fraction of a call.
+    let n = (f64::from(limit) * share + 1e-9).floor();
     // `share` is validated to lie in (0, 1], so `n` is within 0..=limit.
     (n as u32).clamp(1, limit.max(1))
 }
@@ -597,6 +600,8 @@ mod tests {
     fn share_limits_floor_and_stay_at_least_one() {
         assert_eq!(share_limit(90, 0.5), 45);
         assert_eq!(share_limit(90, 0.333), 29);
+        assert_eq!(share_limit(100, 0.29), 29, "not 28.999…");
+        assert_eq!(share_limit(10, 0.7), 7);
         assert_eq!(share_limit(90, 1.0), 90);
         assert_eq!(share_limit(3, 0.1), 1);
         assert_eq!(share_limit(1, f64::MIN_POSITIVE), 1);

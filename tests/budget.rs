@@ -224,3 +224,30 @@ async fn hubspot_429_carries_the_holds_headers() {
         assert!(metric(&gw, &series).await.is_some(), "{series}");
     }
 }
+
+/// `upstream.daily_limit` spent: the gateway's own 429 says `DAILY`, the daily quota, and
+/// the seconds until midnight UTC; HubSpot is not asked.
+#[tokio::test]
+async fn the_daily_limit_answers_daily_429s() {
+    let (sim, gw) = start_with(SimConfig::default(), |c| c.upstream.daily_limit = Some(2)).await;
+    for task in ["pending-d1", "pending-d2"] {
+        assert_eq!(get(&gw.status_url(task)).await.status, StatusCode::OK);
+    }
+    let refused = get(&gw.status_url("pending-d3")).await;
+    assert_rate_limited(&refused, 2, 86_400, "DAILY");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let to_midnight = 86_400 - now % 86_400;
+    assert!(number(&refused, "retry-after").abs_diff(to_midnight) <= 5);
+    assert_eq!(status_requests(&sim).await, 2);
+    assert_eq!(
+        metric(
+            &gw,
+            r#"hubspot_gateway_upstream_throttled_total{source="daily_limit"}"#
+        )
+        .await,
+        Some(1.0)
+    );
+}
