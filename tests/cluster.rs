@@ -569,60 +569,40 @@ async fn the_budget_is_the_accounts_across_replicas() {
     let a = shared_budget(&server, 6, None, slow_ok).await;
     let b = shared_budget(&server, 6, None, slow_ok).await;
     let replicas = [&a, &b];
-    let greedy = charge("greedy", Some(0.5), 21);
-    for i in 0..3 {
-        replicas[i % 2]
-            .acquire(&greedy)
-            .await
-            .expect("within the share");
+    // The greedy client's 3, then the rest of the account's 6 for a client without a share;
+    // each next call is refused by the budget it would pass, with that budget's quota.
+    let rounds = [
+        (
+            charge("greedy", Some(0.5), 21),
+            ThrottleSource::ClientShare,
+            3,
+        ),
+        (charge("quiet", None, 21), ThrottleSource::LocalBudget, 6),
+    ];
+    for (who, by, limit) in rounds {
+        for i in 0..3 {
+            replicas[i % 2].acquire(&who).await.expect("within budget");
+        }
+        let refused = b.acquire(&who).await.expect_err("spent");
+        assert_eq!((refused.by, refused.limit), (by, limit));
+        assert!(refused.wait > Duration::ZERO && refused.wait <= Duration::from_secs(60));
     }
-    let refused = b.acquire(&greedy).await.expect_err("share spent");
-    assert_eq!(refused.by, ThrottleSource::ClientShare);
-    assert_eq!(refused.limit, 3);
-    let quiet = charge("quiet", None, 21);
-    for i in 0..3 {
-        replicas[i % 2]
-            .acquire(&quiet)
-            .await
-            .expect("within the account");
-    }
-    let refused = a.acquire(&quiet).await.expect_err("account spent");
-    assert_eq!(refused.by, ThrottleSource::LocalBudget);
-    assert_eq!(refused.limit, 6);
-    assert!(refused.wait > Duration::ZERO && refused.wait <= Duration::from_secs(60));
 
-    // A 429 seen by one replica holds the other's calls for that hub.
-    a.hold(
-        Duration::from_secs(3),
-        Duration::from_secs(60),
-        Policy::TenSecondlyRolling,
-        100,
-        Some(22),
-    )
-    .await;
-    let held = b
-        .acquire(&charge("quiet", None, 22))
-        .await
-        .expect_err("held");
-    assert_eq!(held.by, ThrottleSource::HubSpot429);
-    assert!(held.wait > Duration::from_secs(1) && held.wait <= Duration::from_secs(3));
-    // A DAILY one holds as DAILY.
-    a.hold(
-        Duration::from_secs(30),
-        Duration::from_secs(86_400),
-        Policy::Daily,
-        100,
-        Some(23),
-    )
-    .await;
-    let held = b
-        .acquire(&charge("quiet", None, 23))
-        .await
-        .expect_err("held");
-    assert_eq!(
-        (held.by, held.policy),
-        (ThrottleSource::HubSpot429, Policy::Daily)
-    );
+    // A 429 seen by one replica holds the other's calls for that hub, for its policy.
+    let holds = [
+        (Policy::TenSecondlyRolling, 22, Duration::from_secs(3)),
+        (Policy::Daily, 23, Duration::from_secs(30)),
+    ];
+    for (policy, hub, asked) in holds {
+        let cap = Duration::from_secs(86_400);
+        a.hold(asked, cap, policy, 100, Some(hub)).await;
+        let held = b
+            .acquire(&charge("quiet", None, hub))
+            .await
+            .expect_err("held");
+        assert_eq!((held.by, held.policy), (ThrottleSource::HubSpot429, policy));
+        assert!(held.wait > asked / 3 && held.wait <= asked, "{held:?}");
+    }
 
     let c = shared_budget(&server, 100, Some(2), slow_ok).await;
     let d = shared_budget(&server, 100, Some(2), slow_ok).await;
