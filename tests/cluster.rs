@@ -17,10 +17,16 @@ use hubspot_files_gateway::cluster::{
     ClusterOptions, Flight, Refusal, TaskKey,
 };
 use hubspot_files_gateway::config::{RateLimit, UpstreamConfig};
+use hubspot_files_gateway::metrics::Metrics;
+use hubspot_files_gateway::route::match_route;
 use hubspot_files_gateway::secret::Secret;
-use hubspot_files_gateway::upstream::Policy;
+use hubspot_files_gateway::upstream::{HubSpot, Policy, UpstreamError};
+use hyper::Method;
+use hyper::header::HeaderValue;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::time::Instant;
+
+mod support;
 
 /// A redis-server process of our own on a free loopback port; killed on drop.
 struct RedisServer {
@@ -619,6 +625,52 @@ async fn the_budget_is_the_accounts_across_replicas() {
         until_reset(Duration::ZERO),
         Duration::from_secs(5),
     );
+}
+
+/// A HubSpot 429 one replica's client receives holds every replica: the other's next call
+/// for that account is refused by the hold, for the 429's `Retry-After`, without reaching
+/// HubSpot (the simulator stands in for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hubspot_429_on_one_replica_holds_them_all() {
+    let server = RedisServer::start();
+    let sim = support::simulator(hubspot_sim::SimConfig::default()).await;
+    let config = UpstreamConfig {
+        base_url: sim.base_url().parse().expect("the simulator's URL"),
+        ..UpstreamConfig::default()
+    };
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let (backend, _) = replica(&server).await;
+        let hubspot = HubSpot::new(&config, Metrics::new(), Some(Arc::new(backend)));
+        replicas.push(hubspot.expect("client"));
+    }
+    let override_429 = serde_json::json!({ "status": 429, "count": 1, "retry_after": 5 });
+    support::faults(&sim, serde_json::json!({ "status_override": override_429 })).await;
+    let req = match_route(
+        &Method::GET,
+        "/files/v3/files/import-from-url/async/tasks/t-1/status",
+    )
+    .expect("the status route");
+    let bearer = Secret::new("pat-na1-test");
+    let id = HeaderValue::from_static("req-1");
+    let charge = charge("tests", None, 77);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let first = replicas[0]
+        .get_status(&req, &bearer, None, &id, deadline, &charge)
+        .await
+        .expect("HubSpot's answer");
+    assert_eq!(first.status, 429);
+    let second = replicas[1]
+        .get_status(&req, &bearer, None, &id, deadline, &charge)
+        .await;
+    match second {
+        Err(UpstreamError::Throttled(held)) => {
+            assert_eq!(held.by, ThrottleSource::HubSpot429);
+            assert!(held.wait > Duration::from_secs(3) && held.wait <= Duration::from_secs(5));
+        }
+        other => panic!("the other replica was not held: {other:?}"),
+    }
+    assert_eq!(support::status_requests(&sim).await, 1);
 }
 
 /// With Redis gone, each replica keeps its part of the account's budget (`requests /
