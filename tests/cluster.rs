@@ -673,6 +673,40 @@ async fn a_hubspot_429_on_one_replica_holds_them_all() {
     assert_eq!(support::status_requests(&sim).await, 1);
 }
 
+/// The budget gauges in cluster mode show the account's window, the same on every replica
+/// (read from Redis every second), and this replica's part of it once Redis is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gauges_show_the_accounts_window() {
+    let mut server = RedisServer::start();
+    let timeout = Duration::from_millis(200);
+    let a = shared_budget(&server, 6, None, timeout).await;
+    let b = shared_budget(&server, 6, None, timeout).await;
+    for _ in 0..4 {
+        a.acquire(&charge("quiet", None, 41)).await.expect("shared");
+    }
+    b.acquire(&charge("quiet", None, 41)).await.expect("shared");
+    for budget in [&a, &b] {
+        wait_gauges(budget, (6, 1)).await;
+    }
+    server.kill();
+    // This replica's part (6 / 2), less the calls it made itself.
+    wait_gauges(&a, (3, 0)).await;
+    wait_gauges(&b, (3, 2)).await;
+}
+
+/// Waits (10 s at most) until `budget`'s gauges read `want` (limit, remaining).
+async fn wait_gauges(budget: &Budget, want: (u32, u32)) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while budget.gauges() != want {
+        assert!(
+            Instant::now() < deadline,
+            "gauges {:?}, want {want:?}",
+            budget.gauges()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// With Redis gone, each replica keeps its part of the account's budget (`requests /
 /// replicas_hint` = 3 of 6) and a share of that part, answering refusals rather than
 /// errors; calls it made while Redis was up still count in its window.
