@@ -148,7 +148,7 @@ async fn a_share_holds_back_its_client_alone() {
 async fn coalesced_callers_are_not_charged() {
     let (sim, gw) = start_shared(2).await;
     // A slow answer, so the greedy caller joins the quiet one's call in flight.
-    faults(&sim, json!({ "latency_ms": 800 })).await;
+    faults(&sim, json!({ "latency_ms": 2000 })).await;
     let url = gw.status_url("pending-shared");
     let leader = tokio::spawn({
         let url = url.clone();
