@@ -489,6 +489,43 @@ mod tests {
         assert!(cache.flights.lock().expect("lock").is_empty());
     }
 
+    /// An answer another replica stored 5 s ago keeps its age here: a HIT whose `Age` counts
+    /// from HubSpot's answer, and kept only for what is left of `terminal_ttl`; one older
+    /// than `terminal_ttl` is no HIT at all.
+    #[test]
+    fn a_shared_answer_keeps_its_age() {
+        let config = CacheConfig {
+            terminal_ttl: Duration::from_secs(60),
+            ..CacheConfig::default()
+        };
+        let cache: AnswerCache<()> = AnswerCache::new(&config);
+        let shared = |origin, body: &'static str, age| {
+            let body = Bytes::from(body);
+            cache.shared_entry(origin, StatusCode::OK, HeaderMap::new(), body, 7, age)
+        };
+        let complete = r#"{"status":"COMPLETE"}"#;
+        let aged = shared(Origin::SharedCache, complete, Duration::from_secs(5));
+        assert!(aged.is_fresh_terminal());
+        assert_eq!(aged.origin, Origin::SharedCache);
+        assert_eq!(aged.hub_id(), Some(7));
+        let Flight::Lead(leader) = cache.lookup(&key("s")) else {
+            panic!("nothing stored yet");
+        };
+        cache.complete(leader, Ok(aged));
+        let Flight::Hit(hit) = cache.lookup(&key("s")) else {
+            panic!("the shared answer is kept");
+        };
+        assert!(hit.stored_at.elapsed() >= Duration::from_secs(5));
+        assert!(hit.kept_for().saturating_sub(hit.stored_at.elapsed()) <= Duration::from_secs(55));
+        let expired = shared(Origin::SharedCache, complete, Duration::from_secs(61));
+        assert!(!expired.is_fresh_terminal());
+        let pending = shared(Origin::Peer, r#"{"status":"PENDING"}"#, Duration::ZERO);
+        assert!(
+            !pending.is_fresh_terminal(),
+            "only terminal answers are shared as HITs"
+        );
+    }
+
     /// With the default windows: terminal answers are HITs; PENDING/PROCESSING answers are
     /// not HITs but may stand in for a failure; HubSpot's 404 is a HIT for `missing_ttl` and
     /// never stands in; anything else is not kept.

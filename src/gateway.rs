@@ -57,6 +57,8 @@ pub struct Gateway {
     series: RequestSeries,
     /// The shared backend in cluster mode.
     cluster: Option<Arc<ClusterBackend>>,
+    /// Whether "no hub id, nothing shared" was logged: it is said once.
+    hubless_warned: AtomicBool,
 }
 
 /// What the leader of a task's flight across replicas owes the others once its own callers
@@ -97,6 +99,7 @@ impl Gateway {
         let series = metrics.request_series(auth.names());
         Gateway {
             cluster,
+            hubless_warned: AtomicBool::new(false),
             series,
             auth,
             cache,
@@ -308,8 +311,17 @@ impl Gateway {
         // retry included), so the fetch never outlives the callers waiting for it.
         let deadline = Instant::now() + self.request_timeout;
         // Keyed by the account of the token in service: a task is never shared across hubs.
-        let hub = self.tokens.current().ok().and_then(|t| t.hub_id);
+        let token = self.tokens.current().ok();
+        let hub = token.as_ref().and_then(|t| t.hub_id);
         let (Some(cluster), Some(hub)) = (self.cluster.clone(), hub) else {
+            if self.cluster.is_some()
+                && token.is_some()
+                && !self.hubless_warned.swap(true, Ordering::Relaxed)
+            {
+                tracing::warn!(
+                    "cluster mode: HubSpot did not say which account the token belongs to, so this replica shares no answer and no flight (its calls are its own)"
+                );
+            }
             return (self.fetch(key, request_id, deadline, client).await, None);
         };
         let task = TaskKey::new(hub, key.task_id.as_str());
@@ -331,6 +343,11 @@ impl Gateway {
             // Redis down or failing: this replica asks HubSpot itself.
             Err(_) => return (self.fetch(key, request_id, deadline, client).await, None),
         };
+        if Instant::now() >= deadline {
+            // Taken over as the deadline passed: nothing can be asked in time. Dropping the
+            // lease releases it for a waiter with time left.
+            return (Err(GatewayError::WaitTimeout), None);
+        }
         let share = Share {
             cluster: cluster.clone(),
             task,

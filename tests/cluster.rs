@@ -1145,8 +1145,10 @@ async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
     let first = support::get(&a.status_url("complete-shared")).await;
     assert_eq!(first.status, 200);
     assert_eq!(first.header("x-cache"), "MISS");
-    // Past one second, so a true Age is at least 1 whichever replica answers.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Stored once A answered; then past one second, so a true Age is at least 1 whichever
+    // replica answers.
+    wait_key(&server, "c", 7_001, "complete-shared").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let hit = support::get(&b.status_url("complete-shared")).await;
     assert_eq!(hit.status, 200);
     assert_eq!(hit.header("x-cache"), "HIT", "{:?}", hit.headers);
@@ -1172,8 +1174,63 @@ async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
     let (status, ready) = readyz(&b).await;
     assert_eq!(status, 200);
     assert_eq!(ready["cluster"]["backend"], "up", "{ready}");
+    // Redis holds the answer, never a credential: not the token HubSpot was sent, not the
+    // OAuth secrets, not the caller's key.
+    let sent = support::sim_requests(&sim).await;
+    let bearer = sent[0]["headers"]["authorization"]
+        .as_str()
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .expect("HubSpot was sent a bearer token")
+        .to_owned();
+    let stored = String::from_utf8_lossy(&redis_contents(&server).await).into_owned();
+    assert!(stored.contains("complete-shared"), "the answer is there");
+    for secret in [
+        bearer.as_str(),
+        "SECRET",
+        support::KEY,
+        "Bearer",
+        "authorization",
+    ] {
+        assert!(!stored.contains(secret), "Redis holds {secret:?}");
+    }
     a.stop().await;
     b.stop().await;
+}
+
+/// Every key in `server` and every value under it, as bytes (strings, hashes, sets, sorted
+/// sets and lists).
+async fn redis_contents(server: &RedisServer) -> Vec<u8> {
+    let mut conn = server.inspect().await;
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    let mut all = Vec::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("TYPE");
+        let read = match kind.as_str() {
+            "string" => redis::cmd("GET").arg(&key).clone(),
+            "hash" => redis::cmd("HGETALL").arg(&key).clone(),
+            "zset" => redis::cmd("ZRANGE").arg(&key).arg(0).arg(-1).clone(),
+            "list" => redis::cmd("LRANGE").arg(&key).arg(0).arg(-1).clone(),
+            "set" => redis::cmd("SMEMBERS").arg(&key).clone(),
+            other => panic!("the backend wrote a {other} at a key"),
+        };
+        let values: Vec<Vec<u8>> = match kind.as_str() {
+            "string" => vec![read.query_async(&mut conn).await.expect("GET")],
+            _ => read.query_async(&mut conn).await.expect("read"),
+        };
+        all.extend_from_slice(&key);
+        for value in values {
+            all.extend_from_slice(&value);
+        }
+    }
+    all
 }
 
 /// Callers of a new task on replicas A and B at the same time cost one HubSpot call: one
@@ -1182,8 +1239,9 @@ async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_on_two_replicas_cost_one_hubspot_call() {
     let server = RedisServer::start();
-    // HubSpot takes long enough that the second replica joins while the first one asks.
-    let sim = hub_sim(7_002, Duration::from_millis(600)).await;
+    // HubSpot takes long enough that the second replica joins while the first one asks,
+    // even on a loaded machine.
+    let sim = hub_sim(7_002, Duration::from_millis(1500)).await;
     let a = replica_gateway(&sim, &server).await;
     let b = replica_gateway(&sim, &server).await;
     for round in 1..=2u64 {
@@ -1263,7 +1321,7 @@ async fn two_hubs_never_share() {
     let b = replica_gateway(&sim_b, &server).await;
     let first = support::get(&a.status_url("complete-hubs")).await;
     assert_eq!(first.header("x-cache"), "MISS");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_key(&server, "c", 7_004, "complete-hubs").await;
     let other = support::get(&b.status_url("complete-hubs")).await;
     assert_eq!(other.status, 200);
     assert_eq!(other.header("x-cache"), "MISS");
@@ -1281,16 +1339,14 @@ async fn two_hubs_never_share() {
     b.stop().await;
 }
 
-/// Waits until some replica holds the flight lease of `task` in hub `hub`, so the next
-/// caller is sure to find a leader at work.
-async fn wait_lease(server: &RedisServer, hub: u64, task: &str) {
-    let key = format!("t:lease:{hub}:{task}");
+/// Waits until a replica wrote `kind` (`lease`: it leads the flight, so the next caller is
+/// sure to find a leader at work; `c`: the shared cache holds the answer) for `task` in hub
+/// `hub`.
+async fn wait_key(server: &RedisServer, kind: &str, hub: u64, task: &str) {
+    let key = format!("t:{kind}:{hub}:{task}");
     let mut exists = redis::cmd("EXISTS");
     exists.arg(&key);
-    poll_redis(server, &exists, &format!("a lease {key}"), |held: bool| {
-        held
-    })
-    .await;
+    poll_redis(server, &exists, &format!("key {key}"), |there: bool| there).await;
 }
 
 /// A replica waiting on another's flight past its own deadline answers what a slow HubSpot
@@ -1299,12 +1355,13 @@ async fn wait_lease(server: &RedisServer, hub: u64, task: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_past_its_deadline_gets_the_slow_hubspot_answer() {
     let server = RedisServer::start();
-    let sim = hub_sim(7_006, Duration::from_millis(1800)).await;
+    // Slower than B's deadline by a wide margin, within A's per-try bound (half its 5 s).
+    let sim = hub_sim(7_006, Duration::from_millis(2200)).await;
     let a = replica_gateway(&sim, &server).await;
     let b = replica_gateway_timing(&sim, &server, Duration::from_secs(1)).await;
     let url = a.status_url("pending-slow");
     let leader = tokio::spawn(async move { support::get(&url).await });
-    wait_lease(&server, 7_006, "pending-slow").await;
+    wait_key(&server, "lease", 7_006, "pending-slow").await;
     let started = std::time::Instant::now();
     let waiter = support::get(&b.status_url("pending-slow")).await;
     assert_eq!(waiter.status, 504, "{:?}", waiter.body);
@@ -1335,7 +1392,7 @@ async fn a_failed_leader_hands_the_flight_over() {
     let b = replica_gateway(&fast, &server).await;
     let url = a.status_url("complete-handover");
     let leader = tokio::spawn(async move { support::get(&url).await });
-    wait_lease(&server, 7_007, "complete-handover").await;
+    wait_key(&server, "lease", 7_007, "complete-handover").await;
     let waiter = support::get(&b.status_url("complete-handover")).await;
     let led = leader.await.expect("leader's request");
     assert_eq!(led.status, 504, "{:?}", led.body);
@@ -1347,7 +1404,7 @@ async fn a_failed_leader_hands_the_flight_over() {
     let takeovers = "hubspot_gateway_cluster_lease_takeovers_total";
     assert_eq!(support::metric(&b, takeovers).await, Some(1.0));
     // B's answer went to the shared cache: A now answers it as a HIT without its HubSpot.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_key(&server, "c", 7_007, "complete-handover").await;
     let slow_calls = support::status_requests(&slow).await;
     let hit = support::get(&a.status_url("complete-handover")).await;
     assert_eq!((hit.status.as_u16(), hit.header("x-cache")), (200, "HIT"));
