@@ -226,17 +226,22 @@ mod tests {
     use super::*;
     use crate::config::ClientConfig;
 
-    fn auth() -> Authenticator {
-        Authenticator::new(&AuthConfig {
+    /// API keys with one client, `billing` (key `k-123`) with `share`.
+    fn clients(share: Option<f64>) -> AuthConfig {
+        AuthConfig {
             mode: AuthMode::ApiKeys,
             allow_none_off_loopback: false,
             clients: vec![ClientConfig {
                 name: "billing".into(),
                 key_sha256: Some(hash_key("k-123")),
                 cert_cn: None,
-                share: Some(0.25),
+                share,
             }],
-        })
+        }
+    }
+
+    fn auth() -> Authenticator {
+        Authenticator::new(&clients(Some(0.25)))
     }
 
     fn headers(v: &str) -> HeaderMap {
@@ -274,12 +279,15 @@ mod tests {
         );
     }
 
-    /// A client's share is looked up by its name; an unknown name has none.
+    /// A client's share is looked up by its name; an unknown name has none; a reload's
+    /// client list brings its shares with it.
     #[test]
-    fn shares_follow_the_name() {
+    fn shares_follow_the_name_and_the_reload() {
         let a = auth();
         assert_eq!(a.share("billing"), Some(0.25));
         assert_eq!(a.share("other"), None);
+        a.replace(&clients(None));
+        assert_eq!(a.share("billing"), None);
     }
 
     /// Two `Authorization` headers are refused even when both carry a valid key.

@@ -12,7 +12,8 @@
 //! [`ClusterConfig::local_share`]: crate::cluster::ClusterConfig::local_share
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use hyper::header::{self, HeaderName, HeaderValue};
@@ -118,14 +119,17 @@ pub struct Charge<'a> {
     pub client: &'a str,
     /// Its `share` of the budget, when it has one.
     pub share: Option<f64>,
-    /// The HubSpot account of the token in use; the shared budget is per account.
+    /// The HubSpot account of the token in use; the shared budget is per account (a token
+    /// whose account HubSpot did not name counts as account 0, the same on every replica).
     pub hub_id: Option<u64>,
 }
 
 /// The calls a client with `share` may make per window of `limit`: `floor(limit × share)`,
 /// at least 1 (a client is never shut out), at most `limit`.
 pub fn share_limit(limit: u32, share: f64) -> u32 {
-    let n = (f64::from(limit) * share).floor();
+    // The nudge keeps a product that is whole on paper whole in binary (100 × 0.29 is
+    // 28.999999999999996), far below any real fraction of a call.
+    let n = (f64::from(limit) * share + 1e-9).floor();
     // `share` is validated to lie in (0, 1], so `n` is within 0..=limit.
     (n as u32).clamp(1, limit.max(1))
 }
@@ -159,6 +163,29 @@ pub struct Budget {
     daily_limit: Option<u64>,
     cluster: Option<Arc<ClusterBackend>>,
     state: Mutex<BudgetState>,
+    /// In cluster mode, the shared window as the gauges show it.
+    shared: Arc<SharedView>,
+    /// The task keeping `shared` up to date, started by the first [`Budget::gauges`].
+    poller: OnceLock<tokio::task::AbortHandle>,
+}
+
+/// The account's shared window as last read from Redis.
+struct SharedView {
+    /// The hub of the latest call (`u64::MAX` before the first).
+    hub: AtomicU64,
+    /// Calls in its window at the latest read; negative when unknown (Redis did not answer).
+    used: AtomicI64,
+}
+
+/// How often the shared window is read for the gauges.
+const SHARED_VIEW_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        if let Some(poller) = self.poller.get() {
+            poller.abort();
+        }
+    }
 }
 
 struct BudgetState {
@@ -208,6 +235,11 @@ impl Budget {
                 hold: None,
                 daily_until: None,
             }),
+            shared: Arc::new(SharedView {
+                hub: AtomicU64::new(u64::MAX),
+                used: AtomicI64::new(-1),
+            }),
+            poller: OnceLock::new(),
         }
     }
 
@@ -237,6 +269,7 @@ impl Budget {
             limit: share_limit(self.limit, share),
         });
         let hub = charge.hub_id.unwrap_or(0);
+        self.shared.hub.store(hub, Ordering::Relaxed);
         match cluster.acquire_for(hub, &policy, client).await {
             Ok(Admission::Allowed { .. }) => {
                 self.lock().record(Instant::now(), self.per, charge);
@@ -333,17 +366,57 @@ impl Budget {
         Ok(())
     }
 
-    /// Calls per window.
-    pub fn limit(&self) -> u32 {
-        self.limit
+    /// The window's limit and the calls it allows right now, for the gauges: this
+    /// replica's; in cluster mode the account's, the same on every replica (read from Redis
+    /// every second), or this replica's part of it while Redis does not answer.
+    pub fn gauges(&self) -> (u32, u32) {
+        let local = |limit: u32| {
+            let mut s = self.lock();
+            prune(&mut s.sent, Instant::now(), self.per);
+            let used = u32::try_from(s.sent.len()).unwrap_or(u32::MAX);
+            (limit, limit.saturating_sub(used))
+        };
+        let Some(cluster) = &self.cluster else {
+            return local(self.limit);
+        };
+        self.start_poller(cluster);
+        let used = self.shared.used.load(Ordering::Relaxed);
+        match u32::try_from(used) {
+            Ok(used) if cluster.is_up() => (self.limit, self.limit.saturating_sub(used)),
+            Ok(_) | Err(_) => local(cluster.local_share(self.limit)),
+        }
     }
 
-    /// Calls the window allows right now, as this replica counts them.
-    pub fn remaining(&self) -> usize {
-        let mut s = self.lock();
-        let (now, per) = (Instant::now(), self.per);
-        prune(&mut s.sent, now, per);
-        (self.limit as usize).saturating_sub(s.sent.len())
+    /// Starts reading the shared window every second, once, from within the runtime.
+    fn start_poller(&self, cluster: &Arc<ClusterBackend>) {
+        if self.poller.get().is_some() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (cluster, shared, per) = (cluster.clone(), self.shared.clone(), self.per);
+        let task = runtime.spawn(async move {
+            loop {
+                let hub = shared.hub.load(Ordering::Relaxed);
+                // While Redis is down the gauges show this replica's part; asking would only
+                // count a fallback a second.
+                let used = if hub == u64::MAX || !cluster.is_up() {
+                    -1
+                } else {
+                    match cluster.window_used(hub, per).await {
+                        Ok(used) => i64::from(used),
+                        Err(_) => -1,
+                    }
+                };
+                shared.used.store(used, Ordering::Relaxed);
+                tokio::time::sleep(SHARED_VIEW_INTERVAL).await;
+            }
+        });
+        if let Err(task) = self.poller.set(task.abort_handle()) {
+            // Another scrape started one first: keep that one.
+            task.abort();
+        }
     }
 
     /// The `RateLimit-Limit` of a hold for `policy`: what HubSpot's 429 said (`hubspot`),
@@ -578,7 +651,7 @@ mod tests {
             assert_eq!(refused.limit, 5, "floor(10 × 0.55)");
             assert!(refused.wait > Duration::ZERO && refused.wait <= per);
         }
-        assert_eq!(b.remaining(), 5, "refused calls took nothing");
+        assert_eq!(b.gauges(), (10, 5), "refused calls took nothing");
         for _ in 0..5 {
             assert!(b.acquire(&anyone("quiet")).await.is_ok());
         }
@@ -597,6 +670,8 @@ mod tests {
     fn share_limits_floor_and_stay_at_least_one() {
         assert_eq!(share_limit(90, 0.5), 45);
         assert_eq!(share_limit(90, 0.333), 29);
+        assert_eq!(share_limit(100, 0.29), 29, "not 28.999…");
+        assert_eq!(share_limit(10, 0.7), 7);
         assert_eq!(share_limit(90, 1.0), 90);
         assert_eq!(share_limit(3, 0.1), 1);
         assert_eq!(share_limit(1, f64::MIN_POSITIVE), 1);
@@ -682,7 +757,7 @@ mod tests {
             assert_eq!(refused.limit, 250_000);
             assert!(refused.wait > Duration::from_secs(1));
         }
-        assert_eq!(b.remaining(), 100, "held calls took nothing");
+        assert_eq!(b.gauges(), (100, 100), "held calls took nothing");
     }
 
     /// A hold longer than the cap is cut to it, remembers what was asked, and is reported as

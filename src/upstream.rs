@@ -539,9 +539,9 @@ impl HubSpot {
     /// Brings the budget and hold gauges up to date (called when metrics are read).
     pub fn update_gauges(&self) {
         let m = &self.metrics;
-        m.upstream_budget_limit.set(i64::from(self.budget.limit()));
-        m.upstream_budget_remaining
-            .set(self.budget.remaining() as i64);
+        let (limit, remaining) = self.budget.gauges();
+        m.upstream_budget_limit.set(i64::from(limit));
+        m.upstream_budget_remaining.set(i64::from(remaining));
         m.upstream_hold_seconds.set(
             self.hold_status()
                 .map_or(0.0, |h| h.remaining.as_secs_f64()),

@@ -43,6 +43,15 @@ async fn get_greedy(url: &str) -> Reply {
     .await
 }
 
+/// The value of `hubspot_gateway_{family}{label="value"}`.
+async fn counter(gw: &TestGateway, family: &str, label: &str, value: &str) -> Option<f64> {
+    metric(
+        gw,
+        &format!(r#"hubspot_gateway_{family}{{{label}="{value}"}}"#),
+    )
+    .await
+}
+
 /// A header as a whole number of seconds or calls, failing when it is not one.
 fn number(r: &Reply, name: &str) -> u64 {
     let value = r.header(name);
@@ -118,43 +127,18 @@ async fn a_share_holds_back_its_client_alone() {
         10,
         "the sum stays within the limit"
     );
-    let calls = |client: &str| {
-        format!(r#"hubspot_gateway_client_upstream_calls_total{{client="{client}"}}"#)
-    };
-    assert_eq!(metric(&gw, &calls("greedy")).await, Some(5.0));
-    assert_eq!(metric(&gw, &calls("tests")).await, Some(5.0));
-    assert_eq!(
-        metric(
-            &gw,
-            r#"hubspot_gateway_client_share_refusals_total{client="greedy"}"#
-        )
-        .await,
-        Some(9.0)
-    );
-    assert_eq!(
-        metric(
-            &gw,
-            r#"hubspot_gateway_client_share_refusals_total{client="tests"}"#
-        )
-        .await,
-        Some(0.0)
-    );
-    assert_eq!(
-        metric(
-            &gw,
-            r#"hubspot_gateway_upstream_throttled_total{source="client_share"}"#
-        )
-        .await,
-        Some(9.0)
-    );
-    assert_eq!(
-        metric(
-            &gw,
-            r#"hubspot_gateway_upstream_throttled_total{source="local_budget"}"#
-        )
-        .await,
-        Some(1.0)
-    );
+    let expected = [
+        ("client_upstream_calls_total", "client", "greedy", 5.0),
+        ("client_upstream_calls_total", "client", "tests", 5.0),
+        ("client_share_refusals_total", "client", "greedy", 9.0),
+        ("client_share_refusals_total", "client", "tests", 0.0),
+        ("upstream_throttled_total", "source", "client_share", 9.0),
+        ("upstream_throttled_total", "source", "local_budget", 1.0),
+    ];
+    for (family, label, value, count) in expected {
+        let got = counter(&gw, family, label, value).await;
+        assert_eq!(got, Some(count), "{family}{{{label}={value}}}");
+    }
 }
 
 /// Callers coalesced onto one call, and hits, are charged nothing: only the flight's leader
@@ -162,19 +146,9 @@ async fn a_share_holds_back_its_client_alone() {
 /// waiting on another's call.
 #[tokio::test]
 async fn coalesced_callers_are_not_charged() {
-    let (sim, gw) = start_with(SimConfig::default(), |c| {
-        c.upstream.rate_limit.requests = 2;
-        c.upstream.rate_limit.per = Duration::from_secs(60);
-        c.auth.clients.push(ClientConfig {
-            name: "greedy".into(),
-            key_sha256: Some(hash_key(GREEDY_KEY)),
-            cert_cn: None,
-            share: Some(0.5),
-        });
-    })
-    .await;
+    let (sim, gw) = start_shared(2).await;
     // A slow answer, so the greedy caller joins the quiet one's call in flight.
-    faults(&sim, json!({ "latency_ms": 800 })).await;
+    faults(&sim, json!({ "latency_ms": 2000 })).await;
     let url = gw.status_url("pending-shared");
     let leader = tokio::spawn({
         let url = url.clone();
@@ -194,11 +168,14 @@ async fn coalesced_callers_are_not_charged() {
     let own = get_greedy(&gw.status_url("pending-own")).await;
     assert_eq!(own.status, StatusCode::OK);
     assert_eq!(status_requests(&sim).await, 2);
-    let calls = |client: &str| {
-        format!(r#"hubspot_gateway_client_upstream_calls_total{{client="{client}"}}"#)
-    };
-    assert_eq!(metric(&gw, &calls("greedy")).await, Some(1.0));
-    assert_eq!(metric(&gw, &calls("tests")).await, Some(1.0));
+    assert_eq!(
+        counter(&gw, "client_upstream_calls_total", "client", "greedy").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        counter(&gw, "client_upstream_calls_total", "client", "tests").await,
+        Some(1.0)
+    );
 }
 
 /// HubSpot's own 429, passed on, keeps HubSpot's body and carries the `RateLimit-*` headers
@@ -218,9 +195,35 @@ async fn hubspot_429_carries_the_holds_headers() {
     let held = get(&gw.status_url("pending-h2")).await;
     assert_rate_limited(&held, limit, 7, "TEN_SECONDLY_ROLLING");
     assert_eq!(status_requests(&sim).await, 1);
-    // Every series of both families exists from start, per client.
-    for family in ["client_upstream_calls_total", "client_share_refusals_total"] {
-        let series = format!(r#"hubspot_gateway_{family}{{client="tests"}}"#);
-        assert!(metric(&gw, &series).await.is_some(), "{series}");
+    // The one call HubSpot refused was caused by `tests`; a hold is not its share.
+    for (family, count) in [
+        ("client_upstream_calls_total", 1.0),
+        ("client_share_refusals_total", 0.0),
+    ] {
+        let value = counter(&gw, family, "client", "tests").await;
+        assert_eq!(value, Some(count), "{family}");
     }
+}
+
+/// `upstream.daily_limit` spent: the gateway's own 429 says `DAILY`, the daily quota, and
+/// the seconds until midnight UTC; HubSpot is not asked.
+#[tokio::test]
+async fn the_daily_limit_answers_daily_429s() {
+    let (sim, gw) = start_with(SimConfig::default(), |c| c.upstream.daily_limit = Some(2)).await;
+    for task in ["pending-d1", "pending-d2"] {
+        assert_eq!(get(&gw.status_url(task)).await.status, StatusCode::OK);
+    }
+    let refused = get(&gw.status_url("pending-d3")).await;
+    assert_rate_limited(&refused, 2, 86_400, "DAILY");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let to_midnight = 86_400 - now % 86_400;
+    assert!(number(&refused, "retry-after").abs_diff(to_midnight) <= 5);
+    assert_eq!(status_requests(&sim).await, 2);
+    assert_eq!(
+        counter(&gw, "upstream_throttled_total", "source", "daily_limit").await,
+        Some(1.0)
+    );
 }

@@ -20,10 +20,16 @@ use hubspot_files_gateway::cluster::{
     ClusterOptions, Flight, Refusal, TaskKey,
 };
 use hubspot_files_gateway::config::{RateLimit, UpstreamConfig};
+use hubspot_files_gateway::metrics::Metrics;
+use hubspot_files_gateway::route::match_route;
 use hubspot_files_gateway::secret::Secret;
-use hubspot_files_gateway::upstream::Policy;
+use hubspot_files_gateway::upstream::{HubSpot, Policy, UpstreamError};
+use hyper::Method;
+use hyper::header::HeaderValue;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::time::Instant;
+
+mod support;
 
 /// A redis-server process of our own on a free loopback port; killed on drop.
 struct RedisServer {
@@ -579,60 +585,40 @@ async fn the_budget_is_the_accounts_across_replicas() {
     let a = shared_budget(&server, 6, None, slow_ok).await;
     let b = shared_budget(&server, 6, None, slow_ok).await;
     let replicas = [&a, &b];
-    let greedy = charge("greedy", Some(0.5), 21);
-    for i in 0..3 {
-        replicas[i % 2]
-            .acquire(&greedy)
-            .await
-            .expect("within the share");
+    // The greedy client's 3, then the rest of the account's 6 for a client without a share;
+    // each next call is refused by the budget it would pass, with that budget's quota.
+    let rounds = [
+        (
+            charge("greedy", Some(0.5), 21),
+            ThrottleSource::ClientShare,
+            3,
+        ),
+        (charge("quiet", None, 21), ThrottleSource::LocalBudget, 6),
+    ];
+    for (who, by, limit) in rounds {
+        for i in 0..3 {
+            replicas[i % 2].acquire(&who).await.expect("within budget");
+        }
+        let refused = b.acquire(&who).await.expect_err("spent");
+        assert_eq!((refused.by, refused.limit), (by, limit));
+        assert!(refused.wait > Duration::ZERO && refused.wait <= Duration::from_secs(60));
     }
-    let refused = b.acquire(&greedy).await.expect_err("share spent");
-    assert_eq!(refused.by, ThrottleSource::ClientShare);
-    assert_eq!(refused.limit, 3);
-    let quiet = charge("quiet", None, 21);
-    for i in 0..3 {
-        replicas[i % 2]
-            .acquire(&quiet)
-            .await
-            .expect("within the account");
-    }
-    let refused = a.acquire(&quiet).await.expect_err("account spent");
-    assert_eq!(refused.by, ThrottleSource::LocalBudget);
-    assert_eq!(refused.limit, 6);
-    assert!(refused.wait > Duration::ZERO && refused.wait <= Duration::from_secs(60));
 
-    // A 429 seen by one replica holds the other's calls for that hub.
-    a.hold(
-        Duration::from_secs(3),
-        Duration::from_secs(60),
-        Policy::TenSecondlyRolling,
-        100,
-        Some(22),
-    )
-    .await;
-    let held = b
-        .acquire(&charge("quiet", None, 22))
-        .await
-        .expect_err("held");
-    assert_eq!(held.by, ThrottleSource::HubSpot429);
-    assert!(held.wait > Duration::from_secs(1) && held.wait <= Duration::from_secs(3));
-    // A DAILY one holds as DAILY.
-    a.hold(
-        Duration::from_secs(30),
-        Duration::from_secs(86_400),
-        Policy::Daily,
-        100,
-        Some(23),
-    )
-    .await;
-    let held = b
-        .acquire(&charge("quiet", None, 23))
-        .await
-        .expect_err("held");
-    assert_eq!(
-        (held.by, held.policy),
-        (ThrottleSource::HubSpot429, Policy::Daily)
-    );
+    // A 429 seen by one replica holds the other's calls for that hub, for its policy.
+    let holds = [
+        (Policy::TenSecondlyRolling, 22, Duration::from_secs(3)),
+        (Policy::Daily, 23, Duration::from_secs(30)),
+    ];
+    for (policy, hub, asked) in holds {
+        let cap = Duration::from_secs(86_400);
+        a.hold(asked, cap, policy, 100, Some(hub)).await;
+        let held = b
+            .acquire(&charge("quiet", None, hub))
+            .await
+            .expect_err("held");
+        assert_eq!((held.by, held.policy), (ThrottleSource::HubSpot429, policy));
+        assert!(held.wait > asked / 3 && held.wait <= asked, "{held:?}");
+    }
 
     let c = shared_budget(&server, 100, Some(2), slow_ok).await;
     let d = shared_budget(&server, 100, Some(2), slow_ok).await;
@@ -649,6 +635,86 @@ async fn the_budget_is_the_accounts_across_replicas() {
         until_reset(Duration::ZERO),
         Duration::from_secs(5),
     );
+}
+
+/// A HubSpot 429 one replica's client receives holds every replica: the other's next call
+/// for that account is refused by the hold, for the 429's `Retry-After`, without reaching
+/// HubSpot (the simulator stands in for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hubspot_429_on_one_replica_holds_them_all() {
+    let server = RedisServer::start();
+    let sim = support::simulator(hubspot_sim::SimConfig::default()).await;
+    let config = UpstreamConfig {
+        base_url: sim.base_url().parse().expect("the simulator's URL"),
+        ..UpstreamConfig::default()
+    };
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let (backend, _) = replica(&server).await;
+        let hubspot = HubSpot::new(&config, Metrics::new(), Some(Arc::new(backend)));
+        replicas.push(hubspot.expect("client"));
+    }
+    let override_429 = serde_json::json!({ "status": 429, "count": 1, "retry_after": 5 });
+    support::faults(&sim, serde_json::json!({ "status_override": override_429 })).await;
+    let req = match_route(
+        &Method::GET,
+        "/files/v3/files/import-from-url/async/tasks/t-1/status",
+    )
+    .expect("the status route");
+    let bearer = Secret::new("pat-na1-test");
+    let id = HeaderValue::from_static("req-1");
+    let charge = charge("tests", None, 77);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let first = replicas[0]
+        .get_status(&req, &bearer, None, &id, deadline, &charge)
+        .await
+        .expect("HubSpot's answer");
+    assert_eq!(first.status, 429);
+    let second = replicas[1]
+        .get_status(&req, &bearer, None, &id, deadline, &charge)
+        .await;
+    match second {
+        Err(UpstreamError::Throttled(held)) => {
+            assert_eq!(held.by, ThrottleSource::HubSpot429);
+            assert!(held.wait > Duration::from_secs(3) && held.wait <= Duration::from_secs(5));
+        }
+        other => panic!("the other replica was not held: {other:?}"),
+    }
+    assert_eq!(support::status_requests(&sim).await, 1);
+}
+
+/// The budget gauges in cluster mode show the account's window, the same on every replica
+/// (read from Redis every second), and this replica's part of it once Redis is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gauges_show_the_accounts_window() {
+    let mut server = RedisServer::start();
+    let timeout = Duration::from_millis(200);
+    let a = shared_budget(&server, 6, None, timeout).await;
+    let b = shared_budget(&server, 6, None, timeout).await;
+    for _ in 0..4 {
+        a.acquire(&charge("quiet", None, 41)).await.expect("shared");
+    }
+    b.acquire(&charge("quiet", None, 41)).await.expect("shared");
+    for budget in [&a, &b] {
+        wait_gauges(budget, (6, 1)).await;
+    }
+    server.kill();
+    // This replica's part (6 / 2), less the calls it made itself.
+    wait_gauges(&a, (3, 0)).await;
+    wait_gauges(&b, (3, 2)).await;
+}
+
+/// Waits (10 s at most) until `budget`'s gauges read `want` (limit, remaining).
+async fn wait_gauges(budget: &Budget, want: (u32, u32)) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while budget.gauges() != want {
+        assert!(
+            Instant::now() < deadline,
+            "gauges {:?}, want {want:?}",
+            budget.gauges()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// With Redis gone, each replica keeps its part of the account's budget (`requests /

@@ -156,7 +156,31 @@ return ms
     )
 });
 
+/// KEYS: window. ARGV: per ms. Returns the calls in the window now (Redis' clock).
+static WINDOW_USED: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZCOUNT', KEYS[1], '(' .. (now - tonumber(ARGV[1])), '+inf')
+"#,
+    )
+});
+
 impl ClusterBackend {
+    /// How many calls the shared window of `hub_id` holds now, every replica's together (for
+    /// the budget gauges; nothing is recorded).
+    pub async fn window_used(&self, hub_id: u64, per: Duration) -> Result<u32, ClusterError> {
+        self.call(
+            "budget_window",
+            WINDOW_USED
+                .key(self.key("rl", hub_id))
+                .arg(millis(per))
+                .invoke_async(&mut self.conn()),
+        )
+        .await
+    }
+
     /// Asks the shared budget for one call to HubSpot for `hub_id`, recording it if allowed.
     /// On `Err` the caller uses its local budget of `local_share(limit)`.
     pub async fn acquire(
