@@ -29,8 +29,6 @@ use hyper::header::HeaderValue;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use tokio::time::Instant;
 
-mod support;
-
 /// A redis-server process of our own on a free loopback port; killed on drop.
 struct RedisServer {
     port: u16,
