@@ -110,7 +110,7 @@ async fn one_task_polled_on_every_replica_is_one_hubspot_call() {
     assert_eq!(status_requests(&c.sim).await, 1, "HubSpot calls");
     let first = &replies[0].body;
     assert!(
-        replies.iter().all(|r| &r.body == first),
+        replies.iter().all(|r| r.body == *first),
         "every caller gets HubSpot's one answer"
     );
     assert_eq!(replies[0].json()["status"], "PENDING");
