@@ -24,6 +24,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
+use opentelemetry::trace::SpanKind;
 
 use crate::auth::{Authenticator, PeerCertName};
 use crate::cache::{AnswerCache, CacheOutcome, Flight, Outcome, Stored};
@@ -92,7 +93,14 @@ impl Gateway {
     ) -> Result<Response<Full<Bytes>>, Infallible> {
         let started = Instant::now();
         let request_id = request_id(req.headers());
-        let handled = self.clone().answer(&req, &request_id).await;
+        // `None` unless `[telemetry]` is on: then this request's spans hang from this one.
+        let span = crate::telemetry::RequestSpan::start(
+            req.method(),
+            req.headers(),
+            request_id.to_str().unwrap_or_default(),
+        );
+        let cx = span.as_ref().map(|s| s.context().clone());
+        let handled = crate::telemetry::within(cx, self.clone().answer(&req, &request_id)).await;
         // The request id (the caller's own, when valid) is the error body's `correlationId`
         // and the access line's `request_id`, so a caller's report leads to the line.
         // `request_id` only ever holds visible ASCII, so `to_str` cannot fail.
@@ -131,7 +139,12 @@ impl Gateway {
                 .map(crate::route::ApiVersion::segment),
         );
         let task_id = handled.key.as_ref().map(|k| k.task_id.as_str());
-        let trace_id = crate::log::trace_id(req.headers());
+        // Tracing on: the request's own trace (the caller's, or a new one); off: the
+        // caller's valid `traceparent`, if any.
+        let own_trace = span.as_ref().map(crate::telemetry::RequestSpan::trace_id);
+        let trace_id = own_trace
+            .as_deref()
+            .or_else(|| crate::log::trace_id(req.headers()));
         macro_rules! access {
             ($name:expr, $($fields:tt)*) => {
                 tracing::event!(name: $name, target: crate::log::ACCESS_TARGET, tracing::Level::INFO, request_id = id, client = %handled.client, method = %req.method(), version, task_id, status = code.as_u16(), cache = handled.cache.label(), upstream_tries = handled.tries, us = elapsed.as_micros() as u64, trace_id, $($fields)*)
@@ -147,6 +160,16 @@ impl Gateway {
                 let path = handled.key.is_none().then(|| req.uri().path());
                 access!(crate::log::REFUSED, path, fault = ?e.fault(), error = %e, "request refused")
             }
+        }
+        if let Some(span) = span {
+            span.finish(crate::telemetry::Outcome {
+                version,
+                task_id,
+                status: code.as_u16(),
+                cache: handled.cache.label(),
+                client: &handled.client,
+                error: handled.result.as_ref().err().map(|e| fault_label(e.fault())),
+            });
         }
         response.headers_mut().insert(X_REQUEST_ID, request_id);
         Ok(response)
@@ -182,7 +205,11 @@ impl Gateway {
             }
         };
         // 3. cache, 4. coalesce
-        let (rx, cache, tries) = match self.cache.lookup(&key) {
+        let mut lookup = crate::telemetry::child("cache lookup", SpanKind::Internal);
+        let flight = self.cache.lookup(&key);
+        lookup.set("gateway.cache.lookup", flight_label(&flight));
+        drop(lookup);
+        let (rx, cache, tries) = match flight {
             Flight::Hit(stored) => {
                 return Handled {
                     client,
@@ -207,8 +234,10 @@ impl Gateway {
                 // The fetch runs in its own task, so a leader that hangs up does not cancel it
                 // for the followers. Should it panic, dropping `leader` ends the flight and
                 // its callers get an internal error at once.
+                // The fetch's spans belong to the leader's request.
+                let cx = crate::telemetry::current();
                 tokio::spawn(async move {
-                    let fetch = gateway.fetch(fetched, request_id);
+                    let fetch = crate::telemetry::within(cx, gateway.fetch(fetched, request_id));
                     let outcome = crate::log::counting_tries(counted, fetch).await;
                     gateway.cache.complete(leader, outcome);
                 });
@@ -249,13 +278,22 @@ impl Gateway {
         // One deadline for the whole fetch, the 401 refresh and retry included, so the fetch
         // never outlives the callers waiting for it.
         let deadline = Instant::now() + self.request_timeout;
-        let mut token = self.tokens.current()?;
+        let mut token = {
+            let mut wait = crate::telemetry::child("token wait", SpanKind::Internal);
+            let token = self.tokens.current();
+            wait.set("gateway.token.ready", token.is_ok());
+            token?
+        };
         let mut answer = self.ask(&key, &token, &request_id, deadline).await?;
         if answer.status == StatusCode::UNAUTHORIZED {
             // HubSpot refused a token we believe valid: one forced refresh (single-flight,
             // rate-limited in the token manager), one retry, and whatever that answers.
             let wait = deadline.saturating_duration_since(Instant::now());
-            if self.tokens.force_refresh(token.generation, wait).await {
+            let mut waited = crate::telemetry::child("token refresh wait", SpanKind::Internal);
+            let refreshed = self.tokens.force_refresh(token.generation, wait).await;
+            waited.set("gateway.token.refreshed", refreshed);
+            drop(waited);
+            if refreshed {
                 token = self.tokens.current()?;
                 answer = self.ask(&key, &token, &request_id, deadline).await?;
             }
@@ -445,6 +483,25 @@ fn hubspot_failure(result: &Outcome<GatewayError>) -> Option<StatusCode> {
             Fault::Upstream => Some(e.to_response("").status()),
             Fault::Client | Fault::Credential | Fault::Internal => None,
         },
+    }
+}
+
+/// The server span's `error.type`: who caused the refusal.
+fn fault_label(fault: Fault) -> &'static str {
+    match fault {
+        Fault::Client => "client",
+        Fault::Credential => "credential",
+        Fault::Upstream => "upstream",
+        Fault::Internal => "internal",
+    }
+}
+
+/// The cache lookup span's outcome: stored, leading a new fetch, or following one.
+fn flight_label<E>(flight: &Flight<E>) -> &'static str {
+    match flight {
+        Flight::Hit(_) => "hit",
+        Flight::Lead(_) => "lead",
+        Flight::Follow(_) => "follow",
     }
 }
 

@@ -59,12 +59,54 @@ pub fn enabled() -> bool {
     TRACER.get().is_some()
 }
 
-/// Spans dropped since start: `(queue full, export failed)`.
-pub fn dropped_spans() -> (u64, u64) {
-    (
-        DROPPED_QUEUE_FULL.load(Ordering::Relaxed),
-        DROPPED_EXPORT_FAILED.load(Ordering::Relaxed),
-    )
+/// `trace_spans_dropped_total{reason}` (`queue_full`, `export_failed`): both series exist at
+/// 0 from start, and are brought up to this module's counts at each scrape, so a span costs
+/// no metric update.
+pub struct DroppedSpans(prometheus::IntCounterVec);
+
+impl DroppedSpans {
+    /// The collector, for the registry.
+    pub fn new() -> DroppedSpans {
+        let counter = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "trace_spans_dropped_total",
+                "Finished spans not delivered to the OTLP receiver: its queue was full, or the export failed.",
+            )
+            .namespace(crate::metrics::PREFIX),
+            &["reason"],
+        )
+        .expect("static metric definition");
+        for reason in ["queue_full", "export_failed"] {
+            counter.with_label_values(&[reason]);
+        }
+        DroppedSpans(counter)
+    }
+}
+
+impl Default for DroppedSpans {
+    fn default() -> Self {
+        DroppedSpans::new()
+    }
+}
+
+impl prometheus::core::Collector for DroppedSpans {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        for (reason, count) in [
+            ("queue_full", &DROPPED_QUEUE_FULL),
+            ("export_failed", &DROPPED_EXPORT_FAILED),
+        ] {
+            let series = self.0.with_label_values(&[reason]);
+            let (now, seen) = (count.load(Ordering::Relaxed), series.get());
+            if now > seen {
+                series.inc_by(now - seen);
+            }
+        }
+        self.0.collect()
+    }
 }
 
 /// `<endpoint>/v1/traces` for an `http(s)://host[:port][/prefix]` endpoint; `None` for

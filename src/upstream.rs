@@ -210,6 +210,17 @@ pub enum UpstreamError {
     Request(#[from] RequestError),
 }
 
+/// A try span's `error.type`: why no answer came.
+fn error_type(e: &UpstreamError) -> &'static str {
+    match e {
+        UpstreamError::Unavailable(_) => "unavailable",
+        UpstreamError::Timeout => "timeout",
+        UpstreamError::Throttled { .. } => "throttled",
+        UpstreamError::TooLarge { .. } => "too_large",
+        UpstreamError::Request(_) => "request",
+    }
+}
+
 /// Why a request to HubSpot could not be built. Neither cause carries the offending value,
 /// so a token never reaches a log line through this error.
 #[derive(Debug, thiserror::Error)]
@@ -315,7 +326,15 @@ impl HubSpot {
             attempt += 1;
             // Built before the budget is touched: a request that cannot be built is not sent.
             let request = self.request(Method::GET, &path, Some(bearer), Some(request_id), None)?;
+            // One span per try (nothing when tracing is off), ended when it goes out of scope.
+            let mut span = crate::telemetry::child(
+                "HubSpot GET status",
+                opentelemetry::trace::SpanKind::Client,
+            );
+            span.set("http.request.method", "GET");
+            span.set("gateway.attempt", i64::from(attempt));
             if let Err((retry_after, by, policy)) = self.budget.acquire() {
+                span.set("gateway.throttled", true);
                 self.metrics
                     .upstream_throttled_total
                     .with_label_values(&[by.label()])
@@ -341,6 +360,17 @@ impl HubSpot {
             self.metrics
                 .upstream_request_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
+            match &result {
+                Ok(a) => {
+                    span.set("http.response.status_code", i64::from(a.status.as_u16()));
+                    span.set("gateway.throttled", a.status == StatusCode::TOO_MANY_REQUESTS);
+                }
+                Err(e) => {
+                    span.set("error.type", error_type(e));
+                    span.set("gateway.throttled", matches!(e, UpstreamError::Throttled { .. }));
+                }
+            }
+            drop(span);
             let retryable = match &result {
                 Ok(a) => matches!(a.status.as_u16(), 502..=504),
                 Err(UpstreamError::Unavailable(_) | UpstreamError::Timeout) => true,
