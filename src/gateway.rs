@@ -168,7 +168,11 @@ impl Gateway {
                 status: code.as_u16(),
                 cache: handled.cache.label(),
                 client: &handled.client,
-                error: handled.result.as_ref().err().map(|e| fault_label(e.fault())),
+                error: handled
+                    .result
+                    .as_ref()
+                    .err()
+                    .map(|e| fault_label(e.fault())),
             });
         }
         response.headers_mut().insert(X_REQUEST_ID, request_id);

@@ -131,21 +131,16 @@ fn serve(path: &Path) -> ExitCode {
                 return ExitCode::from(RUNTIME);
             }
         };
-        let code = match server::run_with_reload(
-            config,
-            credentials,
-            listeners,
-            signal(),
-            Some(reload),
-        )
-        .await
-        {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(error = %e, "gateway failed");
-                ExitCode::from(RUNTIME)
-            }
-        };
+        let code =
+            match server::run_with_reload(config, credentials, listeners, signal(), Some(reload))
+                .await
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "gateway failed");
+                    ExitCode::from(RUNTIME)
+                }
+            };
         // The spans of the last requests, within telemetry.export_timeout.
         if let Some(traces) = traces {
             traces.shutdown().await;

@@ -168,9 +168,9 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let worker = tokio::spawn(export_loop(rx, exporter, stopped, config.export_timeout));
     let provider = SdkTracerProvider::builder()
         .with_resource(resource)
-        .with_sampler(Sampler::ParentBased(Box::new(
-            Sampler::TraceIdRatioBased(config.sample_ratio),
-        )))
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            config.sample_ratio,
+        ))))
         .with_span_processor(Queue { tx })
         .build();
     TRACER
@@ -364,8 +364,10 @@ impl RequestSpan {
     pub fn start(method: &hyper::Method, headers: &HeaderMap, request_id: &str) -> Option<Self> {
         let tracer = TRACER.get()?;
         let parent = if crate::log::trace_id(headers).is_some() {
-            TraceContextPropagator::new()
-                .extract_with_context(&Context::new(), &opentelemetry_http::HeaderExtractor(headers))
+            TraceContextPropagator::new().extract_with_context(
+                &Context::new(),
+                &opentelemetry_http::HeaderExtractor(headers),
+            )
         } else {
             Context::new()
         };
@@ -452,13 +454,18 @@ impl Child {
     }
 }
 
-/// Starts a child span of the current context (see [`Child`]).
+/// Starts a child span of the current context (see [`Child`]). Outside a request (no span
+/// in the current context, e.g. a background lease renewal) nothing is built: such work
+/// would otherwise start a trace of its own every time.
 pub fn child(name: &'static str, kind: SpanKind) -> Child {
-    Child(TRACER.get().map(|tracer| {
-        tracer
-            .span_builder(name)
-            .with_kind(kind)
-            .start_with_context(tracer, &Context::current())
+    Child(TRACER.get().and_then(|tracer| {
+        let cx = Context::current();
+        cx.has_active_span().then(|| {
+            tracer
+                .span_builder(name)
+                .with_kind(kind)
+                .start_with_context(tracer, &cx)
+        })
     }))
 }
 
@@ -500,6 +507,68 @@ mod tests {
             "http://",
         ] {
             assert_eq!(traces_url(bad), None, "{bad}");
+        }
+    }
+
+    const CONFIG: &str = r#"
+[token]
+client_id_env = "ID"
+client_secret_env = "SECRET"
+refresh_token_env = "RT"
+[[auth.clients]]
+name = "billing"
+key_sha256 = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
+"#;
+
+    /// `[telemetry]` is off when absent, takes the documented defaults, and each bad value
+    /// is refused by key name without echoing the value (a URL may hold a credential).
+    #[test]
+    fn telemetry_table_defaults_and_checks() {
+        use crate::config::{Config, ConfigError};
+        assert!(Config::parse(CONFIG).expect("valid").telemetry.is_none());
+        let with = |lines: &str| Config::parse(&format!("{CONFIG}[telemetry]\n{lines}\n"));
+        let t = with("otlp_endpoint = \"http://otel-collector:4318\"")
+            .expect("valid")
+            .telemetry
+            .expect("on");
+        assert_eq!(t.service_name, "hubspot-files-gateway");
+        assert_eq!(t.sample_ratio, 1.0);
+        assert_eq!(t.export_timeout, Duration::from_secs(10));
+        for (lines, key) in [
+            (
+                "otlp_endpoint = \"http://user:s3cr3t@otel:4318\"",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "otlp_endpoint = \"s3cr3t://otel:4318\"",
+                "telemetry.otlp_endpoint",
+            ),
+            (
+                "otlp_endpoint = \"http://otel:4318\"\nsample_ratio = 1.5",
+                "telemetry.sample_ratio",
+            ),
+            (
+                "otlp_endpoint = \"http://otel:4318\"\nsample_ratio = nan",
+                "telemetry.sample_ratio",
+            ),
+            (
+                "otlp_endpoint = \"http://otel:4318\"\nexport_timeout = \"0s\"",
+                "telemetry.export_timeout",
+            ),
+            (
+                "otlp_endpoint = \"http://otel:4318\"\nservice_name = \"a s3cr3t\"",
+                "telemetry.service_name",
+            ),
+            ("service_name = \"x\"", "otlp_endpoint"),
+        ] {
+            match with(lines) {
+                Err(ConfigError::Invalid(problems)) => {
+                    let text = problems.to_string();
+                    assert!(text.contains(key), "{lines}: {text}");
+                    assert!(!text.contains("s3cr3t"), "{lines}: {text}");
+                }
+                other => panic!("{lines}: {other:?}"),
+            }
         }
     }
 

@@ -334,11 +334,11 @@ impl HubSpot {
             span.set("http.request.method", "GET");
             span.set("gateway.attempt", i64::from(attempt));
             if let Err((retry_after, by, policy)) = self.budget.acquire() {
-                span.set("gateway.throttled", true);
                 self.metrics
                     .upstream_throttled_total
                     .with_label_values(&[by.label()])
                     .inc();
+                span.set("gateway.throttled", true);
                 // A retry that finds the budget spent returns what HubSpot last said.
                 return last.unwrap_or(Err(UpstreamError::Throttled {
                     retry_after,
@@ -363,11 +363,17 @@ impl HubSpot {
             match &result {
                 Ok(a) => {
                     span.set("http.response.status_code", i64::from(a.status.as_u16()));
-                    span.set("gateway.throttled", a.status == StatusCode::TOO_MANY_REQUESTS);
+                    span.set(
+                        "gateway.throttled",
+                        a.status == StatusCode::TOO_MANY_REQUESTS,
+                    );
                 }
                 Err(e) => {
                     span.set("error.type", error_type(e));
-                    span.set("gateway.throttled", matches!(e, UpstreamError::Throttled { .. }));
+                    span.set(
+                        "gateway.throttled",
+                        matches!(e, UpstreamError::Throttled { .. }),
+                    );
                 }
             }
             drop(span);

@@ -23,8 +23,8 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use prost::Message;
 use support::{
-    BIN, KEY, ServeChild, config_toml, kill, metric_at, send, sim_requests, simulator,
-    spawn_serve, temp_dir, wait_exit, wait_for,
+    BIN, KEY, ServeChild, config_toml, kill, metric_at, send, sim_requests, simulator, spawn_serve,
+    temp_dir, wait_exit, wait_for,
 };
 
 /// The HubSpot token the simulator accepts; it must appear in no span.
@@ -300,13 +300,20 @@ async fn spans_continue_the_callers_trace_and_carry_no_secret() {
         ("gateway.task_id", "complete-tel-1"),
         ("gateway.request_id", "tel-req-1"),
     ] {
-        assert_eq!(a.get(key).map(String::as_str), Some(value), "{key} in {a:?}");
+        assert_eq!(
+            a.get(key).map(String::as_str),
+            Some(value),
+            "{key} in {a:?}"
+        );
     }
     assert_eq!(server.trace_state, "vendor=opaque");
     for name in ["cache lookup", "token wait", "HubSpot GET status"] {
         let children = named(&spans, name);
         assert_eq!(children.len(), 1, "one {name} span: {spans:#?}");
-        assert_eq!(children[0].parent_span_id, server.span_id, "{name}'s parent");
+        assert_eq!(
+            children[0].parent_span_id, server.span_id,
+            "{name}'s parent"
+        );
     }
     assert_eq!(
         attrs(named(&spans, "cache lookup")[0]).get("gateway.cache.lookup"),
@@ -320,8 +327,14 @@ async fn spans_continue_the_callers_trace_and_carry_no_secret() {
     assert_eq!(try_span.kind, SpanKind::Client as i32);
     let t = attrs(try_span);
     assert_eq!(t.get("gateway.attempt").map(String::as_str), Some("1"));
-    assert_eq!(t.get("http.response.status_code").map(String::as_str), Some("200"));
-    assert_eq!(t.get("gateway.throttled").map(String::as_str), Some("false"));
+    assert_eq!(
+        t.get("http.response.status_code").map(String::as_str),
+        Some("200")
+    );
+    assert_eq!(
+        t.get("gateway.throttled").map(String::as_str),
+        Some("false")
+    );
     let line = access_line(&served, &mut lines, "tel-req-1");
     assert_eq!(trace_id(&line).as_deref(), Some(CALLER_TRACE), "{line}");
 
@@ -344,7 +357,10 @@ async fn spans_continue_the_callers_trace_and_carry_no_secret() {
         Some("hit")
     );
     assert!(named(&spans, "HubSpot GET status").is_empty());
-    assert_eq!(named(&spans, "cache lookup")[0].parent_span_id, server.span_id);
+    assert_eq!(
+        named(&spans, "cache lookup")[0].parent_span_id,
+        server.span_id
+    );
 
     // 3. An invalid traceparent is ignored (a new trace) and never echoed, not even in a 401.
     let bad = "00-ZZZZ2f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -363,13 +379,22 @@ async fn spans_continue_the_callers_trace_and_carry_no_secret() {
     let server = server_span(&spans);
     assert!(server.parent_span_id.is_empty());
     let a = attrs(server);
-    assert_eq!(a.get("http.response.status_code").map(String::as_str), Some("401"));
-    assert_eq!(a.get("gateway.client").map(String::as_str), Some("unauthenticated"));
+    assert_eq!(
+        a.get("http.response.status_code").map(String::as_str),
+        Some("401")
+    );
+    assert_eq!(
+        a.get("gateway.client").map(String::as_str),
+        Some("unauthenticated")
+    );
     assert_eq!(a.get("error.type").map(String::as_str), Some("client"));
 
     // The resource names the service; nothing anywhere holds a secret.
     let received = receiver.received.lock().expect("receiver lock");
-    assert_eq!(received.strays, 0, "every request was a protobuf POST /v1/traces");
+    assert_eq!(
+        received.strays, 0,
+        "every request was a protobuf POST /v1/traces"
+    );
     let service = received.exports[0].resource_spans[0]
         .resource
         .as_ref()
@@ -459,8 +484,7 @@ async fn a_dead_or_silent_receiver_changes_no_answer() {
         l.local_addr().expect("address")
     };
     for (name, addr) in [("silent", silent_addr), ("dead", dead_addr)] {
-        let telemetry =
-            format!("otlp_endpoint = \"http://{addr}\"\nexport_timeout = \"3s\"");
+        let telemetry = format!("otlp_endpoint = \"http://{addr}\"\nexport_timeout = \"3s\"");
         let (mut served, _sim) = gateway(name, &telemetry).await;
         let auth = format!("Bearer {KEY}");
         // Enough requests to span several export rounds (one a second).
