@@ -390,27 +390,28 @@ async fn spans_continue_the_callers_trace_and_carry_no_secret() {
     assert_eq!(a.get("error.type").map(String::as_str), Some("client"));
 
     // The resource names the service; nothing anywhere holds a secret.
-    let received = receiver.received.lock().expect("receiver lock");
-    assert_eq!(
-        received.strays, 0,
-        "every request was a protobuf POST /v1/traces"
-    );
-    let service = received.exports[0].resource_spans[0]
-        .resource
-        .as_ref()
-        .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
-        .and_then(|kv| kv.value.as_ref()?.value.clone());
-    assert_eq!(service, Some(Value::StringValue("gw-under-test".into())));
-    for body in &received.bodies {
-        let text = String::from_utf8_lossy(body).to_lowercase();
-        for secret in [KEY, TOKEN, "authorization", "bearer"] {
-            assert!(
-                !text.contains(&secret.to_lowercase()),
-                "an export holds {secret}"
-            );
+    {
+        let received = receiver.received.lock().expect("receiver lock");
+        assert_eq!(
+            received.strays, 0,
+            "every request was a protobuf POST /v1/traces"
+        );
+        let service = received.exports[0].resource_spans[0]
+            .resource
+            .as_ref()
+            .and_then(|r| r.attributes.iter().find(|kv| kv.key == "service.name"))
+            .and_then(|kv| kv.value.as_ref()?.value.clone());
+        assert_eq!(service, Some(Value::StringValue("gw-under-test".into())));
+        for body in &received.bodies {
+            let text = String::from_utf8_lossy(body).to_lowercase();
+            for secret in [KEY, TOKEN, "authorization", "bearer"] {
+                assert!(
+                    !text.contains(&secret.to_lowercase()),
+                    "an export holds {secret}"
+                );
+            }
         }
     }
-    drop(received);
     // HubSpot is not told our trace.
     for seen in sim_requests(&sim).await {
         assert!(seen["headers"].get("traceparent").is_none(), "{seen}");
