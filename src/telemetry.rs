@@ -572,6 +572,41 @@ key_sha256 = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
         }
     }
 
+    /// A full queue drops the span at once, without waiting, and counts it.
+    #[test]
+    fn a_full_queue_drops_and_counts() {
+        use opentelemetry::trace::SpanContext;
+        let (tx, mut rx) = mpsc::channel(1);
+        let queue = Queue { tx };
+        let span = || SpanData {
+            span_context: SpanContext::empty_context(),
+            parent_span_id: opentelemetry::trace::SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Internal,
+            name: "cache lookup".into(),
+            start_time: std::time::SystemTime::now(),
+            end_time: std::time::SystemTime::now(),
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: Default::default(),
+            links: Default::default(),
+            status: Status::Unset,
+            instrumentation_scope: Default::default(),
+        };
+        let before = DROPPED_QUEUE_FULL.load(Ordering::Relaxed);
+        queue.on_end(span());
+        queue.on_end(span());
+        queue.on_end(span());
+        assert_eq!(DROPPED_QUEUE_FULL.load(Ordering::Relaxed) - before, 2);
+        assert!(rx.try_recv().is_ok() && rx.try_recv().is_err());
+        let text = {
+            use prometheus::core::Collector;
+            let families = DroppedSpans::new().collect();
+            format!("{families:?}")
+        };
+        assert!(text.contains("queue_full") && text.contains("export_failed"));
+    }
+
     /// Off, no span is built and no context is carried.
     #[test]
     fn off_builds_nothing() {

@@ -417,8 +417,34 @@ async fn spans_continue_the_callers_trace_and_carry_no_secret() {
         assert!(seen["headers"].get("traceparent").is_none(), "{seen}");
         assert!(seen["headers"].get("tracestate").is_none(), "{seen}");
     }
+
+    // 4. SIGTERM right after an answer: that request's spans still reach the receiver,
+    // sent by the flush at shutdown if the last batch had not gone yet.
+    let last_trace = "0af7651916cd43dd8448eb211c80319c";
+    let reply = send(
+        Method::GET,
+        &url,
+        &[
+            ("authorization", &auth),
+            (
+                "traceparent",
+                &format!("00-{last_trace}-b7ad6b7169203331-01"),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
     kill(&served.child, "TERM");
     assert!(wait_exit(&mut served.child, Duration::from_secs(20)).success());
+    let last = receiver
+        .spans()
+        .into_iter()
+        .filter(|s| hex(&s.trace_id) == last_trace)
+        .count();
+    assert_eq!(
+        last, 2,
+        "the server span and its cache lookup, exported by exit"
+    );
 }
 
 /// `sample_ratio = 0` keeps no new trace, but a caller's sampled `traceparent` is honoured
