@@ -489,6 +489,85 @@ async fn sampling_follows_the_callers_decision() {
     assert!(wait_exit(&mut served.child, Duration::from_secs(20)).success());
 }
 
+/// Each HubSpot try is a span of its own, numbered, with HubSpot's status: three tries on
+/// a failing HubSpot (503, retried), then one try marked throttled on a 429 (not retried);
+/// the server span of a 5xx answer is an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_hubspot_try_is_a_span() {
+    let receiver = Receiver::start().await;
+    let telemetry = format!("otlp_endpoint = \"http://{}\"", receiver.addr);
+    let (mut served, sim) = gateway("tries", &telemetry).await;
+    let auth = format!("Bearer {KEY}");
+    let tries = |spans: &[Span]| {
+        let mut tries: Vec<HashMap<String, String>> = named(spans, "HubSpot GET status")
+            .into_iter()
+            .map(attrs)
+            .collect();
+        tries.sort_by(|a, b| a.get("gateway.attempt").cmp(&b.get("gateway.attempt")));
+        tries
+    };
+    let field = |a: &HashMap<String, String>, k: &str| a.get(k).cloned().unwrap_or_default();
+
+    support::faults(
+        &sim,
+        serde_json::json!({ "fail_rate": 1.0, "fail_status": 503 }),
+    )
+    .await;
+    let failing = "1bf92f3577b34da6a3ce929d0e0e4736";
+    let reply = send(
+        Method::GET,
+        &status_url(&served, "processing-tel-4"),
+        &[
+            ("authorization", &auth),
+            ("traceparent", &format!("00-{failing}-{CALLER_PARENT}-01")),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    let spans = receiver.trace(failing, 6).await;
+    let server = server_span(&spans);
+    let tries_seen = tries(&spans);
+    assert_eq!(tries_seen.len(), 3, "{spans:#?}");
+    for (i, t) in tries_seen.iter().enumerate() {
+        assert_eq!(field(t, "gateway.attempt"), (i + 1).to_string());
+        assert_eq!(field(t, "http.response.status_code"), "503");
+        assert_eq!(field(t, "gateway.throttled"), "false");
+    }
+    assert!(
+        named(&spans, "HubSpot GET status")
+            .iter()
+            .all(|t| t.parent_span_id == server.span_id)
+    );
+    assert_eq!(
+        server.status.as_ref().map(|s| s.code),
+        Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
+    );
+
+    support::faults(
+        &sim,
+        serde_json::json!({ "fail_rate": 0.0, "status_override": { "status": 429, "count": 1 } }),
+    )
+    .await;
+    let throttled = "2bf92f3577b34da6a3ce929d0e0e4736";
+    let reply = send(
+        Method::GET,
+        &status_url(&served, "processing-tel-5"),
+        &[
+            ("authorization", &auth),
+            ("traceparent", &format!("00-{throttled}-{CALLER_PARENT}-01")),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
+    let spans = receiver.trace(throttled, 4).await;
+    let tries_seen = tries(&spans);
+    assert_eq!(tries_seen.len(), 1, "{spans:#?}");
+    assert_eq!(field(&tries_seen[0], "http.response.status_code"), "429");
+    assert_eq!(field(&tries_seen[0], "gateway.throttled"), "true");
+    kill(&served.child, "TERM");
+    assert!(wait_exit(&mut served.child, Duration::from_secs(20)).success());
+}
+
 /// A receiver that refuses connections, or accepts and never answers, changes no answer and
 /// delays none: every request is answered as without tracing, each well within the export
 /// timeout; the spans that could not be sent are counted; SIGTERM still exits 0 promptly.
