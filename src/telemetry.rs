@@ -510,68 +510,6 @@ mod tests {
         }
     }
 
-    const CONFIG: &str = r#"
-[token]
-client_id_env = "ID"
-client_secret_env = "SECRET"
-refresh_token_env = "RT"
-[[auth.clients]]
-name = "billing"
-key_sha256 = "8f434346648f6b96df89dda901c5176b10a6d83961dd3c1ac88b59b2dc327aa4"
-"#;
-
-    /// `[telemetry]` is off when absent, takes the documented defaults, and each bad value
-    /// is refused by key name without echoing the value (a URL may hold a credential).
-    #[test]
-    fn telemetry_table_defaults_and_checks() {
-        use crate::config::{Config, ConfigError};
-        assert!(Config::parse(CONFIG).expect("valid").telemetry.is_none());
-        let with = |lines: &str| Config::parse(&format!("{CONFIG}[telemetry]\n{lines}\n"));
-        let t = with("otlp_endpoint = \"http://otel-collector:4318\"")
-            .expect("valid")
-            .telemetry
-            .expect("on");
-        assert_eq!(t.service_name, "hubspot-files-gateway");
-        assert_eq!(t.sample_ratio, 1.0);
-        assert_eq!(t.export_timeout, Duration::from_secs(10));
-        for (lines, key) in [
-            (
-                "otlp_endpoint = \"http://user:s3cr3t@otel:4318\"",
-                "telemetry.otlp_endpoint",
-            ),
-            (
-                "otlp_endpoint = \"s3cr3t://otel:4318\"",
-                "telemetry.otlp_endpoint",
-            ),
-            (
-                "otlp_endpoint = \"http://otel:4318\"\nsample_ratio = 1.5",
-                "telemetry.sample_ratio",
-            ),
-            (
-                "otlp_endpoint = \"http://otel:4318\"\nsample_ratio = nan",
-                "telemetry.sample_ratio",
-            ),
-            (
-                "otlp_endpoint = \"http://otel:4318\"\nexport_timeout = \"0s\"",
-                "telemetry.export_timeout",
-            ),
-            (
-                "otlp_endpoint = \"http://otel:4318\"\nservice_name = \"a s3cr3t\"",
-                "telemetry.service_name",
-            ),
-            ("service_name = \"x\"", "otlp_endpoint"),
-        ] {
-            match with(lines) {
-                Err(ConfigError::Invalid(problems)) => {
-                    let text = problems.to_string();
-                    assert!(text.contains(key), "{lines}: {text}");
-                    assert!(!text.contains("s3cr3t"), "{lines}: {text}");
-                }
-                other => panic!("{lines}: {other:?}"),
-            }
-        }
-    }
-
     /// A full queue drops the span at once, without waiting, and counts it.
     #[test]
     fn a_full_queue_drops_and_counts() {

@@ -508,23 +508,25 @@ async fn each_hubspot_try_is_a_span() {
     };
     let field = |a: &HashMap<String, String>, k: &str| a.get(k).cloned().unwrap_or_default();
 
-    support::faults(
-        &sim,
-        serde_json::json!({ "fail_rate": 1.0, "fail_status": 503 }),
-    )
-    .await;
+    // Sets the simulator's faults, asks for `task` in trace `trace`, and returns the
+    // answer and the trace's spans once `spans` of them arrived.
+    let ask = |faults: serde_json::Value, task: &'static str, trace: &'static str, spans| {
+        let (sim, served, receiver, auth) = (&sim, &served, &receiver, &auth);
+        async move {
+            support::faults(sim, faults).await;
+            let traceparent = format!("00-{trace}-{CALLER_PARENT}-01");
+            let headers = [
+                ("authorization", auth.as_str()),
+                ("traceparent", &traceparent),
+            ];
+            let reply = send(Method::GET, &status_url(served, task), &headers).await;
+            (reply, receiver.trace(trace, spans).await)
+        }
+    };
     let failing = "1bf92f3577b34da6a3ce929d0e0e4736";
-    let reply = send(
-        Method::GET,
-        &status_url(&served, "processing-tel-4"),
-        &[
-            ("authorization", &auth),
-            ("traceparent", &format!("00-{failing}-{CALLER_PARENT}-01")),
-        ],
-    )
-    .await;
+    let faults = serde_json::json!({ "fail_rate": 1.0, "fail_status": 503 });
+    let (reply, spans) = ask(faults, "processing-tel-4", failing, 6).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
-    let spans = receiver.trace(failing, 6).await;
     let server = server_span(&spans);
     let tries_seen = tries(&spans);
     assert_eq!(tries_seen.len(), 3, "{spans:#?}");
@@ -543,23 +545,11 @@ async fn each_hubspot_try_is_a_span() {
         Some(opentelemetry_proto::tonic::trace::v1::status::StatusCode::Error as i32)
     );
 
-    support::faults(
-        &sim,
-        serde_json::json!({ "fail_rate": 0.0, "status_override": { "status": 429, "count": 1 } }),
-    )
-    .await;
     let throttled = "2bf92f3577b34da6a3ce929d0e0e4736";
-    let reply = send(
-        Method::GET,
-        &status_url(&served, "processing-tel-5"),
-        &[
-            ("authorization", &auth),
-            ("traceparent", &format!("00-{throttled}-{CALLER_PARENT}-01")),
-        ],
-    )
-    .await;
+    let faults =
+        serde_json::json!({ "fail_rate": 0.0, "status_override": { "status": 429, "count": 1 } });
+    let (reply, spans) = ask(faults, "processing-tel-5", throttled, 4).await;
     assert_eq!(reply.status, StatusCode::TOO_MANY_REQUESTS);
-    let spans = receiver.trace(throttled, 4).await;
     let tries_seen = tries(&spans);
     assert_eq!(tries_seen.len(), 1, "{spans:#?}");
     assert_eq!(field(&tries_seen[0], "http.response.status_code"), "429");
