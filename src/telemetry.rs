@@ -410,6 +410,8 @@ impl RequestSpan {
             i64::from(outcome.status),
         ));
         span.set_attribute(KeyValue::new("gateway.cache", outcome.cache));
+        // HubSpot's 429, its hold or the gateway's budget: the caller was told to wait.
+        span.set_attribute(KeyValue::new("gateway.throttled", outcome.status == 429));
         span.set_attribute(KeyValue::new("gateway.client", outcome.client.to_owned()));
         if let Some(category) = outcome.error {
             span.set_attribute(KeyValue::new("error.type", category));

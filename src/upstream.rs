@@ -326,19 +326,11 @@ impl HubSpot {
             attempt += 1;
             // Built before the budget is touched: a request that cannot be built is not sent.
             let request = self.request(Method::GET, &path, Some(bearer), Some(request_id), None)?;
-            // One span per try (nothing when tracing is off), ended when it goes out of scope.
-            let mut span = crate::telemetry::child(
-                "HubSpot GET status",
-                opentelemetry::trace::SpanKind::Client,
-            );
-            span.set("http.request.method", "GET");
-            span.set("gateway.attempt", i64::from(attempt));
             if let Err((retry_after, by, policy)) = self.budget.acquire() {
                 self.metrics
                     .upstream_throttled_total
                     .with_label_values(&[by.label()])
                     .inc();
-                span.set("gateway.throttled", true);
                 // A retry that finds the budget spent returns what HubSpot last said.
                 return last.unwrap_or(Err(UpstreamError::Throttled {
                     retry_after,
@@ -347,6 +339,14 @@ impl HubSpot {
                 }));
             }
             crate::log::upstream_try();
+            // One span per call sent (nothing when tracing is off); a try the budget or a
+            // hold refused sent nothing, and shows on the server span.
+            let mut span = crate::telemetry::child(
+                "HubSpot GET status",
+                opentelemetry::trace::SpanKind::Client,
+            );
+            span.set("http.request.method", "GET");
+            span.set("gateway.attempt", i64::from(attempt));
             let started = Instant::now();
             let result = self.send(request, deadline.min(started + per_try)).await;
             let code = match &result {
@@ -368,13 +368,7 @@ impl HubSpot {
                         a.status == StatusCode::TOO_MANY_REQUESTS,
                     );
                 }
-                Err(e) => {
-                    span.set("error.type", error_type(e));
-                    span.set(
-                        "gateway.throttled",
-                        matches!(e, UpstreamError::Throttled { .. }),
-                    );
-                }
+                Err(e) => span.set("error.type", error_type(e)),
             }
             drop(span);
             let retryable = match &result {

@@ -299,6 +299,7 @@ async fn spans_continue_the_callers_trace_and_carry_no_secret() {
         ("gateway.client", "tests"),
         ("gateway.task_id", "complete-tel-1"),
         ("gateway.request_id", "tel-req-1"),
+        ("gateway.throttled", "false"),
     ] {
         assert_eq!(
             a.get(key).map(String::as_str),
@@ -489,9 +490,9 @@ async fn sampling_follows_the_callers_decision() {
     assert!(wait_exit(&mut served.child, Duration::from_secs(20)).success());
 }
 
-/// Each HubSpot try is a span of its own, numbered, with HubSpot's status: three tries on
-/// a failing HubSpot (503, retried), then one try marked throttled on a 429 (not retried);
-/// the server span of a 5xx answer is an error.
+/// Each HubSpot call is a span of its own, numbered, with HubSpot's status: three tries on
+/// a failing HubSpot (503, retried), then one try marked throttled on a 429 (not retried),
+/// whose server span is marked throttled too; the server span of a 5xx answer is an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_hubspot_try_is_a_span() {
     let receiver = Receiver::start().await;
@@ -554,6 +555,10 @@ async fn each_hubspot_try_is_a_span() {
     assert_eq!(tries_seen.len(), 1, "{spans:#?}");
     assert_eq!(field(&tries_seen[0], "http.response.status_code"), "429");
     assert_eq!(field(&tries_seen[0], "gateway.throttled"), "true");
+    assert_eq!(
+        field(&attrs(server_span(&spans)), "gateway.throttled"),
+        "true"
+    );
     kill(&served.child, "TERM");
     assert!(wait_exit(&mut served.child, Duration::from_secs(20)).success());
 }
