@@ -172,7 +172,7 @@ impl Gateway {
                     .result
                     .as_ref()
                     .err()
-                    .map(|e| fault_label(e.fault())),
+                    .map(|e| crate::telemetry::fault_label(e.fault())),
             });
         }
         response.headers_mut().insert(X_REQUEST_ID, request_id);
@@ -211,7 +211,10 @@ impl Gateway {
         // 3. cache, 4. coalesce
         let mut lookup = crate::telemetry::child("cache lookup", SpanKind::Internal);
         let flight = self.cache.lookup(&key);
-        lookup.set("gateway.cache.lookup", flight_label(&flight));
+        lookup.set(
+            "gateway.cache.lookup",
+            crate::telemetry::flight_label(&flight),
+        );
         drop(lookup);
         let (rx, cache, tries) = match flight {
             Flight::Hit(stored) => {
@@ -487,25 +490,6 @@ fn hubspot_failure(result: &Outcome<GatewayError>) -> Option<StatusCode> {
             Fault::Upstream => Some(e.to_response("").status()),
             Fault::Client | Fault::Credential | Fault::Internal => None,
         },
-    }
-}
-
-/// The server span's `error.type`: who caused the refusal.
-fn fault_label(fault: Fault) -> &'static str {
-    match fault {
-        Fault::Client => "client",
-        Fault::Credential => "credential",
-        Fault::Upstream => "upstream",
-        Fault::Internal => "internal",
-    }
-}
-
-/// The cache lookup span's outcome: stored, leading a new fetch, or following one.
-fn flight_label<E>(flight: &Flight<E>) -> &'static str {
-    match flight {
-        Flight::Hit(_) => "hit",
-        Flight::Lead(_) => "lead",
-        Flight::Follow(_) => "follow",
     }
 }
 

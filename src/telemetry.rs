@@ -426,6 +426,27 @@ impl RequestSpan {
     }
 }
 
+/// The server span's `error.type` for a refusal: who caused it.
+pub fn fault_label(fault: crate::error::Fault) -> &'static str {
+    use crate::error::Fault;
+    match fault {
+        Fault::Client => "client",
+        Fault::Credential => "credential",
+        Fault::Upstream => "upstream",
+        Fault::Internal => "internal",
+    }
+}
+
+/// The cache lookup span's outcome: stored, leading a new fetch, or following one.
+pub fn flight_label<E>(flight: &crate::cache::Flight<E>) -> &'static str {
+    use crate::cache::Flight;
+    match flight {
+        Flight::Hit(_) => "hit",
+        Flight::Lead(_) => "lead",
+        Flight::Follow(_) => "follow",
+    }
+}
+
 /// The method as the HTTP semantic conventions name it: the known ones, else `_OTHER`.
 fn method_label(method: &hyper::Method) -> &'static str {
     match *method {
