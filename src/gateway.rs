@@ -30,6 +30,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
+use opentelemetry::trace::SpanKind;
 
 use crate::auth::{Authenticator, PeerCertName};
 use crate::budget::Charge;
@@ -118,7 +119,14 @@ impl Gateway {
     ) -> Result<Response<Full<Bytes>>, Infallible> {
         let started = Instant::now();
         let request_id = request_id(req.headers());
-        let handled = self.clone().answer(&req, &request_id).await;
+        // `None` unless `[telemetry]` is on: then this request's spans hang from this one.
+        let span = crate::telemetry::RequestSpan::start(
+            req.method(),
+            req.headers(),
+            request_id.to_str().unwrap_or_default(),
+        );
+        let cx = span.as_ref().map(|s| s.context().clone());
+        let handled = crate::telemetry::within(cx, self.clone().answer(&req, &request_id)).await;
         // The request id (the caller's own, when valid) is the error body's `correlationId`
         // and the access line's `request_id`, so a caller's report leads to the line.
         // `request_id` only ever holds visible ASCII, so `to_str` cannot fail.
@@ -157,7 +165,12 @@ impl Gateway {
                 .map(crate::route::ApiVersion::segment),
         );
         let task_id = handled.key.as_ref().map(|k| k.task_id.as_str());
-        let trace_id = crate::log::trace_id(req.headers());
+        // Tracing on: the request's own trace (the caller's, or a new one); off: the
+        // caller's valid `traceparent`, if any.
+        let own_trace = span.as_ref().map(crate::telemetry::RequestSpan::trace_id);
+        let trace_id = own_trace
+            .as_deref()
+            .or_else(|| crate::log::trace_id(req.headers()));
         macro_rules! access {
             ($name:expr, $($fields:tt)*) => {
                 tracing::event!(name: $name, target: crate::log::ACCESS_TARGET, tracing::Level::INFO, request_id = id, client = %handled.client, method = %req.method(), version, task_id, status = code.as_u16(), cache = handled.cache.label(), upstream_tries = handled.tries, us = elapsed.as_micros() as u64, trace_id, $($fields)*)
@@ -173,6 +186,20 @@ impl Gateway {
                 let path = handled.key.is_none().then(|| req.uri().path());
                 access!(crate::log::REFUSED, path, fault = ?e.fault(), error = %e, "request refused")
             }
+        }
+        if let Some(span) = span {
+            span.finish(crate::telemetry::Outcome {
+                version,
+                task_id,
+                status: code.as_u16(),
+                cache: handled.cache.label(),
+                client: &handled.client,
+                error: handled
+                    .result
+                    .as_ref()
+                    .err()
+                    .map(|e| crate::telemetry::fault_label(e.fault())),
+            });
         }
         response.headers_mut().insert(X_REQUEST_ID, request_id);
         Ok(response)
@@ -208,7 +235,14 @@ impl Gateway {
             }
         };
         // 3. cache, 4. coalesce
-        let (rx, cache, tries) = match self.cache.lookup(&key) {
+        let mut lookup = crate::telemetry::child("cache lookup", SpanKind::Internal);
+        let flight = self.cache.lookup(&key);
+        lookup.set(
+            "gateway.cache.lookup",
+            crate::telemetry::flight_label(&flight),
+        );
+        drop(lookup);
+        let (rx, cache, tries) = match flight {
             Flight::Hit(stored) => {
                 return Handled {
                     client,
@@ -235,8 +269,13 @@ impl Gateway {
                 // The fetch runs in its own task, so a leader that hangs up does not cancel it
                 // for the followers. Should it panic, dropping `leader` ends the flight and
                 // its callers get an internal error at once.
+                // The fetch's spans belong to the leader's request.
+                let cx = crate::telemetry::current();
                 tokio::spawn(async move {
-                    let fetch = gateway.fetch_shared(fetched, request_id, charged);
+                    let fetch = crate::telemetry::within(
+                        cx,
+                        gateway.fetch_shared(fetched, request_id, charged),
+                    );
                     let (outcome, share) = crate::log::counting_tries(counted, fetch).await;
                     // Taken before the outcome moves into the cache; sent after it answered
                     // this replica's callers, so Redis is never on their path.
@@ -395,7 +434,12 @@ impl Gateway {
         deadline: Instant,
         client: Arc<str>,
     ) -> Result<Stored, GatewayError> {
-        let mut token = self.tokens.current()?;
+        let mut token = {
+            let mut wait = crate::telemetry::child("token wait", SpanKind::Internal);
+            let token = self.tokens.current();
+            wait.set("gateway.token.ready", token.is_ok());
+            token?
+        };
         let mut answer = self
             .ask(&key, &token, &request_id, deadline, &client)
             .await?;
@@ -403,7 +447,11 @@ impl Gateway {
             // HubSpot refused a token we believe valid: one forced refresh (single-flight,
             // rate-limited in the token manager), one retry, and whatever that answers.
             let wait = deadline.saturating_duration_since(Instant::now());
-            if self.tokens.force_refresh(token.generation, wait).await {
+            let mut waited = crate::telemetry::child("token refresh wait", SpanKind::Internal);
+            let refreshed = self.tokens.force_refresh(token.generation, wait).await;
+            waited.set("gateway.token.refreshed", refreshed);
+            drop(waited);
+            if refreshed {
                 token = self.tokens.current()?;
                 answer = self
                     .ask(&key, &token, &request_id, deadline, &client)

@@ -16,6 +16,7 @@
 //! - [`error`]: the one place failures become HubSpot-shaped responses.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`log`]: text or JSON lines through a writer that never blocks; the access line.
+//! - [`telemetry`]: OpenTelemetry spans of each request, exported over OTLP.
 //! - [`config`], [`secret`]: the TOML config and credentials that never print.
 //! - [`reload`], [`tls`]: live reload of clients and certificates; the TLS files.
 //!
@@ -37,6 +38,7 @@ pub mod reload;
 pub mod route;
 pub mod secret;
 pub mod server;
+pub mod telemetry;
 pub mod tls;
 pub mod token;
 pub mod upstream;

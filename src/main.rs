@@ -12,6 +12,7 @@ use hubspot_files_gateway::config::Config;
 use hubspot_files_gateway::log::{self, LogConfig};
 use hubspot_files_gateway::reload::ReloadSource;
 use hubspot_files_gateway::server::{self, Listeners};
+use hubspot_files_gateway::telemetry;
 use tokio::net::TcpListener;
 
 #[cfg(feature = "demo")]
@@ -123,14 +124,28 @@ fn serve(path: &Path) -> ExitCode {
             Ok(l) => l,
             Err(code) => return code,
         };
-        match server::run_with_reload(config, credentials, listeners, signal(), Some(reload)).await
-        {
-            Ok(()) => ExitCode::SUCCESS,
+        let traces = match config.telemetry.as_ref().map(telemetry::init).transpose() {
+            Ok(t) => t,
             Err(e) => {
-                tracing::error!(error = %e, "gateway failed");
-                ExitCode::from(RUNTIME)
+                eprintln!("cannot start tracing: {e}");
+                return ExitCode::from(RUNTIME);
             }
+        };
+        let code =
+            match server::run_with_reload(config, credentials, listeners, signal(), Some(reload))
+                .await
+            {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "gateway failed");
+                    ExitCode::from(RUNTIME)
+                }
+            };
+        // The spans of the last requests, within telemetry.export_timeout.
+        if let Some(traces) = traces {
+            traces.shutdown().await;
         }
+        code
     })
 }
 

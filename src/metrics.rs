@@ -16,7 +16,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-const PREFIX: &str = "hubspot_gateway";
+pub(crate) const PREFIX: &str = "hubspot_gateway";
 
 /// Every metric family the gateway exports. Label values are bounded: client names come from
 /// the config, codes are HTTP codes, nothing comes from a request's text.
@@ -285,6 +285,9 @@ impl Metrics {
         registry
             .register(Box::new(log_lines::Dropped::new()))
             .expect("log collector registered once");
+        registry
+            .register(Box::new(crate::telemetry::DroppedSpans::new()))
+            .expect("span drop collector registered once");
         Metrics {
             registry,
             requests_total,

@@ -158,6 +158,17 @@ pub enum UpstreamError {
     Request(#[from] RequestError),
 }
 
+/// A try span's `error.type`: why no answer came.
+fn error_type(e: &UpstreamError) -> &'static str {
+    match e {
+        UpstreamError::Unavailable(_) => "unavailable",
+        UpstreamError::Timeout => "timeout",
+        UpstreamError::Throttled { .. } => "throttled",
+        UpstreamError::TooLarge { .. } => "too_large",
+        UpstreamError::Request(_) => "request",
+    }
+}
+
 /// Why a request to HubSpot could not be built. Neither cause carries the offending value,
 /// so a token never reaches a log line through this error.
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +300,14 @@ impl HubSpot {
                 .with_label_values(&[charge.client])
                 .inc();
             crate::log::upstream_try();
+            // One span per call sent (nothing when tracing is off); a try the budget or a
+            // hold refused sent nothing, and shows on the server span.
+            let mut span = crate::telemetry::child(
+                "HubSpot GET status",
+                opentelemetry::trace::SpanKind::Client,
+            );
+            span.set("http.request.method", "GET");
+            span.set("gateway.attempt", i64::from(attempt));
             let started = Instant::now();
             let result = self.send(request, deadline.min(started + per_try)).await;
             let code = match &result {
@@ -302,6 +321,17 @@ impl HubSpot {
             self.metrics
                 .upstream_request_duration_seconds
                 .observe(started.elapsed().as_secs_f64());
+            match &result {
+                Ok(a) => {
+                    span.set("http.response.status_code", i64::from(a.status.as_u16()));
+                    span.set(
+                        "gateway.throttled",
+                        a.status == StatusCode::TOO_MANY_REQUESTS,
+                    );
+                }
+                Err(e) => span.set("error.type", error_type(e)),
+            }
+            drop(span);
             let retryable = match &result {
                 Ok(a) => matches!(a.status.as_u16(), 502..=504),
                 Err(UpstreamError::Unavailable(_) | UpstreamError::Timeout) => true,

@@ -290,8 +290,13 @@ impl ClusterBackend {
             self.fallback(op);
             return Err(ClusterError::Down);
         }
+        // One span per Redis call when tracing is on (ended when this returns).
+        let mut span = crate::telemetry::child(op, opentelemetry::trace::SpanKind::Client);
+        span.set("db.system.name", "redis");
+        span.set("db.operation.name", op);
         let started = Instant::now();
         let outcome = tokio::time::timeout(self.inner.config.timeout, fut).await;
+        span.set("gateway.redis.ok", matches!(outcome, Ok(Ok(_))));
         metrics
             .redis_call_duration_seconds
             .with_label_values(&[op])

@@ -20,7 +20,7 @@ pub use base_url::{BaseUrl, BaseUrlError};
 pub use secrets::{is_variable_name, read_keyed_secret, read_optional_secret, read_secret};
 pub use sections::{
     AuthConfig, AuthMode, CacheConfig, ClientConfig, Credentials, OauthApi, RateLimit,
-    ReloadConfig, ServerConfig, TokenConfig, TokenMode, UpstreamConfig,
+    ReloadConfig, ServerConfig, TelemetryConfig, TokenConfig, TokenMode, UpstreamConfig,
 };
 pub use units::{bytesize, duration};
 
@@ -95,6 +95,9 @@ pub struct Config {
     /// `[cluster]`: budget, cache and flights shared through Redis; absent = per replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// `[telemetry]`: traces over OTLP; absent = no tracing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<TelemetryConfig>,
 }
 
 impl Config {

@@ -355,3 +355,38 @@ pub enum Credentials {
         file: Option<PathBuf>,
     },
 }
+
+/// `[telemetry]`: OpenTelemetry traces sent over OTLP/HTTP (protobuf). Absent: no spans are
+/// built at all.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The OTLP/HTTP receiver, `http(s)://host[:port][/prefix]`; spans go to
+    /// `<otlp_endpoint>/v1/traces`.
+    pub otlp_endpoint: String,
+    /// The `service.name` resource attribute.
+    #[serde(default = "TelemetryConfig::default_service_name")]
+    pub service_name: String,
+    /// The share of new traces kept (0 to 1). A caller's `traceparent` decides for its own
+    /// trace: sampled by the caller, sampled here.
+    #[serde(default = "TelemetryConfig::default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// The longest one export to the receiver may take (retries included), and the bound
+    /// on the flush at shutdown.
+    #[serde(default = "TelemetryConfig::default_export_timeout", with = "duration")]
+    pub export_timeout: Duration,
+}
+
+impl TelemetryConfig {
+    fn default_service_name() -> String {
+        "hubspot-files-gateway".to_owned()
+    }
+
+    fn default_sample_ratio() -> f64 {
+        1.0
+    }
+
+    fn default_export_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+}

@@ -24,6 +24,57 @@ fn minimal_config_gets_the_documented_defaults() {
     assert_eq!(c.token.required_scopes, ["files", "files.ui_hidden.read"]);
 }
 
+/// `[telemetry]` is off when absent, takes the documented defaults, and each bad value
+/// is refused by key name without echoing the value (a URL may hold a credential).
+#[test]
+fn telemetry_table_defaults_and_checks() {
+    assert!(Config::parse(MINIMAL).expect("valid").telemetry.is_none());
+    let with = |lines: &str| Config::parse(&format!("{MINIMAL}[telemetry]\n{lines}\n"));
+    let t = with("otlp_endpoint = \"http://otel-collector:4318\"")
+        .expect("valid")
+        .telemetry
+        .expect("on");
+    assert_eq!(t.service_name, "hubspot-files-gateway");
+    assert_eq!(t.sample_ratio, 1.0);
+    assert_eq!(t.export_timeout, Duration::from_secs(10));
+    for (lines, key) in [
+        (
+            "otlp_endpoint = \"http://user:s3cr3t@otel:4318\"",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "otlp_endpoint = \"s3cr3t://otel:4318\"",
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "otlp_endpoint = \"http://otel:4318\"\nsample_ratio = 1.5",
+            "telemetry.sample_ratio",
+        ),
+        (
+            "otlp_endpoint = \"http://otel:4318\"\nsample_ratio = nan",
+            "telemetry.sample_ratio",
+        ),
+        (
+            "otlp_endpoint = \"http://otel:4318\"\nexport_timeout = \"0s\"",
+            "telemetry.export_timeout",
+        ),
+        (
+            "otlp_endpoint = \"http://otel:4318\"\nservice_name = \"a s3cr3t\"",
+            "telemetry.service_name",
+        ),
+        ("service_name = \"x\"", "otlp_endpoint"),
+    ] {
+        match with(lines) {
+            Err(ConfigError::Invalid(problems)) => {
+                let text = problems.to_string();
+                assert!(text.contains(key), "{lines}: {text}");
+                assert!(!text.contains("s3cr3t"), "{lines}: {text}");
+            }
+            other => panic!("{lines}: {other:?}"),
+        }
+    }
+}
+
 /// `upstream.max_hold` defaults to 60 s, takes a duration, and is refused at 0 or past
 /// a day (no hold but the daily one lasts longer).
 #[test]

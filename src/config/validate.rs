@@ -54,6 +54,9 @@ impl Config {
                 .into_iter()
                 .for_each(&mut invalid);
         }
+        if let Some(telemetry) = &self.telemetry {
+            validate_telemetry(telemetry, &mut invalid);
+        }
         if self.cache.max_bytes == 0 {
             invalid("cache.max_bytes must be > 0".into());
         }
@@ -266,5 +269,30 @@ impl Config {
                 }
             }
         }
+    }
+}
+
+/// `[telemetry]`: a receiver URL the exporter can use, a printable service name, a ratio
+/// that is one, and an export bound that neither gives up at once nor holds shutdown long.
+fn validate_telemetry(t: &super::TelemetryConfig, invalid: &mut impl FnMut(String)) {
+    if crate::telemetry::traces_url(&t.otlp_endpoint).is_none() {
+        // Not echoed: a URL may carry a credential.
+        invalid(
+            "telemetry.otlp_endpoint must be http://host[:port][/prefix] or https://..., without user, password, query or fragment"
+                .into(),
+        );
+    }
+    if t.service_name.is_empty()
+        || t.service_name.len() > 255
+        || !t.service_name.bytes().all(|b| b.is_ascii_graphic())
+    {
+        invalid("telemetry.service_name must be 1 to 255 printable ASCII characters".into());
+    }
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        invalid("telemetry.sample_ratio must be between 0 and 1".into());
+    }
+    let export = Duration::from_millis(100)..=Duration::from_secs(60);
+    if !export.contains(&t.export_timeout) {
+        invalid("telemetry.export_timeout must be between 100ms and 1m".into());
     }
 }
