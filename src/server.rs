@@ -254,7 +254,10 @@ impl Limits {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout)
+            // The watchdog keeps every deadline. hyper's own header timer also runs while a
+            // keep-alive connection waits for its next request, so it closed idle
+            // connections at `header_read_timeout` instead of `idle_timeout`.
+            .header_read_timeout(None)
             // hyper's read buffer bounds the head; past it hyper answers 431 itself.
             .max_buf_size(self.max_header_bytes.max(8192));
         builder
@@ -504,7 +507,7 @@ where
                 if closing.is_some() {
                     return closing.map(|(_, reason)| reason);
                 }
-                // hyper's own HTTP/1 header timer fires at the same moment as ours.
+                // Ended by the peer, or by hyper for a deadline the watchdog also keeps.
                 let (deadline, reason) = state.deadline(limits);
                 return (deadline <= Instant::now()).then_some(reason);
             }
