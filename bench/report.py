@@ -25,6 +25,12 @@ def fmt_us(us):
     return f"{us:.0f} µs"
 
 
+def cpu_per_req(rs):
+    """The median server CPU per request of runs that recorded it."""
+    xs = [x["cpu_us_per_req"] for x in rs if "cpu_us_per_req" in x]
+    return f"{med(xs):.1f} µs" if xs else "–"
+
+
 def load_line(d):
     b, a = d["machine_before"], d["machine_after"]
     c = max(b["compilers"], a["compilers"])
@@ -54,11 +60,15 @@ def section_cache_hit(d, add, goals, chart_png):
         "(nginx: master + workers, one nginx serves all nginx rows; simulator for the direct "
         "row).")
     add("")
-    add("The last column counts the runs of that row that began or ended while another "
-        "compiler was running (not clean).")
+    add("*CPU/req* is the server's CPU time (user + system, all its threads, from /proc) "
+        "during the run divided by the requests answered: what a request costs the server, "
+        "a figure that other processes on the machine move far less than req/s. The last "
+        "column counts the runs of that row that began or ended while another compiler was "
+        "running (not clean).")
     add("")
-    add("| server | mode | conns | req/s | p50 | p99 | RSS | vs bare hyper | contended runs |")
-    add("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    add("| server | mode | conns | req/s | p50 | p99 | CPU/req | RSS | vs bare hyper | "
+        "contended runs |")
+    add("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     agg = {}
     for r in d["runs"]:
         agg.setdefault((r["mode"], r["conns"], r["server"]), []).append(r)
@@ -79,7 +89,7 @@ def section_cache_hit(d, add, goals, chart_png):
                     if all("contended" in x for x in rs) else "not recorded")
             add(f"| {label} | {mode} | {conns} | {rps:,.0f} | "
                 f"{fmt_us(med(x['p50_us'] for x in rs))} | "
-                f"{fmt_us(med(x['p99_us'] for x in rs))} | "
+                f"{fmt_us(med(x['p99_us'] for x in rs))} | {cpu_per_req(rs)} | "
                 f"{med(x['rss_kib'] for x in rs) / 1024:.1f} MiB | {ratio} | {busy} |")
             if server == "gateway" and bare:
                 goals.append((f"cache hit ≥ 0.9 × bare hyper ({mode}, {conns} conns)",
@@ -288,8 +298,8 @@ def section_cache_hit_idle(d, add, goals, chart_png):
     add("")
     add(settings_line(d))
     add("")
-    add("| conns | idle connections | req/s | p50 | p99 | RSS | contended runs |")
-    add("|---:|---:|---:|---:|---:|---:|---:|")
+    add("| conns | idle connections | req/s | p50 | p99 | CPU/req | RSS | contended runs |")
+    add("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for conns in sorted({r["conns"] for r in d["runs"]}):
         rps = {}
         for idle in (0, d["n"]):
@@ -299,12 +309,12 @@ def section_cache_hit_idle(d, add, goals, chart_png):
             rps[idle] = med(r["rps"] for r in rs)
             add(f"| {conns} | {idle:,} | {rps[idle]:,.0f} | "
                 f"{fmt_us(med(r['p50_us'] for r in rs))} | "
-                f"{fmt_us(med(r['p99_us'] for r in rs))} | "
+                f"{fmt_us(med(r['p99_us'] for r in rs))} | {cpu_per_req(rs)} | "
                 f"{med(r['rss_kib'] for r in rs) / 1024:.1f} MiB | "
                 f"{sum(1 for r in rs if r['contended'])} of {len(rs)} |")
         if rps.get(0) and d["n"] in rps:
             ratio = rps[d["n"]] / rps[0]
-            add(f"| {conns} | **with / without** | **{ratio:.2f}** | | | | |")
+            add(f"| {conns} | **with / without** | **{ratio:.2f}** | | | | | |")
             goals.append((f"cache hit beside {d['n']:,} idle connections ≥ 0.9 × without "
                           f"({conns} conns)",
                           f"{ratio:.2f} × ({rps[d['n']]:,.0f} vs {rps[0]:,.0f} req/s)",

@@ -13,8 +13,8 @@ import time
 import uuid
 
 from harness import (GATEWAY_B_BIN, GATEWAY_BIN, REPLICAS, ROOT, ROUTE, SERVERS_H1, TARGET,
-                     Servers, check_config, gateway_config, log, machine_state, metrics,
-                     open_files, raise_file_limit, rss_kib, set_affinity, wait_http)
+                     Servers, check_config, cpu_seconds, gateway_config, log, machine_state,
+                     metrics, open_files, raise_file_limit, rss_kib, set_affinity, wait_http)
 from loadgen import IdleConns, client, h2load, wrk
 
 WORKLOADS = ["cache_hit", "http2", "miss", "coalescing", "storm", "memory", "idle",
@@ -101,7 +101,8 @@ class Bench:
         data = {"machine_before": machine_state(), "seconds": secs, "reps": reps, "runs": []}
         servers = list(SERVERS_H1)
         if GATEWAY_B_BIN:
-            servers.insert(1, ("gateway_b", "gateway, patched build (BENCH_GATEWAY_B_BIN)"))
+            servers.insert(1, ("gateway_b", "gateway, build B (BENCH_GATEWAY_B_BIN), JSON "
+                                            "access log to a file"))
         if self.args.servers:
             servers = [x for x in servers if x[0] in self.args.servers.split(",")]
         data["servers"] = servers
@@ -115,10 +116,13 @@ class Bench:
                     order = servers if rep % 2 == 0 else list(reversed(servers))
                     for name, _ in order:
                         busy_before = machine_state()["compilers"]
+                        cpu_before = cpu_seconds(s.server_pids(name))
                         r = wrk(s.url(name, "complete-bench"), conns, secs,
                                 1 if mode == "pinned" else 2, s.wrk_headers(name),
                                 cpus="1" if mode == "pinned" else None)
                         r.pop("raw")
+                        r["cpu_us_per_req"] = per_request_us(
+                            cpu_seconds(s.server_pids(name)) - cpu_before, r["requests"])
                         r["contended"] = bool(busy_before or machine_state()["compilers"])
                         r.update(server=name, conns=conns, mode=mode, rep=rep,
                                  rss_kib=rss_kib(s.server_pids(name)))
@@ -127,7 +131,8 @@ class Bench:
                             r["log_lines_dropped"] = metrics(s.admin[name]).get(
                                 "hubspot_gateway_log_lines_dropped_total", 0)
                         log(f"cache_hit {mode} c{conns} rep{rep} {name}: {r['rps']:.0f} req/s "
-                            f"p50 {r['p50_us']} us p99 {r['p99_us']} us non2xx {r['non2xx']}")
+                            f"p50 {r['p50_us']} us p99 {r['p99_us']} us, server CPU "
+                            f"{r['cpu_us_per_req']:.1f} us/req, non2xx {r['non2xx']}")
                         self.check_wrk(f"cache_hit {name} c{conns}", r)
                         data["runs"].append(r)
         set_affinity(s.all_server_pids(), "0-1")
@@ -492,8 +497,10 @@ class Bench:
             opened = len(idle.socks)
             accepted = self.wait_open_files(pid, base_fds + opened) - base_fds
             busy_before = machine_state()["compilers"]
+            cpu_before = cpu_seconds([pid])
             r = wrk(url, conns, secs, 1, headers, cpus="1")
             r.pop("raw")
+            r["cpu_us_per_req"] = per_request_us(cpu_seconds([pid]) - cpu_before, r["requests"])
             r["contended"] = bool(busy_before or machine_state()["compilers"])
             still = idle.still_open()
         finally:
@@ -502,7 +509,8 @@ class Bench:
         r.update(idle=n, conns=conns, rep=rep, accepted=accepted, still_open=still,
                  rss_kib=rss_kib([pid]))
         log(f"cache_hit_idle c{conns} rep{rep} idle {n}: {r['rps']:.0f} req/s p50 "
-            f"{r['p50_us']} us p99 {r['p99_us']} us non2xx {r['non2xx']}; idle connections "
+            f"{r['p50_us']} us p99 {r['p99_us']} us, gateway CPU {r['cpu_us_per_req']:.1f} "
+            f"us/req, non2xx {r['non2xx']}; idle connections "
             f"still open {still} of {opened}")
         self.check_wrk(f"cache_hit_idle c{conns} idle {n}", r)
         if n:
@@ -544,6 +552,10 @@ class Bench:
             self.problems.append(f"{what}: of {opened} connections the gateway accepted "
                                  f"{accepted}, and {still} were still open when measured "
                                  "(a cap or a timeout shorter than the workload)")
+
+
+def per_request_us(cpu_s, requests):
+    return cpu_s / max(1, requests) * 1e6
 
 
 def timed_ms(f):

@@ -154,7 +154,6 @@ impl Gateway {
         let elapsed = started.elapsed();
         self.series
             .record(&handled.client, code, handled.cache, elapsed);
-        // One access line; `[log] access` picks which by the event name.
         // The version the caller used (the key holds none: every version shares one entry).
         let version = handled.key.as_ref().and(
             req.uri()
@@ -171,22 +170,26 @@ impl Gateway {
         let trace_id = own_trace
             .as_deref()
             .or_else(|| crate::log::trace_id(req.headers()));
-        macro_rules! access {
-            ($name:expr, $($fields:tt)*) => {
-                tracing::event!(name: $name, target: crate::log::ACCESS_TARGET, tracing::Level::INFO, request_id = id, client = %handled.client, method = %req.method(), version, task_id, status = code.as_u16(), cache = handled.cache.label(), upstream_tries = handled.tries, us = elapsed.as_micros() as u64, trace_id, $($fields)*)
-            };
-        }
-        match &handled.result {
-            Ok(_) if code.is_success() || code.is_redirection() => {
-                access!(crate::log::ANSWERED, "request")
-            }
-            // HubSpot's own refusal, passed on: an error answer all the same.
-            Ok(_) => access!(crate::log::REFUSED, "request"),
-            Err(e) => {
-                let path = handled.key.is_none().then(|| req.uri().path());
-                access!(crate::log::REFUSED, path, fault = ?e.fault(), error = %e, "request refused")
-            }
-        }
+        let failed = handled.result.as_ref().err().map(|e| (e, e.fault()));
+        let refusal = failed.as_ref().map(|(e, fault)| crate::log::Refusal {
+            path: handled.key.is_none().then(|| req.uri().path()),
+            fault,
+            error: e,
+        });
+        // One access line; `[log] access` picks which.
+        crate::log::access(&crate::log::Access {
+            request_id: id,
+            client: &handled.client,
+            method: req.method().as_str(),
+            version,
+            task_id,
+            status: code.as_u16(),
+            cache: handled.cache.label(),
+            upstream_tries: handled.tries,
+            us: elapsed.as_micros() as u64,
+            trace_id,
+            refusal,
+        });
         if let Some(span) = span {
             span.finish(crate::telemetry::Outcome {
                 version,

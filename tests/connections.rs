@@ -228,6 +228,46 @@ async fn idle_http2_connection_answering_pings_closes_at_idle_timeout() {
     gw.stop().await;
 }
 
+/// An HTTP/1.1 keep-alive connection waiting for its next request is idle: it stays open
+/// past `header_read_timeout` (1 s here), which bounds only the wait for a head, and is
+/// closed at `idle_timeout` (3 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http1_keep_alive_connection_closes_at_idle_timeout() {
+    let (_sim, gw) = gateway_with(|c| {
+        c.server.header_read_timeout = Duration::from_secs(1);
+        c.server.idle_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.expect("connect");
+    stream
+        .write_all(
+            b"GET /files/v3/files/import-from-url/async/tasks/x/status HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await.expect("read the answer");
+        assert!(n > 0, "closed before answering");
+        head.extend_from_slice(&buf[..n]);
+    }
+    // No key: a 401, answered with the connection kept alive.
+    assert!(
+        head.starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let answered = Instant::now();
+    let took = closed_within(&mut stream, answered, Duration::from_secs(10), "idle").await;
+    assert!(
+        took >= Duration::from_millis(2500),
+        "closed after {took:?}, before idle_timeout"
+    );
+    wait_closed(&gw, "idle_timeout", 1.0).await;
+    gw.stop().await;
+}
+
 /// An HTTP/2 stream whose answer cannot leave (the client advertises a window of 0) closes its
 /// connection at `send_timeout` (1 s here), though the connection is far from idle or head
 /// deadlines; the stall is counted as `send_timeout`.
