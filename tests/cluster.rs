@@ -223,6 +223,7 @@ fn policy(limit: u32, per: Duration) -> BudgetPolicy {
         per,
         daily_limit: None,
         daily_reset_offset: Duration::ZERO,
+        in_flight: Duration::ZERO,
     }
 }
 
@@ -571,6 +572,100 @@ fn charge(client: &str, share: Option<f64>, hub: u64) -> Charge<'_> {
         share,
         hub_id: Some(hub),
     }
+}
+
+/// The scores of the sorted set `key`, in order.
+async fn scores(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<u64> {
+    let members: Vec<(String, u64)> = redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(conn)
+        .await
+        .expect("ZRANGE");
+    members.into_iter().map(|(_, score)| score).collect()
+}
+
+/// Redis' clock in ms since the epoch: the one the shared window counts by.
+async fn redis_now(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
+    secs * 1000 + micros / 1000
+}
+
+/// Polls until `key`'s `n` entries all stand at or before Redis' now (no call of it is
+/// still placed at admission + the request timeout); returns their scores and that now.
+async fn answered(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    n: usize,
+) -> (Vec<u64>, u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (got, now) = (scores(conn, key).await, redis_now(conn).await);
+        if got.len() == n && got.iter().all(|s| *s <= now) {
+            return (got, now);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the answers were not recorded in {key}: {got:?} at {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Across replicas a call counts in the account's window from when its answer came back
+/// (Redis' clock), where HubSpot may have counted it, not from its admission: two calls
+/// admitted at once on two replicas and answered 800 ms apart leave the shared window 800
+/// ms apart, and a call still out stands at admission + the request timeout, so it cannot
+/// leave the window before HubSpot has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_counts_in_the_shared_window_from_its_answer() {
+    let server = RedisServer::start();
+    let per = Duration::from_secs(2);
+    let config = UpstreamConfig {
+        rate_limit: RateLimit { requests: 2, per },
+        ..UpstreamConfig::default()
+    };
+    let a = Budget::new(&config, Some(Arc::new(replica(&server).await.0)));
+    let b = Budget::new(&config, Some(Arc::new(replica(&server).await.0)));
+    let mut conn = server.inspect().await;
+    let who = charge("quiet", None, 31);
+
+    let first = a.acquire(&who).await.expect("room for the first");
+    let second = b.acquire(&who).await.expect("room for the second");
+    // Both are out: each stands a request timeout past its admission.
+    let (out, now) = (
+        scores(&mut conn, "t:rl:31").await,
+        redis_now(&mut conn).await,
+    );
+    let timeout = config.request_timeout.as_millis() as u64;
+    assert!(
+        out.len() == 2 && out.iter().all(|s| *s > now + timeout / 2),
+        "{out:?} at {now}"
+    );
+    drop(second);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    drop(first);
+    let (at, now) = answered(&mut conn, "t:rl:31", 2).await;
+    assert!(at[1] - at[0] >= 700, "answered 800 ms apart: {at:?}");
+
+    // Once the second's answer is `per` old, its place is free and the first's is not,
+    // although both were admitted more than `per` ago.
+    let per_ms = per.as_millis() as u64;
+    let second_leaves = (at[0] + per_ms + 50).saturating_sub(now);
+    tokio::time::sleep(Duration::from_millis(second_leaves)).await;
+    a.acquire(&who).await.expect("the second left the window");
+    let refused = b.acquire(&who).await.expect_err("the first is still in");
+    assert_eq!(refused.by, ThrottleSource::LocalBudget);
+    let now = redis_now(&mut conn).await;
+    let first_leaves = Duration::from_millis((at[1] + per_ms).saturating_sub(now));
+    assert!(
+        refused.wait <= first_leaves + Duration::from_millis(50),
+        "{refused:?}, the first leaves in {first_leaves:?}"
+    );
+    tokio::time::sleep(first_leaves + Duration::from_millis(50)).await;
+    b.acquire(&who).await.expect("the first left the window");
 }
 
 /// Two replicas' budgets over one Redis are one account's: a share of 0.5 of 6 gives its

@@ -31,7 +31,15 @@ pub struct BudgetPolicy {
     pub daily_limit: Option<u64>,
     /// When the day ends: this long after UTC midnight (less than 24h).
     pub daily_reset_offset: Duration,
+    /// The longest a call may stay unanswered. An allowed call is recorded at admission +
+    /// this, the latest HubSpot can receive it, until [`ClusterBackend::restamp`] moves it
+    /// to when its answer came; 0 records it at admission.
+    pub in_flight: Duration,
 }
+
+/// One allowed call's entry in the shared windows, for [`ClusterBackend::restamp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallId(uuid::Uuid);
 
 /// The budget's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,8 +48,10 @@ pub enum Admission {
     Allowed {
         /// Calls left in the window after this one.
         remaining: u32,
-        /// When the call was recorded.
+        /// When the call was admitted (its entry counts from `at_ms + in_flight`).
         at_ms: u64,
+        /// Its entry, to restamp once HubSpot answered.
+        call: CallId,
     },
     /// The call must not go for `wait` (always > 0).
     Refused {
@@ -70,6 +80,13 @@ pub enum Refusal {
 
 const DAY_MS: u64 = 86_400_000;
 
+impl CallId {
+    /// Its member in the sorted sets.
+    fn member(self) -> String {
+        self.0.simple().to_string()
+    }
+}
+
 /// One client's window inside the account's: at most `limit` of its calls per window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientWindow<'a> {
@@ -81,7 +98,7 @@ pub struct ClientWindow<'a> {
 
 /// KEYS: window, hold, daily counter, and the client's window when ARGV[6] > 0. ARGV:
 /// limit, per ms, unique member, daily limit (0 = none), reset offset ms, client limit (0 =
-/// none). Returns {code, n}: 1 allowed (n = remaining, then time), 0 window (n = wait ms),
+/// none), in-flight bound ms (the entry's score is now + it). Returns {code, n}: 1 allowed (n = remaining, then time), 0 window (n = wait ms),
 /// 2 hold, 4 daily hold, 3 daily limit, 5 client share (n = wait ms).
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -121,12 +138,14 @@ if client > 0 then
   end
 end
 if wait > 0 then return {0, wait, now} end
-local member = now .. ':' .. ARGV[3]
-redis.call('ZADD', KEYS[1], now, member)
-redis.call('PEXPIRE', KEYS[1], per)
+local member = ARGV[3]
+local until_ms = now + tonumber(ARGV[7])
+local life = until_ms + per - now
+redis.call('ZADD', KEYS[1], until_ms, member)
+if redis.call('PTTL', KEYS[1]) < life then redis.call('PEXPIRE', KEYS[1], life) end
 if client > 0 then
-  redis.call('ZADD', KEYS[4], now, member)
-  redis.call('PEXPIRE', KEYS[4], per)
+  redis.call('ZADD', KEYS[4], until_ms, member)
+  if redis.call('PTTL', KEYS[4]) < life then redis.call('PEXPIRE', KEYS[4], life) end
 end
 if daily > 0 then
   redis.call('INCR', KEYS[3])
@@ -152,6 +171,26 @@ if redis.call('PTTL', KEYS[1]) < ms then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ms)
 end
 return ms
+"#,
+    )
+});
+
+/// KEYS: the account's window and, when the call was charged to one, the client's. ARGV:
+/// member, per ms. Moves the call's entry (where it still is) to now, when its answer is
+/// in: HubSpot received it no later, so the next call admitted once this entry leaves the
+/// window reaches HubSpot more than `per` after it. Keeps each key alive for `per` more.
+static RESTAMP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local per = tonumber(ARGV[2])
+for _, key in ipairs(KEYS) do
+  if redis.call('ZADD', key, 'XX', 'CH', now, ARGV[1]) > 0 then
+    if redis.call('PTTL', key) < per then redis.call('PEXPIRE', key, per) end
+  end
+end
+return now
 "#,
     )
 });
@@ -206,16 +245,17 @@ impl ClusterBackend {
             .key(self.key("hold", hub_id))
             .key(self.key("day", hub_id));
         if let Some(c) = client {
-            // Hub ids are digits, so `hub:name` names one client of one hub.
-            script.key(self.key("rlc", format_args!("{hub_id}:{}", c.client)));
+            script.key(self.client_key(hub_id, c.client));
         }
+        let call = CallId(uuid::Uuid::new_v4());
         script
             .arg(policy.limit)
             .arg(millis(policy.per))
-            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .arg(call.member())
             .arg(policy.daily_limit.unwrap_or(0))
             .arg(millis(policy.daily_reset_offset) % DAY_MS)
-            .arg(client.map_or(0, |c| c.limit.max(1)));
+            .arg(client.map_or(0, |c| c.limit.max(1)))
+            .arg(millis(policy.in_flight));
         let (code, n, now): (i64, i64, u64) = self
             .call("budget_acquire", script.invoke_async(&mut self.conn()))
             .await?;
@@ -225,6 +265,7 @@ impl ClusterBackend {
             1 => Ok(Admission::Allowed {
                 remaining: u32::try_from(n).unwrap_or(0),
                 at_ms: now,
+                call,
             }),
             0 => refused(Refusal::Window),
             2 => refused(Refusal::Hold),
@@ -236,6 +277,34 @@ impl ClusterBackend {
                 message: format!("unexpected script answer {other}"),
             }),
         }
+    }
+
+    /// Moves `call`'s entry in `hub_id`'s window (and in `client`'s, when it was charged to
+    /// one) to now, Redis' clock, once HubSpot's answer (or failure) is in. Until then, or
+    /// if this fails, the entry stays at admission + `in_flight`.
+    pub async fn restamp(
+        &self,
+        hub_id: u64,
+        call: CallId,
+        client: Option<&str>,
+        per: Duration,
+    ) -> Result<(), ClusterError> {
+        let mut script = RESTAMP.prepare_invoke();
+        script.key(self.key("rl", hub_id));
+        if let Some(client) = client {
+            script.key(self.client_key(hub_id, client));
+        }
+        script.arg(call.member()).arg(millis(per));
+        let _: u64 = self
+            .call("budget_restamp", script.invoke_async(&mut self.conn()))
+            .await?;
+        Ok(())
+    }
+
+    /// The window of `client`'s calls for `hub_id`.
+    fn client_key(&self, hub_id: u64, client: &str) -> String {
+        // Hub ids are digits, so `hub:name` names one client of one hub.
+        self.key("rlc", format_args!("{hub_id}:{client}"))
     }
 
     /// Holds every replica's calls for `hub_id` for `wait` (HubSpot's `Retry-After`, or the
