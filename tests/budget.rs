@@ -227,3 +227,59 @@ async fn the_daily_limit_answers_daily_429s() {
         Some(1.0)
     );
 }
+
+/// With the gateway's budget equal to HubSpot's (2 calls per 2 s), one call that HubSpot
+/// counts 600 ms after the gateway sent it, then a quick one: counted from admission, the
+/// slow call would leave the gateway's window while HubSpot still counts it, and the next
+/// call would meet HubSpot's own 429. Counted from its answer, HubSpot never refuses; the
+/// gateway answers its own 429 meanwhile, and both places come free again.
+#[tokio::test]
+async fn a_budget_equal_to_hubspots_never_meets_its_429() {
+    let per = Duration::from_secs(2);
+    let sim = SimConfig {
+        rate_limit: Some((2, per)),
+        ..SimConfig::default()
+    };
+    let (sim, gw) = start_with(sim, |c| {
+        c.upstream.rate_limit.requests = 2;
+        c.upstream.rate_limit.per = per;
+    })
+    .await;
+    faults(&sim, json!({ "latency_ms": 600 })).await;
+    let slow = tokio::spawn({
+        let url = gw.status_url("pending-slow");
+        async move { get(&url).await }
+    });
+    wait_for(
+        || async { status_requests(&sim).await == 1 },
+        "the slow call reached HubSpot",
+    )
+    .await;
+    faults(&sim, json!({ "latency_ms": 0 })).await;
+    let quick = get(&gw.status_url("pending-quick")).await;
+    assert_eq!(quick.status, StatusCode::OK);
+
+    // Past both admissions + per, and past the slow call's answer + per.
+    let end = std::time::Instant::now() + Duration::from_millis(3500);
+    let mut replies = Vec::new();
+    while std::time::Instant::now() < end {
+        replies.push(get(&gw.status_url(&format!("pending-poll-{}", replies.len()))).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(slow.await.expect("slow caller").status, StatusCode::OK);
+    let stats = stats(&sim).await;
+    assert_eq!(stats["rate_limited"], 0, "HubSpot answered 429: {stats}");
+    let ok = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .count();
+    assert!(ok >= 2, "the window never came free: {ok} answered");
+    let refused: Vec<&Reply> = replies
+        .iter()
+        .filter(|r| r.status != StatusCode::OK)
+        .collect();
+    assert!(!refused.is_empty(), "the budget never refused");
+    for r in refused {
+        assert_rate_limited(r, 2, 3, "TEN_SECONDLY_ROLLING");
+    }
+}
