@@ -283,3 +283,43 @@ async fn a_budget_equal_to_hubspots_never_meets_its_429() {
         assert_rate_limited(r, 2, 3, "TEN_SECONDLY_ROLLING");
     }
 }
+
+/// A share refusal is its own client's only: the greedy client (1 call of a 2-call budget)
+/// leads a flight whose first call HubSpot answers 401 after a second, so its retry with a
+/// fresh token finds its share spent. The quiet client, which joined that flight meanwhile,
+/// is not handed the greedy client's 429: it asks again under its own charge and gets 200.
+#[tokio::test]
+async fn a_coalesced_caller_never_gets_another_clients_share_refusal() {
+    let (sim, gw) = start_shared(2).await;
+    faults(&sim, json!({ "latency_ms": 1000, "revoke_all": true })).await;
+    let url = gw.status_url("pending-both");
+    let greedy = tokio::spawn({
+        let url = url.clone();
+        async move { get_greedy(&url).await }
+    });
+    wait_for(
+        || async { status_requests(&sim).await == 1 },
+        "the greedy client's call reached HubSpot",
+    )
+    .await;
+    faults(&sim, json!({ "latency_ms": 0 })).await;
+    let quiet = get(&url).await;
+    let greedy = greedy.await.expect("greedy caller");
+    assert_rate_limited(&greedy, 1, 60, "TEN_SECONDLY_ROLLING");
+    assert_eq!(quiet.status, StatusCode::OK, "{:?}", quiet.body);
+    assert_eq!(quiet.header("x-cache"), "MISS", "its own call");
+    // The greedy client's one call (refused with the revoked token), then the quiet one's.
+    assert_eq!(status_requests(&sim).await, 2);
+    assert_eq!(
+        counter(&gw, "client_upstream_calls_total", "client", "greedy").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        counter(&gw, "client_upstream_calls_total", "client", "tests").await,
+        Some(1.0)
+    );
+    assert_eq!(
+        counter(&gw, "client_share_refusals_total", "client", "greedy").await,
+        Some(1.0)
+    );
+}
