@@ -1273,8 +1273,21 @@ async fn replica_gateway_timing(
     server: &RedisServer,
     request_timeout: Duration,
 ) -> support::TestGateway {
+    replica_gateway_with(sim, server, |c| {
+        c.upstream.request_timeout = request_timeout
+    })
+    .await
+}
+
+/// [`replica_gateway`] with its config changed by `edit` first.
+async fn replica_gateway_with(
+    sim: &hubspot_sim::RunningSimulator,
+    server: &RedisServer,
+    edit: impl FnOnce(&mut hubspot_files_gateway::config::Config),
+) -> support::TestGateway {
     let mut config = support::config(&sim.base_url());
-    config.upstream.request_timeout = request_timeout;
+    config.upstream.request_timeout = Duration::from_secs(5);
+    edit(&mut config);
     let mut cluster = ClusterConfig::new(server.url());
     // As in `replica_with`: a loaded machine must not turn a functional test into a
     // fallback test.
@@ -1568,6 +1581,60 @@ async fn a_failed_leader_hands_the_flight_over() {
     let hit = support::get(&a.status_url("complete-handover")).await;
     assert_eq!((hit.status.as_u16(), hit.header("x-cache")), (200, "HIT"));
     assert_eq!(support::status_requests(&slow).await, slow_calls);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The API key of the client with a share in the cross-replica share test.
+const GREEDY_KEY: &str = "greedy-key-9876543210";
+
+/// A share refusal on the replica leading a task's flight is its client's alone: the
+/// greedy client (1 call of the account's 4) leads on replica A, whose HubSpot answers 401
+/// after a second, so its retry with a fresh token finds its share spent. Replica B's quiet
+/// caller, waiting on that flight meanwhile, is not handed the refusal: B takes the flight
+/// over under its own client's charge and answers 200. One account (hub 7009) behind two
+/// simulators, A's with its tokens revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_refusal_stays_on_its_replica_and_client() {
+    let server = RedisServer::start();
+    let revoked = hub_sim(7_009, Duration::from_millis(1000)).await;
+    let fast = hub_sim(7_009, Duration::ZERO).await;
+    let budget = |c: &mut hubspot_files_gateway::config::Config| {
+        c.upstream.rate_limit = RateLimit {
+            requests: 4,
+            per: Duration::from_secs(60),
+        };
+        c.auth
+            .clients
+            .push(hubspot_files_gateway::config::ClientConfig {
+                name: "greedy".into(),
+                key_sha256: Some(hubspot_files_gateway::auth::hash_key(GREEDY_KEY)),
+                cert_cn: None,
+                share: Some(0.25),
+            });
+    };
+    let a = replica_gateway_with(&revoked, &server, budget).await;
+    let b = replica_gateway_with(&fast, &server, budget).await;
+    support::faults(&revoked, serde_json::json!({ "revoke_all": true })).await;
+    let url = a.status_url("pending-greedy");
+    let auth = format!("Bearer {GREEDY_KEY}");
+    let led =
+        tokio::spawn(
+            async move { support::send(Method::GET, &url, &[("authorization", &auth)]).await },
+        );
+    wait_key(&server, "lease", 7_009, "pending-greedy").await;
+    let waiter = support::get(&b.status_url("pending-greedy")).await;
+    let led = led.await.expect("greedy caller");
+    assert_eq!(led.status, 429, "{:?}", led.body);
+    assert_eq!(led.header("ratelimit-limit"), "1");
+    assert_eq!(
+        (waiter.status.as_u16(), waiter.header("x-cache")),
+        (200, "MISS"),
+        "{:?}",
+        waiter.body
+    );
+    assert_eq!(support::status_requests(&revoked).await, 1);
+    assert_eq!(support::status_requests(&fast).await, 1);
     a.stop().await;
     b.stop().await;
 }
