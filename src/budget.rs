@@ -323,12 +323,7 @@ impl Budget {
                 Policy::TenSecondlyRolling,
                 client.map_or(limit, |c| u64::from(c.limit)),
             ),
-            // Redis keeps when a hold ends, not which policy HubSpot named.
-            Refusal::Hold => (
-                ThrottleSource::HubSpot429,
-                Policy::TenSecondlyRolling,
-                limit,
-            ),
+            Refusal::Hold(policy) => (ThrottleSource::HubSpot429, policy, limit),
             Refusal::DailyHold => (ThrottleSource::HubSpot429, Policy::Daily, daily),
             Refusal::DailyLimit => (ThrottleSource::DailyLimit, Policy::Daily, daily),
         };
@@ -518,12 +513,7 @@ impl Budget {
         let set = self.hold_here(asked, cap, policy, limit);
         if let Some(cluster) = &self.cluster {
             let hub = hub_id.unwrap_or(0);
-            let shared = match policy {
-                Policy::Daily => cluster.hold_daily_for(hub, set.remaining).await,
-                Policy::TenSecondlyRolling | Policy::Secondly | Policy::Unknown => {
-                    cluster.hold(hub, set.remaining).await
-                }
-            };
+            let shared = cluster.hold_for_policy(hub, set.remaining, policy).await;
             if let Err(e) = shared {
                 tracing::debug!(error = %e, "shared hold not set: this replica holds alone");
             }

@@ -392,7 +392,7 @@ async fn hold_is_seen_by_every_replica() {
         .expect("short hold");
     match b.acquire(1, &p).await.expect("acquire") {
         Admission::Refused { wait, reason } => {
-            assert_eq!(reason, Refusal::Hold);
+            assert_eq!(reason, Refusal::Hold(Policy::TenSecondlyRolling));
             assert!(wait > Duration::from_millis(800) && wait <= Duration::from_millis(1500));
         }
         other => panic!("held hub allowed: {other:?}"),
@@ -697,9 +697,12 @@ async fn the_budget_is_the_accounts_across_replicas() {
         assert!(refused.wait > Duration::ZERO && refused.wait <= Duration::from_secs(60));
     }
 
-    // A 429 seen by one replica holds the other's calls for that hub, for its policy.
+    // A 429 seen by one replica holds the other's calls for that hub, naming its policy
+    // (the longest last: a replica's own hold covers every hub, and a longer one stays).
     let holds = [
         (Policy::TenSecondlyRolling, 22, Duration::from_secs(3)),
+        (Policy::Secondly, 25, Duration::from_secs(3)),
+        (Policy::Unknown, 26, Duration::from_secs(3)),
         (Policy::Daily, 23, Duration::from_secs(30)),
     ];
     for (policy, hub, asked) in holds {

@@ -19,6 +19,7 @@ use std::time::Duration;
 use redis::Script;
 
 use super::{ClusterBackend, ClusterError, millis};
+use crate::upstream::Policy;
 
 /// What the budget allows, for one hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,8 +68,9 @@ pub enum Admission {
 pub enum Refusal {
     /// The rolling window is full; `wait` is until its oldest call leaves it.
     Window,
-    /// A replica saw HubSpot's 429; `wait` is what is left of its `Retry-After`.
-    Hold,
+    /// A replica saw HubSpot's 429 of this policy (any but `DAILY`); `wait` is what is left
+    /// of its hold.
+    Hold(Policy),
     /// HubSpot's daily limit was hit; `wait` is until the daily reset.
     DailyHold,
     /// The calling client's own window is full; `wait` is until it (and the account's
@@ -98,8 +100,9 @@ pub struct ClientWindow<'a> {
 
 /// KEYS: window, hold, daily counter, and the client's window when ARGV[6] > 0. ARGV:
 /// limit, per ms, unique member, daily limit (0 = none), reset offset ms, client limit (0 =
-/// none), in-flight bound ms (the entry's score is now + it). Returns {code, n}: 1 allowed (n = remaining, then time), 0 window (n = wait ms),
-/// 2 hold, 4 daily hold, 3 daily limit, 5 client share (n = wait ms).
+/// none), in-flight bound ms (the entry's score is now + it). Returns {code, n, now}: 1
+/// allowed (n = remaining), 0 window (n = wait ms), 2 hold (`TEN_SECONDLY_ROLLING`), 6 hold
+/// (`SECONDLY`), 7 hold (any other policy), 4 daily hold, 3 daily limit, 5 client share.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -107,7 +110,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local hold = redis.call('PTTL', KEYS[2])
 if hold > 0 then
-  if redis.call('GET', KEYS[2]) == 'daily' then return {4, hold, now} end
+  local kind = redis.call('GET', KEYS[2])
+  if kind == 'daily' then return {4, hold, now} end
+  if kind == 'secondly' then return {6, hold, now} end
+  if kind == 'unknown' then return {7, hold, now} end
   return {2, hold, now}
 end
 local limit = tonumber(ARGV[1])
@@ -268,7 +274,9 @@ impl ClusterBackend {
                 call,
             }),
             0 => refused(Refusal::Window),
-            2 => refused(Refusal::Hold),
+            2 => refused(Refusal::Hold(Policy::TenSecondlyRolling)),
+            6 => refused(Refusal::Hold(Policy::Secondly)),
+            7 => refused(Refusal::Hold(Policy::Unknown)),
             3 => refused(Refusal::DailyLimit),
             4 => refused(Refusal::DailyHold),
             5 => refused(Refusal::ClientShare),
@@ -308,9 +316,30 @@ impl ClusterBackend {
     }
 
     /// Holds every replica's calls for `hub_id` for `wait` (HubSpot's `Retry-After`, or the
-    /// rate-limit interval). Never shortens a longer hold already set.
+    /// rate-limit interval) after a `TEN_SECONDLY_ROLLING` 429. Never shortens a longer hold
+    /// already set.
     pub async fn hold(&self, hub_id: u64, wait: Duration) -> Result<Duration, ClusterError> {
-        self.set_hold("budget_hold", hub_id, millis(wait).max(1), "429", 0)
+        self.hold_for_policy(hub_id, wait, Policy::TenSecondlyRolling)
+            .await
+    }
+
+    /// [`ClusterBackend::hold`] after a 429 naming `policy`, which every replica's held
+    /// callers are then told; a `DAILY` one is [`ClusterBackend::hold_daily_for`].
+    pub async fn hold_for_policy(
+        &self,
+        hub_id: u64,
+        wait: Duration,
+        policy: Policy,
+    ) -> Result<Duration, ClusterError> {
+        // "429" is what builds before the policy was kept wrote for every hold: read as
+        // TEN_SECONDLY_ROLLING, as they read it, so replicas of both builds agree.
+        let (op, kind) = match policy {
+            Policy::TenSecondlyRolling => ("budget_hold", "429"),
+            Policy::Secondly => ("budget_hold", "secondly"),
+            Policy::Unknown => ("budget_hold", "unknown"),
+            Policy::Daily => ("budget_hold_daily", "daily"),
+        };
+        self.set_hold(op, hub_id, millis(wait).max(1), kind, 0)
             .await
     }
 
@@ -333,8 +362,7 @@ impl ClusterBackend {
         hub_id: u64,
         wait: Duration,
     ) -> Result<Duration, ClusterError> {
-        self.set_hold("budget_hold_daily", hub_id, millis(wait).max(1), "daily", 0)
-            .await
+        self.hold_for_policy(hub_id, wait, Policy::Daily).await
     }
 
     async fn set_hold(
