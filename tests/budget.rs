@@ -1,5 +1,6 @@
-//! The outbound budget as callers see it: per-client shares, the `RateLimit-*` headers of
-//! every 429 the gateway makes or passes on, and the per-client metrics (a real gateway on
+//! The outbound budget as callers see it: per-client shares (a refusal only for its own
+//! client), a window that HubSpot's own never refuses, the `RateLimit-*` headers of every
+//! 429 the gateway makes or passes on, and the per-client metrics (a real gateway on
 //! loopback in front of the HubSpot simulator).
 
 mod support;
@@ -150,15 +151,7 @@ async fn coalesced_callers_are_not_charged() {
     // A slow answer, so the greedy caller joins the quiet one's call in flight.
     faults(&sim, json!({ "latency_ms": 2000 })).await;
     let url = gw.status_url("pending-shared");
-    let leader = tokio::spawn({
-        let url = url.clone();
-        async move { get(&url).await }
-    });
-    wait_for(
-        || async { status_requests(&sim).await == 1 },
-        "the leader's call reached HubSpot",
-    )
-    .await;
+    let leader = leading(&sim, &url, KEY).await;
     let follower = get_greedy(&url).await;
     assert_eq!(follower.status, StatusCode::OK);
     assert_eq!(follower.header("x-cache"), "COALESCED");
@@ -167,15 +160,39 @@ async fn coalesced_callers_are_not_charged() {
     // Its one call is still there to spend.
     let own = get_greedy(&gw.status_url("pending-own")).await;
     assert_eq!(own.status, StatusCode::OK);
-    assert_eq!(status_requests(&sim).await, 2);
-    assert_eq!(
-        counter(&gw, "client_upstream_calls_total", "client", "greedy").await,
-        Some(1.0)
-    );
-    assert_eq!(
-        counter(&gw, "client_upstream_calls_total", "client", "tests").await,
-        Some(1.0)
-    );
+    assert_one_call_each(&sim, &gw).await;
+}
+
+/// Starts a GET of `url` with API key `key` and waits until its call reached HubSpot (the
+/// first status request), so that the next caller of `url` joins its flight.
+async fn leading(
+    sim: &hubspot_sim::RunningSimulator,
+    url: &str,
+    key: &'static str,
+) -> tokio::task::JoinHandle<Reply> {
+    let url = url.to_owned();
+    let call = tokio::spawn(async move {
+        let auth = format!("Bearer {key}");
+        send(Method::GET, &url, &[("authorization", &auth)]).await
+    });
+    wait_for(
+        || async { status_requests(sim).await == 1 },
+        "the leader's call reached HubSpot",
+    )
+    .await;
+    call
+}
+
+/// HubSpot got two calls, one charged to each client.
+async fn assert_one_call_each(sim: &hubspot_sim::RunningSimulator, gw: &TestGateway) {
+    assert_eq!(status_requests(sim).await, 2);
+    for client in ["greedy", "tests"] {
+        assert_eq!(
+            counter(gw, "client_upstream_calls_total", "client", client).await,
+            Some(1.0),
+            "{client}"
+        );
+    }
 }
 
 /// HubSpot's own 429, passed on, keeps HubSpot's body and carries the `RateLimit-*` headers
@@ -293,15 +310,7 @@ async fn a_coalesced_caller_never_gets_another_clients_share_refusal() {
     let (sim, gw) = start_shared(2).await;
     faults(&sim, json!({ "latency_ms": 1000, "revoke_all": true })).await;
     let url = gw.status_url("pending-both");
-    let greedy = tokio::spawn({
-        let url = url.clone();
-        async move { get_greedy(&url).await }
-    });
-    wait_for(
-        || async { status_requests(&sim).await == 1 },
-        "the greedy client's call reached HubSpot",
-    )
-    .await;
+    let greedy = leading(&sim, &url, GREEDY_KEY).await;
     faults(&sim, json!({ "latency_ms": 0 })).await;
     let quiet = get(&url).await;
     let greedy = greedy.await.expect("greedy caller");
@@ -309,15 +318,7 @@ async fn a_coalesced_caller_never_gets_another_clients_share_refusal() {
     assert_eq!(quiet.status, StatusCode::OK, "{:?}", quiet.body);
     assert_eq!(quiet.header("x-cache"), "MISS", "its own call");
     // The greedy client's one call (refused with the revoked token), then the quiet one's.
-    assert_eq!(status_requests(&sim).await, 2);
-    assert_eq!(
-        counter(&gw, "client_upstream_calls_total", "client", "greedy").await,
-        Some(1.0)
-    );
-    assert_eq!(
-        counter(&gw, "client_upstream_calls_total", "client", "tests").await,
-        Some(1.0)
-    );
+    assert_one_call_each(&sim, &gw).await;
     assert_eq!(
         counter(&gw, "client_share_refusals_total", "client", "greedy").await,
         Some(1.0)

@@ -2,9 +2,12 @@
 //! client's share of it, a hold after HubSpot's 429, and an optional daily limit.
 //!
 //! The window is a sorted set of call times per hub, checked and recorded by one Lua script
-//! that reads Redis' own clock (`TIME`), so replicas' clocks do not matter. A call at `t`
-//! counts until `t + per`, so no half-open span of length `per` ever holds more than `limit`
-//! calls. A fixed window or GCRA would let about twice the limit through across a boundary.
+//! that reads Redis' own clock (`TIME`), so replicas' clocks do not matter. A call placed
+//! at `t` counts until `t + per`, so no half-open span of length `per` ever holds more than
+//! `limit` calls. A fixed window or GCRA would let about twice the limit through across a
+//! boundary. HubSpot counts a call when it arrives, so a call is placed at admission +
+//! `in_flight` while out and moved to its answer's time (Redis' clock) once that is in
+//! ([`ClusterBackend::restamp`]): every place is then no earlier than HubSpot's count.
 //! A client with a share has its own sorted set beside the account's, checked and recorded
 //! by the same script, so a call refused by either takes nothing from the other.
 //!
