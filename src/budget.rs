@@ -160,7 +160,7 @@ pub fn daily_hold(now: SystemTime, probing: bool) -> Duration {
 ///
 /// A call's place in the window is an upper bound of when HubSpot received it: admission +
 /// `in_flight` (the request timeout, which no try outlives) while it is out, then the time
-/// its answer or failure came back ([`Permit`] moves it when dropped). Counting from
+/// its answer came back ([`Permit::answered`]). Counting from
 /// admission instead is not safe at `limit` equal to HubSpot's: a call admitted as an
 /// earlier one leaves the window can overtake it in transit and reach HubSpot within `per`
 /// of it. A fixed margin added to `per` would cost every window that margin, sized for the
@@ -262,9 +262,9 @@ impl Budget {
     }
 
     /// Takes one call for `charge` from every budget at once, or says which one refused and
-    /// how long to wait. A refused call takes nothing from any of them. Drop the permit as
-    /// soon as HubSpot's answer (or the failure) is in: that moment is where the call stays
-    /// in the windows.
+    /// how long to wait. A refused call takes nothing from any of them. Call
+    /// [`Permit::answered`] as soon as HubSpot's answer is in: that moment is where the call
+    /// stays in the windows.
     pub async fn acquire(&self, charge: &Charge<'_>) -> Result<Permit<'_>, Throttle> {
         let Some(cluster) = &self.cluster else {
             return self.take_local(charge, self.limit, self.daily_limit);
@@ -664,9 +664,8 @@ impl Window {
     }
 }
 
-/// One call the budget allowed, out to HubSpot. Dropping it (the answer or failure is in, or
-/// the call was abandoned) moves the call in the windows to that moment; until then it
-/// counts from its admission + the request timeout.
+/// One call the budget allowed, out to HubSpot: it counts from its admission + the request
+/// timeout until [`Permit::answered`] moves it to when its answer came back.
 pub struct Permit<'a> {
     budget: &'a Budget,
     id: u64,
@@ -696,10 +695,14 @@ impl std::fmt::Debug for Permit<'_> {
     }
 }
 
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
+impl Permit<'_> {
+    /// HubSpot's answer (or a failure that proves the call is over) is in: the call moves
+    /// to now in every window. A permit dropped without this (a try that timed out and may
+    /// still reach HubSpot, a call abandoned mid-way) keeps its place at admission + the
+    /// request timeout.
+    pub fn answered(mut self) {
         let budget = self.budget;
-        budget.completed(self);
+        budget.completed(&mut self);
     }
 }
 
@@ -751,7 +754,7 @@ mod tests {
     async fn budget_is_a_rolling_window() {
         let b = budget(3, Duration::from_millis(200), None);
         for _ in 0..3 {
-            assert!(b.acquire(&anyone("a")).await.is_ok());
+            b.acquire(&anyone("a")).await.expect("room").answered();
         }
         let refused = b.acquire(&anyone("b")).await.expect_err("spent");
         assert_eq!(refused.by, ThrottleSource::LocalBudget);
@@ -773,17 +776,19 @@ mod tests {
         let first = b.acquire(&anyone("a")).await.expect("room for the first");
         let second = b.acquire(&anyone("b")).await.expect("room for the second");
         // The second is answered at once, the first only after a slow round trip.
-        drop(second);
+        second.answered();
         let second_done = Instant::now();
         std::thread::sleep(Duration::from_millis(500));
         let first_answer = Instant::now();
-        drop(first);
+        first.answered();
         let first_done = Instant::now();
         // Once the second's answer is `per` old its place is free; the first's is not (for
         // 500 ms more), although both were admitted more than `per` ago.
         std::thread::sleep((second_done + per).saturating_duration_since(Instant::now()));
-        let third = b.acquire(&anyone("a")).await.expect("the second left");
-        drop(third);
+        b.acquire(&anyone("a"))
+            .await
+            .expect("the second left")
+            .answered();
         let asked = Instant::now();
         let refused = b.acquire(&anyone("a")).await.expect_err("the first is in");
         let answered = Instant::now();
@@ -798,14 +803,15 @@ mod tests {
         std::thread::sleep((first_done + per).saturating_duration_since(Instant::now()));
         assert!(b.acquire(&anyone("a")).await.is_ok(), "the first left");
 
-        // A call still out holds its place past `per`: HubSpot may not have it yet.
+        // A call still out, or abandoned unanswered, holds its place past `per`: HubSpot
+        // may not have it yet.
         let one = budget(1, Duration::from_millis(100), None);
         let out = one.acquire(&anyone("a")).await.expect("room");
         std::thread::sleep(Duration::from_millis(150));
         let held = one.acquire(&anyone("a")).await.expect_err("still out");
         let timeout = UpstreamConfig::default().request_timeout;
         assert!(held.wait > timeout / 2, "{held:?}");
-        drop(out);
+        out.answered();
         let just_answered = one
             .acquire(&anyone("a"))
             .await
@@ -815,7 +821,10 @@ mod tests {
             "{just_answered:?}"
         );
         std::thread::sleep(Duration::from_millis(130));
-        assert!(one.acquire(&anyone("a")).await.is_ok(), "out of the window");
+        drop(one.acquire(&anyone("a")).await.expect("out of the window"));
+        std::thread::sleep(Duration::from_millis(150));
+        let abandoned = one.acquire(&anyone("a")).await.expect_err("abandoned");
+        assert!(abandoned.wait > timeout / 2, "{abandoned:?}");
     }
 
     /// A client at `floor(limit × share)` calls is refused with its share's quota while
@@ -826,7 +835,10 @@ mod tests {
         let per = Duration::from_millis(300);
         let b = budget(10, per, None);
         for _ in 0..5 {
-            assert!(b.acquire(&sharing("greedy", 0.55)).await.is_ok());
+            b.acquire(&sharing("greedy", 0.55))
+                .await
+                .expect("share")
+                .answered();
         }
         for _ in 0..20 {
             let refused = b
@@ -839,7 +851,7 @@ mod tests {
         }
         assert_eq!(b.gauges(), (10, 5), "refused calls took nothing");
         for _ in 0..5 {
-            assert!(b.acquire(&anyone("quiet")).await.is_ok());
+            b.acquire(&anyone("quiet")).await.expect("room").answered();
         }
         // The account is full now: the greedy client's wait covers both windows.
         let refused = b.acquire(&sharing("greedy", 0.55)).await.expect_err("both");

@@ -294,8 +294,12 @@ impl HubSpot {
             crate::log::upstream_try();
             let started = Instant::now();
             let result = self.send(request, deadline.min(started + per_try)).await;
-            // HubSpot received the call by now: from here it counts in the budget's window.
-            drop(permit);
+            // HubSpot received the call, if at all, before its answer or the error came back;
+            // a try that timed out may still reach it, so it keeps its place at admission +
+            // the request timeout.
+            if !matches!(result, Err(UpstreamError::Timeout)) {
+                permit.answered();
+            }
             let code = match &result {
                 Ok(a) => a.status.as_str().to_owned(),
                 Err(_) => "error".to_owned(),

@@ -645,10 +645,10 @@ async fn a_call_counts_in_the_shared_window_from_its_answer() {
         out.len() == 2 && out.iter().all(|s| *s > now + timeout / 2),
         "{out:?} at {now}"
     );
-    drop(second);
+    second.answered();
     answered(&mut conn, "t:rl:31", 1).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    drop(first);
+    first.answered();
     let (at, now) = answered(&mut conn, "t:rl:31", 2).await;
     assert!(at[1] - at[0] >= 800, "answered 800 ms apart: {at:?}");
 
@@ -657,7 +657,8 @@ async fn a_call_counts_in_the_shared_window_from_its_answer() {
     let per_ms = per.as_millis() as u64;
     let second_leaves = (at[0] + per_ms + 50).saturating_sub(now);
     tokio::time::sleep(Duration::from_millis(second_leaves)).await;
-    a.acquire(&who).await.expect("the second left the window");
+    let third = a.acquire(&who).await.expect("the second left the window");
+    third.answered();
     let asked = redis_now(&mut conn).await;
     let refused = b.acquire(&who).await.expect_err("the first is still in");
     assert_eq!(refused.by, ThrottleSource::LocalBudget);
@@ -693,7 +694,8 @@ async fn the_budget_is_the_accounts_across_replicas() {
     ];
     for (who, by, limit) in rounds {
         for i in 0..3 {
-            replicas[i % 2].acquire(&who).await.expect("within budget");
+            let call = replicas[i % 2].acquire(&who).await.expect("within budget");
+            call.answered();
         }
         let refused = b.acquire(&who).await.expect_err("spent");
         assert_eq!((refused.by, refused.limit), (by, limit));
