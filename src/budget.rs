@@ -289,7 +289,7 @@ impl Budget {
         self.shared.hub.store(hub, Ordering::Relaxed);
         match cluster.acquire_for(hub, &policy, client).await {
             Ok(Admission::Allowed { call, .. }) => {
-                let mut permit = self.record(charge);
+                let mut permit = self.record(&mut self.lock(), Instant::now(), charge);
                 permit.shared = Some(SharedCall {
                     cluster: cluster.clone(),
                     hub,
@@ -380,17 +380,18 @@ impl Budget {
                 limit: u64::from(limit),
             });
         }
-        drop(s);
-        Ok(self.record(charge))
+        // Recorded under the lock that checked the windows, so no other call takes the
+        // same room.
+        Ok(self.record(&mut s, now, charge))
     }
 
-    /// Records one call for `charge` at admission + `in_flight`, until its permit goes.
-    fn record(&self, charge: &Charge<'_>) -> Permit<'_> {
-        let now = Instant::now();
+    /// Records one call for `charge` admitted at `now`, at `now + in_flight` until it is
+    /// answered.
+    fn record(&self, s: &mut BudgetState, now: Instant, charge: &Charge<'_>) -> Permit<'_> {
         // `request_timeout` is bounded by config validation; a clock near its end must not
         // panic.
         let until = now.checked_add(self.in_flight).unwrap_or(now);
-        let id = self.lock().record(now, until, self.per, charge);
+        let id = s.record(now, until, self.per, charge);
         Permit {
             budget: self,
             id,
@@ -669,7 +670,7 @@ impl Window {
 pub struct Permit<'a> {
     budget: &'a Budget,
     id: u64,
-    /// Where the call stands in the local windows until dropped.
+    /// Where the call stands in the local windows until answered.
     until: Instant,
     /// The client whose own window holds it as well.
     client: Option<Box<str>>,

@@ -457,17 +457,23 @@ mod tests {
         .expect("route")
     }
 
-    /// A leader dropped without completing (its fetch panicked) ends the flight: followers
-    /// see it closed at once, and the next caller leads a new one.
+    /// A follower learns whose client the flight is charged to; a leader dropped without
+    /// completing (its fetch panicked) ends the flight: followers see it closed at once, and
+    /// the next caller leads a new one.
     #[tokio::test]
     async fn an_abandoned_flight_ends_for_its_followers() {
         let cache: AnswerCache<()> = AnswerCache::new(&CacheConfig::default());
         let Flight::Lead(leader) = cache.lookup(&key("a"), &who()) else {
             panic!("the first caller leads");
         };
-        let Flight::Follow(mut follower, _) = cache.lookup(&key("a"), &who()) else {
+        let Flight::Follow(mut follower, charged) = cache.lookup(&key("a"), &Arc::from("other"))
+        else {
             panic!("the second caller follows");
         };
+        assert_eq!(
+            &*charged, "tests",
+            "the flight is charged to its leader's client"
+        );
         let fetch = tokio::spawn(async move {
             let _leader = leader;
             panic!("the fetch fails");
