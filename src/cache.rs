@@ -105,8 +105,9 @@ impl CacheOutcome {
     }
 }
 
-/// The fetches in flight, by key: a follower clones the receiver.
-type Flights<E> = Mutex<HashMap<StatusRequest, watch::Receiver<Option<Outcome<E>>>>>;
+/// The fetches in flight, by key: a follower clones the receiver; with it, the client the
+/// flight's HubSpot calls are charged to.
+type Flights<E> = Mutex<HashMap<StatusRequest, (watch::Receiver<Option<Outcome<E>>>, Arc<str>)>>;
 
 /// Whether a caller must fetch or can wait for a fetch already running.
 pub enum Flight<E> {
@@ -114,8 +115,8 @@ pub enum Flight<E> {
     Hit(Arc<Stored>),
     /// Nobody is fetching this key: the caller must run the fetch and `complete` it.
     Lead(Leader<E>),
-    /// Someone is fetching it: wait on this.
-    Follow(watch::Receiver<Option<Outcome<E>>>),
+    /// Someone is fetching it, charged to the client named here: wait on this.
+    Follow(watch::Receiver<Option<Outcome<E>>>, Arc<str>),
 }
 
 /// The duty to fetch one key and tell its followers: hand the outcome to
@@ -191,14 +192,15 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
         }
     }
 
-    /// Looks the key up; on a miss, joins the fetch in flight or becomes its leader.
-    pub fn lookup(&self, key: &StatusRequest) -> Flight<E> {
+    /// Looks the key up; on a miss, joins the fetch in flight or becomes its leader, the
+    /// flight then charged to `client`.
+    pub fn lookup(&self, key: &StatusRequest, client: &Arc<str>) -> Flight<E> {
         if let Some(hit) = self.get(key) {
             return Flight::Hit(hit);
         }
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(rx) = flights.get(key) {
-            return Flight::Follow(rx.clone());
+        if let Some((rx, leader)) = flights.get(key) {
+            return Flight::Follow(rx.clone(), leader.clone());
         }
         // A leader that finished between the lookup above and taking the lock stored its
         // answer before leaving the table: look once more so no second fetch starts.
@@ -206,7 +208,7 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
             return Flight::Hit(hit);
         }
         let (tx, rx) = watch::channel(None);
-        flights.insert(key.clone(), rx.clone());
+        flights.insert(key.clone(), (rx.clone(), client.clone()));
         Flight::Lead(Leader {
             key: key.clone(),
             tx,
@@ -442,6 +444,11 @@ fn task_status(body: &[u8]) -> Option<&'static str> {
 mod tests {
     use super::*;
 
+    /// The client a test's flights are charged to.
+    fn who() -> Arc<str> {
+        Arc::from("tests")
+    }
+
     fn key(id: &str) -> StatusRequest {
         crate::route::match_route(
             &hyper::Method::GET,
@@ -450,24 +457,30 @@ mod tests {
         .expect("route")
     }
 
-    /// A leader dropped without completing (its fetch panicked) ends the flight: followers
-    /// see it closed at once, and the next caller leads a new one.
+    /// A follower learns whose client the flight is charged to; a leader dropped without
+    /// completing (its fetch panicked) ends the flight: followers see it closed at once, and
+    /// the next caller leads a new one.
     #[tokio::test]
     async fn an_abandoned_flight_ends_for_its_followers() {
         let cache: AnswerCache<()> = AnswerCache::new(&CacheConfig::default());
-        let Flight::Lead(leader) = cache.lookup(&key("a")) else {
+        let Flight::Lead(leader) = cache.lookup(&key("a"), &who()) else {
             panic!("the first caller leads");
         };
-        let Flight::Follow(mut follower) = cache.lookup(&key("a")) else {
+        let Flight::Follow(mut follower, charged) = cache.lookup(&key("a"), &Arc::from("other"))
+        else {
             panic!("the second caller follows");
         };
+        assert_eq!(
+            &*charged, "tests",
+            "the flight is charged to its leader's client"
+        );
         let fetch = tokio::spawn(async move {
             let _leader = leader;
             panic!("the fetch fails");
         });
         assert!(fetch.await.is_err());
         assert!(follower.wait_for(Option::is_some).await.is_err());
-        assert!(matches!(cache.lookup(&key("a")), Flight::Lead(_)));
+        assert!(matches!(cache.lookup(&key("a"), &who()), Flight::Lead(_)));
     }
 
     /// A completed flight answers its followers and leaves the table; a stored answer is a
@@ -475,17 +488,17 @@ mod tests {
     #[test]
     fn a_completed_flight_answers_and_leaves() {
         let cache: AnswerCache<()> = AnswerCache::new(&CacheConfig::default());
-        let Flight::Lead(leader) = cache.lookup(&key("b")) else {
+        let Flight::Lead(leader) = cache.lookup(&key("b"), &who()) else {
             panic!("the first caller leads");
         };
-        let Flight::Follow(follower) = cache.lookup(&key("b")) else {
+        let Flight::Follow(follower, _) = cache.lookup(&key("b"), &who()) else {
             panic!("the second caller follows");
         };
         let body = Bytes::from(r#"{"status":"COMPLETE"}"#);
         let entry = cache.entry(StatusCode::OK, HeaderMap::new(), body, None);
         cache.complete(leader, Ok(entry));
         assert!(matches!(&*follower.borrow(), Some(Ok(s)) if s.status == StatusCode::OK));
-        assert!(matches!(cache.lookup(&key("b")), Flight::Hit(_)));
+        assert!(matches!(cache.lookup(&key("b"), &who()), Flight::Hit(_)));
         assert!(cache.flights.lock().expect("lock").is_empty());
     }
 
@@ -508,11 +521,11 @@ mod tests {
         assert!(aged.is_fresh_terminal());
         assert_eq!(aged.origin, Origin::SharedCache);
         assert_eq!(aged.hub_id(), Some(7));
-        let Flight::Lead(leader) = cache.lookup(&key("s")) else {
+        let Flight::Lead(leader) = cache.lookup(&key("s"), &who()) else {
             panic!("nothing stored yet");
         };
         cache.complete(leader, Ok(aged));
-        let Flight::Hit(hit) = cache.lookup(&key("s")) else {
+        let Flight::Hit(hit) = cache.lookup(&key("s"), &who()) else {
             panic!("the shared answer is kept");
         };
         assert!(hit.stored_at.elapsed() >= Duration::from_secs(5));
@@ -576,7 +589,7 @@ mod tests {
         };
         let cache: AnswerCache<()> = AnswerCache::new(&config);
         let complete_with = |status: StatusCode, body: &'static str| {
-            let Flight::Lead(leader) = cache.lookup(&key("p")) else {
+            let Flight::Lead(leader) = cache.lookup(&key("p"), &who()) else {
                 panic!("no fresh answer, so the caller leads");
             };
             let entry = cache.entry(status, HeaderMap::new(), Bytes::from(body), None);

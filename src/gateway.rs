@@ -40,7 +40,7 @@ use crate::error::{Fault, GatewayError};
 use crate::metrics::{Metrics, RequestSeries};
 use crate::route::{StatusRequest, match_route};
 use crate::token::{ActiveToken, TokenError, TokenManager};
-use crate::upstream::{Answer, HubSpot, UpstreamError};
+use crate::upstream::{Answer, HubSpot, Throttle, ThrottleSource, UpstreamError};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_CACHE: HeaderName = HeaderName::from_static("x-cache");
@@ -237,69 +237,45 @@ impl Gateway {
                 return refused("unauthenticated", Some(key), e.into());
             }
         };
-        // 3. cache, 4. coalesce
-        let mut lookup = crate::telemetry::child("cache lookup", SpanKind::Internal);
-        let flight = self.cache.lookup(&key);
-        lookup.set(
-            "gateway.cache.lookup",
-            crate::telemetry::flight_label(&flight),
-        );
-        drop(lookup);
-        let (rx, cache, tries) = match flight {
-            Flight::Hit(stored) => {
-                return Handled {
-                    client,
-                    key: Some(key),
-                    cache: CacheOutcome::Hit,
-                    tries: 0,
-                    result: Ok(stored),
-                    fwd_status: None,
-                };
+        // 3. cache, 4. coalesce. A flight refused by its leader's client's share is that
+        // client's refusal alone: a follower of another client asks again under its own
+        // charge (leading a new flight or joining one), within its own wait.
+        let waited = Instant::now() + self.request_timeout + Duration::from_secs(1);
+        let (result, cache, tries) = loop {
+            let mut lookup = crate::telemetry::child("cache lookup", SpanKind::Internal);
+            let flight = self.cache.lookup(&key, &client);
+            lookup.set(
+                "gateway.cache.lookup",
+                crate::telemetry::flight_label(&flight),
+            );
+            drop(lookup);
+            let (rx, cache, tries, leader) = match flight {
+                Flight::Hit(stored) => {
+                    return Handled {
+                        client,
+                        key: Some(key),
+                        cache: CacheOutcome::Hit,
+                        tries: 0,
+                        result: Ok(stored),
+                        fwd_status: None,
+                    };
+                }
+                Flight::Follow(rx, leader) => (rx, CacheOutcome::Coalesced, None, leader),
+                Flight::Lead(leader) => {
+                    let rx = leader.rx.clone();
+                    let tries = self.lead(leader, &key, request_id, &client);
+                    (rx, CacheOutcome::Miss, Some(tries), client.clone())
+                }
+            };
+            let result = wait(rx, waited.saturating_duration_since(Instant::now())).await;
+            if leader != client && share_refusal(&result) && Instant::now() < waited {
+                continue;
             }
-            Flight::Follow(rx) => {
+            if cache == CacheOutcome::Coalesced {
                 self.metrics.coalesced_requests_total.inc();
-                (rx, CacheOutcome::Coalesced, None)
             }
-            Flight::Lead(leader) => {
-                let rx = leader.rx.clone();
-                let gateway = self.clone();
-                let request_id = request_id.clone();
-                let fetched = key.clone();
-                // The leader's client is charged for the HubSpot calls its flight makes.
-                let charged = client.clone();
-                let tries = Arc::new(AtomicU32::new(0));
-                let counted = tries.clone();
-                // The fetch runs in its own task, so a leader that hangs up does not cancel it
-                // for the followers. Should it panic, dropping `leader` ends the flight and
-                // its callers get an internal error at once.
-                // The fetch's spans belong to the leader's request.
-                let cx = crate::telemetry::current();
-                tokio::spawn(async move {
-                    let fetch = crate::telemetry::within(
-                        cx,
-                        gateway.fetch_shared(fetched, request_id, charged),
-                    );
-                    let (outcome, share) = crate::log::counting_tries(counted, fetch).await;
-                    // Taken before the outcome moves into the cache; sent after it answered
-                    // this replica's callers, so Redis is never on their path.
-                    let owed = share.map(|share| {
-                        let answer = outcome.as_ref().ok().and_then(|s| shareable(s, &share));
-                        let store = outcome
-                            .as_ref()
-                            .is_ok_and(|s| s.origin == Origin::HubSpot && s.is_fresh_terminal());
-                        (share, answer, store)
-                    });
-                    gateway.cache.complete(leader, outcome);
-                    if let Some((share, answer, store)) = owed {
-                        share
-                            .finish(answer, store, gateway.cache.terminal_ttl())
-                            .await;
-                    }
-                });
-                (rx, CacheOutcome::Miss, Some(tries))
-            }
+            break (result, cache, tries);
         };
-        let result = wait(rx, self.request_timeout + Duration::from_secs(1)).await;
         let tries = tries.map_or(0, |t| t.load(Ordering::Relaxed));
         // Another replica's answer: from the shared cache a HIT, from its flight COALESCED,
         // for this flight's leader and followers alike.
@@ -337,6 +313,50 @@ impl Gateway {
             result,
             fwd_status: None,
         }
+    }
+
+    /// Starts `leader`'s fetch of `key` in its own task, charged to `client`; returns the
+    /// count of HubSpot calls it makes.
+    fn lead(
+        self: &Arc<Self>,
+        leader: crate::cache::Leader<GatewayError>,
+        key: &StatusRequest,
+        request_id: &HeaderValue,
+        client: &Arc<str>,
+    ) -> Arc<AtomicU32> {
+        let gateway = self.clone();
+        let request_id = request_id.clone();
+        let fetched = key.clone();
+        // The leader's client is charged for the HubSpot calls its flight makes.
+        let charged = client.clone();
+        let tries = Arc::new(AtomicU32::new(0));
+        let counted = tries.clone();
+        // The fetch runs in its own task, so a leader that hangs up does not cancel it
+        // for the followers. Should it panic, dropping `leader` ends the flight and
+        // its callers get an internal error at once. The fetch's spans belong to the
+        // leader's request.
+        let cx = crate::telemetry::current();
+        tokio::spawn(async move {
+            let fetch =
+                crate::telemetry::within(cx, gateway.fetch_shared(fetched, request_id, charged));
+            let (outcome, share) = crate::log::counting_tries(counted, fetch).await;
+            // Taken before the outcome moves into the cache; sent after it answered
+            // this replica's callers, so Redis is never on their path.
+            let owed = share.map(|share| {
+                let answer = outcome.as_ref().ok().and_then(|s| shareable(s, &share));
+                let store = outcome
+                    .as_ref()
+                    .is_ok_and(|s| s.origin == Origin::HubSpot && s.is_fresh_terminal());
+                (share, answer, store)
+            });
+            gateway.cache.complete(leader, outcome);
+            if let Some((share, answer, store)) = owed {
+                share
+                    .finish(answer, store, gateway.cache.terminal_ttl())
+                    .await;
+            }
+        });
+        tries
     }
 
     /// A leader's fetch: in cluster mode the shared cache, then the task's flight across
@@ -715,6 +735,18 @@ fn shareable(stored: &Stored, share: &Share) -> Option<cluster::Answer> {
             .collect(),
         body: stored.body.clone(),
     })
+}
+
+/// Whether a flight ended in its leader's client's share refusal (no HubSpot answer: the
+/// budget would not charge that client one more call).
+fn share_refusal(result: &Outcome<GatewayError>) -> bool {
+    matches!(
+        result.as_ref().map_err(|e| &**e),
+        Err(GatewayError::Upstream(UpstreamError::Throttled(Throttle {
+            by: ThrottleSource::ClientShare,
+            ..
+        })))
+    )
 }
 
 /// Whether a 403 body is HubSpot's `MISSING_SCOPES` error.

@@ -443,7 +443,7 @@ pub fn flight_label<E>(flight: &crate::cache::Flight<E>) -> &'static str {
     match flight {
         Flight::Hit(_) => "hit",
         Flight::Lead(_) => "lead",
-        Flight::Follow(_) => "follow",
+        Flight::Follow(..) => "follow",
     }
 }
 

@@ -281,20 +281,23 @@ impl HubSpot {
             attempt += 1;
             // Built before the budget is touched: a request that cannot be built is not sent.
             let request = self.request(Method::GET, &path, Some(bearer), Some(request_id), None)?;
-            if let Err(throttle) = self.budget.acquire(charge).await {
-                self.metrics
-                    .upstream_throttled_total
-                    .with_label_values(&[throttle.by.label()])
-                    .inc();
-                if throttle.by == ThrottleSource::ClientShare {
+            let permit = match self.budget.acquire(charge).await {
+                Ok(permit) => permit,
+                Err(throttle) => {
                     self.metrics
-                        .client_share_refusals_total
-                        .with_label_values(&[charge.client])
+                        .upstream_throttled_total
+                        .with_label_values(&[throttle.by.label()])
                         .inc();
+                    if throttle.by == ThrottleSource::ClientShare {
+                        self.metrics
+                            .client_share_refusals_total
+                            .with_label_values(&[charge.client])
+                            .inc();
+                    }
+                    // A retry that finds the budget spent returns what HubSpot last said.
+                    return last.unwrap_or(Err(UpstreamError::Throttled(throttle)));
                 }
-                // A retry that finds the budget spent returns what HubSpot last said.
-                return last.unwrap_or(Err(UpstreamError::Throttled(throttle)));
-            }
+            };
             self.metrics
                 .client_upstream_calls_total
                 .with_label_values(&[charge.client])
@@ -310,6 +313,12 @@ impl HubSpot {
             span.set("gateway.attempt", i64::from(attempt));
             let started = Instant::now();
             let result = self.send(request, deadline.min(started + per_try)).await;
+            // HubSpot received the call, if at all, before its answer or the error came back;
+            // a try that timed out may still reach it, so it keeps its place at admission +
+            // the request timeout.
+            if !matches!(result, Err(UpstreamError::Timeout)) {
+                permit.answered();
+            }
             let code = match &result {
                 Ok(a) => a.status.as_str().to_owned(),
                 Err(_) => "error".to_owned(),

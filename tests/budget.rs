@@ -1,5 +1,6 @@
-//! The outbound budget as callers see it: per-client shares, the `RateLimit-*` headers of
-//! every 429 the gateway makes or passes on, and the per-client metrics (a real gateway on
+//! The outbound budget as callers see it: per-client shares (a refusal only for its own
+//! client), a window that HubSpot's own never refuses, the `RateLimit-*` headers of every
+//! 429 the gateway makes or passes on, and the per-client metrics (a real gateway on
 //! loopback in front of the HubSpot simulator).
 
 mod support;
@@ -150,15 +151,7 @@ async fn coalesced_callers_are_not_charged() {
     // A slow answer, so the greedy caller joins the quiet one's call in flight.
     faults(&sim, json!({ "latency_ms": 2000 })).await;
     let url = gw.status_url("pending-shared");
-    let leader = tokio::spawn({
-        let url = url.clone();
-        async move { get(&url).await }
-    });
-    wait_for(
-        || async { status_requests(&sim).await == 1 },
-        "the leader's call reached HubSpot",
-    )
-    .await;
+    let leader = leading(&sim, &url, KEY).await;
     let follower = get_greedy(&url).await;
     assert_eq!(follower.status, StatusCode::OK);
     assert_eq!(follower.header("x-cache"), "COALESCED");
@@ -167,15 +160,39 @@ async fn coalesced_callers_are_not_charged() {
     // Its one call is still there to spend.
     let own = get_greedy(&gw.status_url("pending-own")).await;
     assert_eq!(own.status, StatusCode::OK);
-    assert_eq!(status_requests(&sim).await, 2);
-    assert_eq!(
-        counter(&gw, "client_upstream_calls_total", "client", "greedy").await,
-        Some(1.0)
-    );
-    assert_eq!(
-        counter(&gw, "client_upstream_calls_total", "client", "tests").await,
-        Some(1.0)
-    );
+    assert_one_call_each(&sim, &gw).await;
+}
+
+/// Starts a GET of `url` with API key `key` and waits until its call reached HubSpot (the
+/// first status request), so that the next caller of `url` joins its flight.
+async fn leading(
+    sim: &hubspot_sim::RunningSimulator,
+    url: &str,
+    key: &'static str,
+) -> tokio::task::JoinHandle<Reply> {
+    let url = url.to_owned();
+    let call = tokio::spawn(async move {
+        let auth = format!("Bearer {key}");
+        send(Method::GET, &url, &[("authorization", &auth)]).await
+    });
+    wait_for(
+        || async { status_requests(sim).await == 1 },
+        "the leader's call reached HubSpot",
+    )
+    .await;
+    call
+}
+
+/// HubSpot got two calls, one charged to each client.
+async fn assert_one_call_each(sim: &hubspot_sim::RunningSimulator, gw: &TestGateway) {
+    assert_eq!(status_requests(sim).await, 2);
+    for client in ["greedy", "tests"] {
+        assert_eq!(
+            counter(gw, "client_upstream_calls_total", "client", client).await,
+            Some(1.0),
+            "{client}"
+        );
+    }
 }
 
 /// HubSpot's own 429, passed on, keeps HubSpot's body and carries the `RateLimit-*` headers
@@ -224,6 +241,86 @@ async fn the_daily_limit_answers_daily_429s() {
     assert_eq!(status_requests(&sim).await, 2);
     assert_eq!(
         counter(&gw, "upstream_throttled_total", "source", "daily_limit").await,
+        Some(1.0)
+    );
+}
+
+/// With the gateway's budget equal to HubSpot's (2 calls per 2 s), one call that HubSpot
+/// counts 600 ms after the gateway sent it, then a quick one: counted from admission, the
+/// slow call would leave the gateway's window while HubSpot still counts it, and the next
+/// call would meet HubSpot's own 429. Counted from its answer, HubSpot never refuses; the
+/// gateway answers its own 429 meanwhile, and both places come free again.
+#[tokio::test]
+async fn a_budget_equal_to_hubspots_never_meets_its_429() {
+    let per = Duration::from_secs(2);
+    let sim = SimConfig {
+        rate_limit: Some((2, per)),
+        ..SimConfig::default()
+    };
+    let (sim, gw) = start_with(sim, |c| {
+        c.upstream.rate_limit.requests = 2;
+        c.upstream.rate_limit.per = per;
+    })
+    .await;
+    faults(&sim, json!({ "latency_ms": 600 })).await;
+    let slow = tokio::spawn({
+        let url = gw.status_url("pending-slow");
+        async move { get(&url).await }
+    });
+    wait_for(
+        || async { status_requests(&sim).await == 1 },
+        "the slow call reached HubSpot",
+    )
+    .await;
+    faults(&sim, json!({ "latency_ms": 0 })).await;
+    let quick = get(&gw.status_url("pending-quick")).await;
+    assert_eq!(quick.status, StatusCode::OK);
+
+    // Past both admissions + per, and past the slow call's answer + per.
+    let end = std::time::Instant::now() + Duration::from_millis(3500);
+    let mut replies = Vec::new();
+    while std::time::Instant::now() < end {
+        replies.push(get(&gw.status_url(&format!("pending-poll-{}", replies.len()))).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(slow.await.expect("slow caller").status, StatusCode::OK);
+    let stats = stats(&sim).await;
+    assert_eq!(stats["rate_limited"], 0, "HubSpot answered 429: {stats}");
+    let ok = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .count();
+    assert!(ok >= 2, "the window never came free: {ok} answered");
+    let refused: Vec<&Reply> = replies
+        .iter()
+        .filter(|r| r.status != StatusCode::OK)
+        .collect();
+    assert!(!refused.is_empty(), "the budget never refused");
+    for r in refused {
+        assert_rate_limited(r, 2, 3, "TEN_SECONDLY_ROLLING");
+    }
+}
+
+/// A share refusal is its own client's only: the greedy client (1 call of a 2-call budget)
+/// leads a flight whose first call HubSpot answers 401 after a second, so its retry with a
+/// fresh token finds its share spent. The quiet client, which joined that flight meanwhile,
+/// is not handed the greedy client's 429: it asks again under its own charge and gets 200.
+#[tokio::test]
+async fn a_coalesced_caller_never_gets_another_clients_share_refusal() {
+    let (sim, gw) = start_shared(2).await;
+    faults(&sim, json!({ "latency_ms": 1000, "revoke_all": true })).await;
+    let url = gw.status_url("pending-both");
+    let greedy = leading(&sim, &url, GREEDY_KEY).await;
+    faults(&sim, json!({ "latency_ms": 0 })).await;
+    let quiet = get(&url).await;
+    let greedy = greedy.await.expect("greedy caller");
+    assert_rate_limited(&greedy, 1, 60, "TEN_SECONDLY_ROLLING");
+    assert_eq!(quiet.status, StatusCode::OK, "{:?}", quiet.body);
+    assert_eq!(quiet.header("x-cache"), "MISS", "its own call");
+    // The greedy client's one call (refused with the revoked token), then the quiet one's.
+    assert_one_call_each(&sim, &gw).await;
+    assert_eq!(
+        counter(&gw, "client_share_refusals_total", "client", "greedy").await,
         Some(1.0)
     );
 }

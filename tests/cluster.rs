@@ -223,6 +223,7 @@ fn policy(limit: u32, per: Duration) -> BudgetPolicy {
         per,
         daily_limit: None,
         daily_reset_offset: Duration::ZERO,
+        in_flight: Duration::ZERO,
     }
 }
 
@@ -391,7 +392,7 @@ async fn hold_is_seen_by_every_replica() {
         .expect("short hold");
     match b.acquire(1, &p).await.expect("acquire") {
         Admission::Refused { wait, reason } => {
-            assert_eq!(reason, Refusal::Hold);
+            assert_eq!(reason, Refusal::Hold(Policy::TenSecondlyRolling));
             assert!(wait > Duration::from_millis(800) && wait <= Duration::from_millis(1500));
         }
         other => panic!("held hub allowed: {other:?}"),
@@ -573,6 +574,104 @@ fn charge(client: &str, share: Option<f64>, hub: u64) -> Charge<'_> {
     }
 }
 
+/// The scores of the sorted set `key`, in order.
+async fn scores(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<u64> {
+    let members: Vec<(String, u64)> = redis::cmd("ZRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(conn)
+        .await
+        .expect("ZRANGE");
+    members.into_iter().map(|(_, score)| score).collect()
+}
+
+/// Redis' clock in ms since the epoch: the one the shared window counts by.
+async fn redis_now(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
+    secs * 1000 + micros / 1000
+}
+
+/// Polls until `n` of `key`'s entries stand at or before Redis' now (their calls' answers
+/// are recorded; a call still out stands at admission + the request timeout); returns all
+/// its scores and that now.
+async fn answered(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    n: usize,
+) -> (Vec<u64>, u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (got, now) = (scores(conn, key).await, redis_now(conn).await);
+        if got.iter().filter(|s| **s <= now).count() == n {
+            return (got, now);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the answers were not recorded in {key}: {got:?} at {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Across replicas a call counts in the account's window from when its answer came back
+/// (Redis' clock), where HubSpot may have counted it, not from its admission: two calls
+/// admitted at once on two replicas and answered 800 ms apart leave the shared window 800
+/// ms apart, and a call still out stands at admission + the request timeout, so it cannot
+/// leave the window before HubSpot has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_counts_in_the_shared_window_from_its_answer() {
+    let server = RedisServer::start();
+    let per = Duration::from_secs(2);
+    let config = UpstreamConfig {
+        rate_limit: RateLimit { requests: 2, per },
+        ..UpstreamConfig::default()
+    };
+    let a = Budget::new(&config, Some(Arc::new(replica(&server).await.0)));
+    let b = Budget::new(&config, Some(Arc::new(replica(&server).await.0)));
+    let mut conn = server.inspect().await;
+    let who = charge("quiet", None, 31);
+
+    let first = a.acquire(&who).await.expect("room for the first");
+    let second = b.acquire(&who).await.expect("room for the second");
+    // Both are out: each stands a request timeout past its admission.
+    let (out, now) = (
+        scores(&mut conn, "t:rl:31").await,
+        redis_now(&mut conn).await,
+    );
+    let timeout = config.request_timeout.as_millis() as u64;
+    assert!(
+        out.len() == 2 && out.iter().all(|s| *s > now + timeout / 2),
+        "{out:?} at {now}"
+    );
+    second.answered();
+    answered(&mut conn, "t:rl:31", 1).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    first.answered();
+    let (at, now) = answered(&mut conn, "t:rl:31", 2).await;
+    assert!(at[1] - at[0] >= 800, "answered 800 ms apart: {at:?}");
+
+    // Once the second's answer is `per` old, its place is free and the first's is not,
+    // although both were admitted more than `per` ago.
+    let per_ms = per.as_millis() as u64;
+    let second_leaves = (at[0] + per_ms + 50).saturating_sub(now);
+    tokio::time::sleep(Duration::from_millis(second_leaves)).await;
+    let third = a.acquire(&who).await.expect("the second left the window");
+    third.answered();
+    let asked = redis_now(&mut conn).await;
+    let refused = b.acquire(&who).await.expect_err("the first is still in");
+    assert_eq!(refused.by, ThrottleSource::LocalBudget);
+    // The wait ends when the first's answer is `per` old.
+    let first_leaves = Duration::from_millis((at[1] + per_ms).saturating_sub(asked));
+    assert!(
+        refused.wait > Duration::ZERO && refused.wait <= first_leaves,
+        "{refused:?}, the first leaves in {first_leaves:?}"
+    );
+    tokio::time::sleep(first_leaves + Duration::from_millis(50)).await;
+    b.acquire(&who).await.expect("the first left the window");
+}
+
 /// Two replicas' budgets over one Redis are one account's: a share of 0.5 of 6 gives its
 /// client 3 calls across both, the account's 6 bound the sum, a 429 one replica saw holds
 /// the other, and the daily limit counts both. Each refusal names its budget and quota.
@@ -595,16 +694,20 @@ async fn the_budget_is_the_accounts_across_replicas() {
     ];
     for (who, by, limit) in rounds {
         for i in 0..3 {
-            replicas[i % 2].acquire(&who).await.expect("within budget");
+            let call = replicas[i % 2].acquire(&who).await.expect("within budget");
+            call.answered();
         }
         let refused = b.acquire(&who).await.expect_err("spent");
         assert_eq!((refused.by, refused.limit), (by, limit));
         assert!(refused.wait > Duration::ZERO && refused.wait <= Duration::from_secs(60));
     }
 
-    // A 429 seen by one replica holds the other's calls for that hub, for its policy.
+    // A 429 seen by one replica holds the other's calls for that hub, naming its policy
+    // (the longest last: a replica's own hold covers every hub, and a longer one stays).
     let holds = [
         (Policy::TenSecondlyRolling, 22, Duration::from_secs(3)),
+        (Policy::Secondly, 25, Duration::from_secs(3)),
+        (Policy::Unknown, 26, Duration::from_secs(3)),
         (Policy::Daily, 23, Duration::from_secs(30)),
     ];
     for (policy, hub, asked) in holds {
@@ -1178,8 +1281,21 @@ async fn replica_gateway_timing(
     server: &RedisServer,
     request_timeout: Duration,
 ) -> support::TestGateway {
+    replica_gateway_with(sim, server, |c| {
+        c.upstream.request_timeout = request_timeout
+    })
+    .await
+}
+
+/// [`replica_gateway`] with its config changed by `edit` first.
+async fn replica_gateway_with(
+    sim: &hubspot_sim::RunningSimulator,
+    server: &RedisServer,
+    edit: impl FnOnce(&mut hubspot_files_gateway::config::Config),
+) -> support::TestGateway {
     let mut config = support::config(&sim.base_url());
-    config.upstream.request_timeout = request_timeout;
+    config.upstream.request_timeout = Duration::from_secs(5);
+    edit(&mut config);
     let mut cluster = ClusterConfig::new(server.url());
     // As in `replica_with`: a loaded machine must not turn a functional test into a
     // fallback test.
@@ -1473,6 +1589,60 @@ async fn a_failed_leader_hands_the_flight_over() {
     let hit = support::get(&a.status_url("complete-handover")).await;
     assert_eq!((hit.status.as_u16(), hit.header("x-cache")), (200, "HIT"));
     assert_eq!(support::status_requests(&slow).await, slow_calls);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The API key of the client with a share in the cross-replica share test.
+const GREEDY_KEY: &str = "greedy-key-9876543210";
+
+/// A share refusal on the replica leading a task's flight is its client's alone: the
+/// greedy client (1 call of the account's 4) leads on replica A, whose HubSpot answers 401
+/// after a second, so its retry with a fresh token finds its share spent. Replica B's quiet
+/// caller, waiting on that flight meanwhile, is not handed the refusal: B takes the flight
+/// over under its own client's charge and answers 200. One account (hub 7009) behind two
+/// simulators, A's with its tokens revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_refusal_stays_on_its_replica_and_client() {
+    let server = RedisServer::start();
+    let revoked = hub_sim(7_009, Duration::from_millis(1000)).await;
+    let fast = hub_sim(7_009, Duration::ZERO).await;
+    let budget = |c: &mut hubspot_files_gateway::config::Config| {
+        c.upstream.rate_limit = RateLimit {
+            requests: 4,
+            per: Duration::from_secs(60),
+        };
+        c.auth
+            .clients
+            .push(hubspot_files_gateway::config::ClientConfig {
+                name: "greedy".into(),
+                key_sha256: Some(hubspot_files_gateway::auth::hash_key(GREEDY_KEY)),
+                cert_cn: None,
+                share: Some(0.25),
+            });
+    };
+    let a = replica_gateway_with(&revoked, &server, budget).await;
+    let b = replica_gateway_with(&fast, &server, budget).await;
+    support::faults(&revoked, serde_json::json!({ "revoke_all": true })).await;
+    let url = a.status_url("pending-greedy");
+    let auth = format!("Bearer {GREEDY_KEY}");
+    let led =
+        tokio::spawn(
+            async move { support::send(Method::GET, &url, &[("authorization", &auth)]).await },
+        );
+    wait_key(&server, "lease", 7_009, "pending-greedy").await;
+    let waiter = support::get(&b.status_url("pending-greedy")).await;
+    let led = led.await.expect("greedy caller");
+    assert_eq!(led.status, 429, "{:?}", led.body);
+    assert_eq!(led.header("ratelimit-limit"), "1");
+    assert_eq!(
+        (waiter.status.as_u16(), waiter.header("x-cache")),
+        (200, "MISS"),
+        "{:?}",
+        waiter.body
+    );
+    assert_eq!(support::status_requests(&revoked).await, 1);
+    assert_eq!(support::status_requests(&fast).await, 1);
     a.stop().await;
     b.stop().await;
 }

@@ -2,9 +2,12 @@
 //! client's share of it, a hold after HubSpot's 429, and an optional daily limit.
 //!
 //! The window is a sorted set of call times per hub, checked and recorded by one Lua script
-//! that reads Redis' own clock (`TIME`), so replicas' clocks do not matter. A call at `t`
-//! counts until `t + per`, so no half-open span of length `per` ever holds more than `limit`
-//! calls. A fixed window or GCRA would let about twice the limit through across a boundary.
+//! that reads Redis' own clock (`TIME`), so replicas' clocks do not matter. A call placed
+//! at `t` counts until `t + per`, so no half-open span of length `per` ever holds more than
+//! `limit` calls. A fixed window or GCRA would let about twice the limit through across a
+//! boundary. HubSpot counts a call when it arrives, so a call is placed at admission +
+//! `in_flight` while out and moved to its answer's time (Redis' clock) once that is in
+//! ([`ClusterBackend::restamp`]): every place is then no earlier than HubSpot's count.
 //! A client with a share has its own sorted set beside the account's, checked and recorded
 //! by the same script, so a call refused by either takes nothing from the other.
 //!
@@ -19,6 +22,7 @@ use std::time::Duration;
 use redis::Script;
 
 use super::{ClusterBackend, ClusterError, millis};
+use crate::upstream::Policy;
 
 /// What the budget allows, for one hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +35,15 @@ pub struct BudgetPolicy {
     pub daily_limit: Option<u64>,
     /// When the day ends: this long after UTC midnight (less than 24h).
     pub daily_reset_offset: Duration,
+    /// The longest a call may stay unanswered. An allowed call is recorded at admission +
+    /// this, the latest HubSpot can receive it, until [`ClusterBackend::restamp`] moves it
+    /// to when its answer came; 0 records it at admission.
+    pub in_flight: Duration,
 }
+
+/// One allowed call's entry in the shared windows, for [`ClusterBackend::restamp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallId(uuid::Uuid);
 
 /// The budget's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,8 +52,10 @@ pub enum Admission {
     Allowed {
         /// Calls left in the window after this one.
         remaining: u32,
-        /// When the call was recorded.
+        /// When the call was admitted (its entry counts from `at_ms + in_flight`).
         at_ms: u64,
+        /// Its entry, to restamp once HubSpot answered.
+        call: CallId,
     },
     /// The call must not go for `wait` (always > 0).
     Refused {
@@ -57,8 +71,9 @@ pub enum Admission {
 pub enum Refusal {
     /// The rolling window is full; `wait` is until its oldest call leaves it.
     Window,
-    /// A replica saw HubSpot's 429; `wait` is what is left of its `Retry-After`.
-    Hold,
+    /// A replica saw HubSpot's 429 of this policy (any but `DAILY`); `wait` is what is left
+    /// of its hold.
+    Hold(Policy),
     /// HubSpot's daily limit was hit; `wait` is until the daily reset.
     DailyHold,
     /// The calling client's own window is full; `wait` is until it (and the account's
@@ -69,6 +84,13 @@ pub enum Refusal {
 }
 
 const DAY_MS: u64 = 86_400_000;
+
+impl CallId {
+    /// Its member in the sorted sets.
+    fn member(self) -> String {
+        self.0.simple().to_string()
+    }
+}
 
 /// One client's window inside the account's: at most `limit` of its calls per window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +103,9 @@ pub struct ClientWindow<'a> {
 
 /// KEYS: window, hold, daily counter, and the client's window when ARGV[6] > 0. ARGV:
 /// limit, per ms, unique member, daily limit (0 = none), reset offset ms, client limit (0 =
-/// none). Returns {code, n}: 1 allowed (n = remaining, then time), 0 window (n = wait ms),
-/// 2 hold, 4 daily hold, 3 daily limit, 5 client share (n = wait ms).
+/// none), in-flight bound ms (the entry's score is now + it). Returns {code, n, now}: 1
+/// allowed (n = remaining), 0 window (n = wait ms), 2 hold (`TEN_SECONDLY_ROLLING`), 6 hold
+/// (`SECONDLY`), 7 hold (any other policy), 4 daily hold, 3 daily limit, 5 client share.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -90,7 +113,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local hold = redis.call('PTTL', KEYS[2])
 if hold > 0 then
-  if redis.call('GET', KEYS[2]) == 'daily' then return {4, hold, now} end
+  local kind = redis.call('GET', KEYS[2])
+  if kind == 'daily' then return {4, hold, now} end
+  if kind == 'secondly' then return {6, hold, now} end
+  if kind == 'unknown' then return {7, hold, now} end
   return {2, hold, now}
 end
 local limit = tonumber(ARGV[1])
@@ -121,12 +147,14 @@ if client > 0 then
   end
 end
 if wait > 0 then return {0, wait, now} end
-local member = now .. ':' .. ARGV[3]
-redis.call('ZADD', KEYS[1], now, member)
-redis.call('PEXPIRE', KEYS[1], per)
+local member = ARGV[3]
+local until_ms = now + tonumber(ARGV[7])
+local life = until_ms + per - now
+redis.call('ZADD', KEYS[1], until_ms, member)
+if redis.call('PTTL', KEYS[1]) < life then redis.call('PEXPIRE', KEYS[1], life) end
 if client > 0 then
-  redis.call('ZADD', KEYS[4], now, member)
-  redis.call('PEXPIRE', KEYS[4], per)
+  redis.call('ZADD', KEYS[4], until_ms, member)
+  if redis.call('PTTL', KEYS[4]) < life then redis.call('PEXPIRE', KEYS[4], life) end
 end
 if daily > 0 then
   redis.call('INCR', KEYS[3])
@@ -152,6 +180,26 @@ if redis.call('PTTL', KEYS[1]) < ms then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ms)
 end
 return ms
+"#,
+    )
+});
+
+/// KEYS: the account's window and, when the call was charged to one, the client's. ARGV:
+/// member, per ms. Moves the call's entry (where it still is) to now, when its answer is
+/// in: HubSpot received it no later, so the next call admitted once this entry leaves the
+/// window reaches HubSpot more than `per` after it. Keeps each key alive for `per` more.
+static RESTAMP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local per = tonumber(ARGV[2])
+for _, key in ipairs(KEYS) do
+  if redis.call('ZADD', key, 'XX', 'CH', now, ARGV[1]) > 0 then
+    if redis.call('PTTL', key) < per then redis.call('PEXPIRE', key, per) end
+  end
+end
+return now
 "#,
     )
 });
@@ -206,16 +254,17 @@ impl ClusterBackend {
             .key(self.key("hold", hub_id))
             .key(self.key("day", hub_id));
         if let Some(c) = client {
-            // Hub ids are digits, so `hub:name` names one client of one hub.
-            script.key(self.key("rlc", format_args!("{hub_id}:{}", c.client)));
+            script.key(self.client_key(hub_id, c.client));
         }
+        let call = CallId(uuid::Uuid::new_v4());
         script
             .arg(policy.limit)
             .arg(millis(policy.per))
-            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .arg(call.member())
             .arg(policy.daily_limit.unwrap_or(0))
             .arg(millis(policy.daily_reset_offset) % DAY_MS)
-            .arg(client.map_or(0, |c| c.limit.max(1)));
+            .arg(client.map_or(0, |c| c.limit.max(1)))
+            .arg(millis(policy.in_flight));
         let (code, n, now): (i64, i64, u64) = self
             .call("budget_acquire", script.invoke_async(&mut self.conn()))
             .await?;
@@ -225,9 +274,12 @@ impl ClusterBackend {
             1 => Ok(Admission::Allowed {
                 remaining: u32::try_from(n).unwrap_or(0),
                 at_ms: now,
+                call,
             }),
             0 => refused(Refusal::Window),
-            2 => refused(Refusal::Hold),
+            2 => refused(Refusal::Hold(Policy::TenSecondlyRolling)),
+            6 => refused(Refusal::Hold(Policy::Secondly)),
+            7 => refused(Refusal::Hold(Policy::Unknown)),
             3 => refused(Refusal::DailyLimit),
             4 => refused(Refusal::DailyHold),
             5 => refused(Refusal::ClientShare),
@@ -238,10 +290,59 @@ impl ClusterBackend {
         }
     }
 
+    /// Moves `call`'s entry in `hub_id`'s window (and in `client`'s, when it was charged to
+    /// one) to now, Redis' clock, once HubSpot's answer (or failure) is in. Until then, or
+    /// if this fails, the entry stays at admission + `in_flight`.
+    pub async fn restamp(
+        &self,
+        hub_id: u64,
+        call: CallId,
+        client: Option<&str>,
+        per: Duration,
+    ) -> Result<(), ClusterError> {
+        let mut script = RESTAMP.prepare_invoke();
+        script.key(self.key("rl", hub_id));
+        if let Some(client) = client {
+            script.key(self.client_key(hub_id, client));
+        }
+        script.arg(call.member()).arg(millis(per));
+        let _: u64 = self
+            .call("budget_restamp", script.invoke_async(&mut self.conn()))
+            .await?;
+        Ok(())
+    }
+
+    /// The window of `client`'s calls for `hub_id`.
+    fn client_key(&self, hub_id: u64, client: &str) -> String {
+        // Hub ids are digits, so `hub:name` names one client of one hub.
+        self.key("rlc", format_args!("{hub_id}:{client}"))
+    }
+
     /// Holds every replica's calls for `hub_id` for `wait` (HubSpot's `Retry-After`, or the
-    /// rate-limit interval). Never shortens a longer hold already set.
+    /// rate-limit interval) after a `TEN_SECONDLY_ROLLING` 429. Never shortens a longer hold
+    /// already set.
     pub async fn hold(&self, hub_id: u64, wait: Duration) -> Result<Duration, ClusterError> {
-        self.set_hold("budget_hold", hub_id, millis(wait).max(1), "429", 0)
+        self.hold_for_policy(hub_id, wait, Policy::TenSecondlyRolling)
+            .await
+    }
+
+    /// [`ClusterBackend::hold`] after a 429 naming `policy`, which every replica's held
+    /// callers are then told; a `DAILY` one is [`ClusterBackend::hold_daily_for`].
+    pub async fn hold_for_policy(
+        &self,
+        hub_id: u64,
+        wait: Duration,
+        policy: Policy,
+    ) -> Result<Duration, ClusterError> {
+        // "429" is what builds before the policy was kept wrote for every hold: read as
+        // TEN_SECONDLY_ROLLING, as they read it, so replicas of both builds agree.
+        let (op, kind) = match policy {
+            Policy::TenSecondlyRolling => ("budget_hold", "429"),
+            Policy::Secondly => ("budget_hold", "secondly"),
+            Policy::Unknown => ("budget_hold", "unknown"),
+            Policy::Daily => ("budget_hold_daily", "daily"),
+        };
+        self.set_hold(op, hub_id, millis(wait).max(1), kind, 0)
             .await
     }
 
@@ -264,8 +365,7 @@ impl ClusterBackend {
         hub_id: u64,
         wait: Duration,
     ) -> Result<Duration, ClusterError> {
-        self.set_hold("budget_hold_daily", hub_id, millis(wait).max(1), "daily", 0)
-            .await
+        self.hold_for_policy(hub_id, wait, Policy::Daily).await
     }
 
     async fn set_hold(
