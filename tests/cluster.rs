@@ -6,9 +6,6 @@
 
 mod support;
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -26,173 +23,8 @@ use hubspot_files_gateway::secret::Secret;
 use hubspot_files_gateway::upstream::{HubSpot, Policy, UpstreamError};
 use hyper::Method;
 use hyper::header::HeaderValue;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use support::cluster::RedisServer;
 use tokio::time::Instant;
-
-/// A redis-server process of our own on a free loopback port; killed on drop.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-    extra: Vec<String>,
-    /// With TLS: the directory of `ca.pem`, `server.pem`, `server.key`; removed on drop.
-    tls: Option<PathBuf>,
-}
-
-impl RedisServer {
-    fn start() -> RedisServer {
-        Self::start_with(&[])
-    }
-
-    fn start_with(extra: &[&str]) -> RedisServer {
-        Self::launch(extra.iter().map(|s| s.to_string()).collect(), None)
-    }
-
-    /// Picks a free port (bound, then released) and starts the server on it.
-    fn launch(extra: Vec<String>, tls: Option<PathBuf>) -> RedisServer {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free loopback port")
-            .port();
-        let mut server = RedisServer {
-            port,
-            child: None,
-            extra,
-            tls,
-        };
-        server.run();
-        server
-    }
-
-    /// A server that speaks only TLS, with a certificate for 127.0.0.1 from a test CA.
-    fn start_tls() -> RedisServer {
-        let dir = std::env::temp_dir().join(format!("cluster-tls-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let ca_key = KeyPair::generate().expect("key");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "cluster test CA");
-        let ca = ca_params.self_signed(&ca_key).expect("CA");
-        let issuer = Issuer::new(ca_params, ca_key);
-        let key = KeyPair::generate().expect("key");
-        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
-            .expect("params")
-            .signed_by(&key, &issuer)
-            .expect("signed");
-        std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
-        std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
-        std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write");
-        Self::launch(Vec::new(), Some(dir))
-    }
-
-    /// Starts (or restarts) the process on this server's port and waits until it answers.
-    fn run(&mut self) {
-        let port = self.port.to_string();
-        let ports = match &self.tls {
-            None => vec!["--port".to_string(), port],
-            Some(dir) => {
-                let file = |name: &str| dir.join(name).display().to_string();
-                vec![
-                    "--port".into(),
-                    "0".into(),
-                    "--tls-port".into(),
-                    port,
-                    "--tls-cert-file".into(),
-                    file("server.pem"),
-                    "--tls-key-file".into(),
-                    file("server.key"),
-                    "--tls-ca-cert-file".into(),
-                    file("ca.pem"),
-                    "--tls-auth-clients".into(),
-                    "no".into(),
-                ]
-            }
-        };
-        let child = Command::new("redis-server")
-            .args(&ports)
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--loglevel", "warning"])
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start redis-server ({e}); these tests need it: \
-                     apt-get update && apt-get install -y redis-server"
-                )
-            });
-        self.child = Some(child);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                drop(s);
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "redis-server did not listen on port {} within 10 s",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        let scheme = if self.tls.is_some() {
-            "rediss"
-        } else {
-            "redis"
-        };
-        format!("{scheme}://127.0.0.1:{}", self.port)
-    }
-
-    fn pid(&self) -> String {
-        self.child
-            .as_ref()
-            .expect("server running")
-            .id()
-            .to_string()
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.pid()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {signal} failed");
-    }
-
-    /// A plain connection for checking what the backend stored.
-    async fn inspect(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .expect("url")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("inspection connection")
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            // A frozen process cannot die until it is continued.
-            let _ = Command::new("kill").args(["-CONT", &self.pid()]).status();
-        }
-        self.kill();
-        if let Some(dir) = &self.tls {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
 
 /// One replica: a backend with its own metrics registry.
 async fn replica_with(
@@ -1186,7 +1018,7 @@ async fn password_authenticates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_with_a_private_ca() {
     let server = RedisServer::start_tls();
-    let ca = server.tls.as_ref().expect("tls").join("ca.pem");
+    let ca = server.ca_file();
     let (trusting, _) = replica_with(
         &server,
         |c| c.redis_ca_file = Some(ca.clone()),

@@ -6,36 +6,102 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
 use hubspot_sim::RunningSimulator;
 use hyper::{Method, StatusCode};
 
 use super::{BIN, ServeChild, config_toml, metric_at, send, spawn_serve, wait_for};
 
-/// A redis-server process on a free loopback port, without persistence; killed on drop.
+/// A redis-server process of the test's own on a free loopback port (plain or TLS-only),
+/// without persistence; killed on drop. Fails naming the package to install when
+/// `redis-server` is not there: these tests never skip.
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    extra: Vec<String>,
+    /// With TLS: the directory of `ca.pem`, `server.pem`, `server.key`; removed on drop.
+    tls: Option<PathBuf>,
 }
 
 impl RedisServer {
-    /// Picks a free port (bound, then released) and starts the server on it. Fails naming
-    /// the package to install when `redis-server` is not there: these tests never skip.
+    /// A plain server on a free port.
     pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// A plain server with further `redis-server` arguments (e.g. a password).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        Self::launch(extra.iter().map(|s| s.to_string()).collect(), None)
+    }
+
+    /// Picks a free port (bound, then released) and starts the server on it.
+    fn launch(extra: Vec<String>, tls: Option<PathBuf>) -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free loopback port")
             .port();
-        let mut server = RedisServer { port, child: None };
+        let mut server = RedisServer {
+            port,
+            child: None,
+            extra,
+            tls,
+        };
         server.run();
         server
     }
 
-    /// Starts (or restarts, empty) the process on this server's port and waits until it
-    /// accepts connections.
+    /// A server that speaks only TLS, with a certificate for 127.0.0.1 from a test CA.
+    pub fn start_tls() -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("cluster-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "cluster test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("signed");
+        std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
+        std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write");
+        Self::launch(Vec::new(), Some(dir))
+    }
+
+    /// Starts (or restarts) the process on this server's port and waits until it answers.
     pub fn run(&mut self) {
+        let port = self.port.to_string();
+        let ports = match &self.tls {
+            None => vec!["--port".to_string(), port],
+            Some(dir) => {
+                let file = |name: &str| dir.join(name).display().to_string();
+                vec![
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    port,
+                    "--tls-cert-file".into(),
+                    file("server.pem"),
+                    "--tls-key-file".into(),
+                    file("server.key"),
+                    "--tls-ca-cert-file".into(),
+                    file("ca.pem"),
+                    "--tls-auth-clients".into(),
+                    "no".into(),
+                ]
+            }
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+            .args(&ports)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--loglevel", "warning"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -47,7 +113,11 @@ impl RedisServer {
             });
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        loop {
+            if let Ok(s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                drop(s);
+                return;
+            }
             assert!(
                 Instant::now() < deadline,
                 "redis-server did not listen on port {} within 10 s",
@@ -57,9 +127,22 @@ impl RedisServer {
         }
     }
 
-    /// `redis://127.0.0.1:PORT`.
+    /// `redis://127.0.0.1:PORT`, or `rediss://` for a TLS server.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    fn pid(&self) -> String {
+        self.child
+            .as_ref()
+            .expect("server running")
+            .id()
+            .to_string()
     }
 
     /// Stops the process (SIGKILL) and waits for it; its data is gone.
@@ -72,22 +155,38 @@ impl RedisServer {
 
     /// Sends `signal` (`-STOP`, `-CONT`) to the running process.
     pub fn signal(&self, signal: &str) {
-        let pid = self.child.as_ref().expect("redis-server running").id();
         let status = Command::new("kill")
-            .args([signal, &pid.to_string()])
+            .args([signal, &self.pid()])
             .status()
             .expect("kill runs");
         assert!(status.success(), "kill {signal} failed");
+    }
+
+    /// The CA file a client needs for a TLS server.
+    pub fn ca_file(&self) -> PathBuf {
+        self.tls.as_ref().expect("a TLS server").join("ca.pem")
+    }
+
+    /// A plain connection for checking what the backend stored.
+    pub async fn inspect(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("inspection connection")
     }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
         if self.child.is_some() {
-            // A stopped process cannot die until it is continued.
-            self.signal("-CONT");
+            // A frozen process cannot die until it is continued.
+            let _ = Command::new("kill").args(["-CONT", &self.pid()]).status();
         }
         self.kill();
+        if let Some(dir) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
