@@ -1245,6 +1245,44 @@ async fn redis_contents(server: &RedisServer) -> Vec<u8> {
     all
 }
 
+/// Stale answers stay per replica, and a replica keeps the one it received from another
+/// replica's flight: after callers on A and B share one HubSpot call for a PENDING task,
+/// HubSpot failing (503) makes the replica that only waited answer STALE with that body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_only_waited_can_answer_stale() {
+    let server = RedisServer::start();
+    let sim = hub_sim(7_006, Duration::from_millis(1500)).await;
+    let a = replica_gateway(&sim, &server).await;
+    let b = replica_gateway(&sim, &server).await;
+    let replies = support::get_all(vec![
+        a.status_url("pending-stale-peer"),
+        b.status_url("pending-stale-peer"),
+    ])
+    .await;
+    assert_eq!(support::status_requests(&sim).await, 1);
+    let waited = replies
+        .iter()
+        .position(|r| r.header("x-cache") == "COALESCED")
+        .expect("one replica waited for the other's call");
+    let waiter = [&a, &b][waited];
+    support::faults(
+        &sim,
+        serde_json::json!({ "fail_rate": 1.0, "fail_status": 503 }),
+    )
+    .await;
+    let stale = support::get(&waiter.status_url("pending-stale-peer")).await;
+    assert_eq!(stale.status, 200, "{:?}", stale.body);
+    assert_eq!(stale.header("x-cache"), "STALE");
+    assert_eq!(
+        stale.body, replies[waited].body,
+        "the peer's answer, byte for byte"
+    );
+    assert!(
+        support::status_requests(&sim).await >= 2,
+        "HubSpot was asked again and failed"
+    );
+}
+
 /// Callers of a new task on replicas A and B at the same time cost one HubSpot call: one
 /// caller's answer is the MISS, the other's is COALESCED with the same body; the next round,
 /// the task still PENDING, costs one call again.
