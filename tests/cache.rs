@@ -86,8 +86,13 @@ async fn thousand_callers_of_a_complete_task_make_one_call_then_hit() {
 /// own retries of a 503, MAX_TRIES = 3), and every caller gets the 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crowd_of_a_failing_task_shares_one_upstream_attempt() {
-    let sim = slow_simulator(Duration::from_millis(300)).await;
-    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    // An error is not stored, so a caller that connects after the flight ended starts a new
+    // one: the flight (three tries of 1.5 s) must outlast 500 connections opening on a loaded
+    // 2-core machine (300 ms tries were not enough in CI: 6 calls).
+    let sim = slow_simulator(Duration::from_millis(1500)).await;
+    let mut cfg = config(&sim.base_url());
+    cfg.upstream.request_timeout = Duration::from_secs(10);
+    let gw = gateway(cfg, oauth()).await;
     wait_ready(&gw).await;
     faults(
         &sim,
