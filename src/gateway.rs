@@ -240,7 +240,8 @@ impl Gateway {
         // 3. cache, 4. coalesce. A flight refused by its leader's client's share is that
         // client's refusal alone: a follower of another client asks again under its own
         // charge (leading a new flight or joining one), within its own wait.
-        let waited = Instant::now() + self.request_timeout + Duration::from_secs(1);
+        // Set at the first miss: a hit reads no clock for it.
+        let mut waited: Option<Instant> = None;
         let (result, cache, tries) = loop {
             let mut lookup = crate::telemetry::child("cache lookup", SpanKind::Internal);
             let flight = self.cache.lookup(&key, &client);
@@ -267,6 +268,9 @@ impl Gateway {
                     (rx, CacheOutcome::Miss, Some(tries), client.clone())
                 }
             };
+            let waited = *waited.get_or_insert_with(|| {
+                Instant::now() + self.request_timeout + Duration::from_secs(1)
+            });
             let result = wait(rx, waited.saturating_duration_since(Instant::now())).await;
             if leader != client && share_refusal(&result) && Instant::now() < waited {
                 continue;

@@ -342,6 +342,60 @@ impl Access<'_> {
 thread_local! {
     /// The line being written on this thread, reused so a line costs no allocation.
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(512));
+    /// The last whole second stamped on this thread and its `YYYY-MM-DDTHH:MM:SS`: a line
+    /// then only formats its microseconds, not a date.
+    static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
+}
+
+/// `now` as RFC 3339 with microseconds and `Z`, byte for byte what
+/// `humantime::format_rfc3339_micros` writes.
+fn timestamp(out: &mut Vec<u8>, now: SystemTime) {
+    let since = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (cached, mut date) = SECOND.get();
+    if cached != secs {
+        let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        let text = humantime::format_rfc3339_seconds(whole).to_string();
+        match text
+            .as_bytes()
+            .get(..19)
+            .and_then(|d| <[u8; 19]>::try_from(d).ok())
+        {
+            Some(d) => date = d,
+            // Not the expected form (a year past 9999): the general formatter says it.
+            None => {
+                let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
+                return;
+            }
+        }
+        SECOND.set((secs, date));
+    }
+    out.extend_from_slice(&date);
+    let micros = since.subsec_micros();
+    let mut fraction = *b".000000Z";
+    let mut rest = micros;
+    for digit in fraction[1..7].iter_mut().rev() {
+        *digit = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    out.extend_from_slice(&fraction);
+}
+
+/// `value` in decimal, as `Display` writes it.
+fn decimal(out: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
 }
 
 /// Writes the request's access line, if `[log] access` wants it.
@@ -394,17 +448,25 @@ fn json_access_line(out: &mut Vec<u8>, now: SystemTime, a: &Access<'_>) {
         out.extend_from_slice(b",\"");
         out.extend_from_slice(key.as_bytes());
         out.extend_from_slice(b"\":");
-        // Writing a str into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, value);
+        // What serde_json would write unescaped (ids, labels, names) is copied as it is.
+        if value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            out.push(b'"');
+            out.extend_from_slice(value.as_bytes());
+            out.push(b'"');
+        } else {
+            // Writing a str into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, value);
+        }
     }
     fn number(out: &mut Vec<u8>, key: &str, value: u64) {
-        let _ = write!(out, ",\"{key}\":{value}");
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        decimal(out, value);
     }
-    let _ = write!(
-        out,
-        "{{\"timestamp\":\"{}\",\"level\":\"INFO\"",
-        humantime::format_rfc3339_micros(now)
-    );
+    out.extend_from_slice(b"{\"timestamp\":\"");
+    timestamp(out, now);
+    out.extend_from_slice(b"\",\"level\":\"INFO\"");
     let message = if a.refusal.is_some() {
         "request refused"
     } else {
@@ -441,7 +503,10 @@ fn json_access_line(out: &mut Vec<u8>, now: SystemTime, a: &Access<'_>) {
 /// The trace id of a valid W3C `traceparent` header (32 lowercase hex digits, not all zero),
 /// if the caller sent exactly one.
 pub fn trace_id(headers: &HeaderMap) -> Option<&str> {
-    let mut values = headers.get_all("traceparent").iter();
+    // A `HeaderName`, not a `&str`: a `&str` is parsed into a name on every lookup.
+    const TRACEPARENT: hyper::header::HeaderName =
+        hyper::header::HeaderName::from_static("traceparent");
+    let mut values = headers.get_all(TRACEPARENT).iter();
     let value = values.next()?.to_str().ok()?;
     if values.next().is_some() {
         return None;
@@ -587,6 +652,40 @@ mod tests {
                 stamp(&formatter),
                 "same timestamp form: {ours}"
             );
+        }
+    }
+
+    /// The access line's own timestamp and numbers are, byte for byte, humantime's RFC 3339
+    /// with microseconds and `Display`'s decimal: across second boundaries (the date is kept
+    /// per second), at whole seconds, and at the extremes.
+    #[test]
+    fn timestamps_and_numbers_match_the_general_formatters() {
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        let offsets_us = [
+            0,
+            1,
+            999_999,
+            1_000_000,
+            1_000_001,
+            59_999_999,
+            86_400_000_123,
+        ];
+        // Twice over, so each second is met both fresh and kept.
+        for now in offsets_us
+            .iter()
+            .chain(offsets_us.iter())
+            .map(|us| base + Duration::from_micros(*us))
+            .chain([SystemTime::UNIX_EPOCH, SystemTime::now()])
+        {
+            let mut ours = Vec::new();
+            timestamp(&mut ours, now);
+            let expected = humantime::format_rfc3339_micros(now).to_string();
+            assert_eq!(String::from_utf8(ours).expect("utf-8"), expected);
+        }
+        for n in [0, 7, 10, 1234, u64::from(u32::MAX), u64::MAX] {
+            let mut ours = Vec::new();
+            decimal(&mut ours, n);
+            assert_eq!(String::from_utf8(ours).expect("utf-8"), n.to_string());
         }
     }
 
