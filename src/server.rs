@@ -9,7 +9,6 @@
 //! Connections beyond the cap are closed at once, and a global bound on answers in progress
 //! keeps stalled callers from holding memory without limit.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -315,8 +314,10 @@ struct Listener {
     metrics: ConnectionMetrics,
     builder: auto::Builder<TokioExecutor>,
     tls: Option<TlsHolder>,
-    /// One permit per request from its head until its answer is taken.
-    pending: Arc<Semaphore>,
+    /// Requests from their head until their answer is taken, at most
+    /// `limits.max_pending_responses`. A count, not a semaphore: nothing ever waits for it,
+    /// and a semaphore's release takes a lock.
+    pending: AtomicUsize,
 }
 
 /// Why the gateway closed a connection; the `reason` label of `connections_closed_total`.
@@ -354,7 +355,7 @@ async fn accept_loop<S, F>(
     let max = limits.max_connections;
     let shared = Arc::new(Listener {
         builder: limits.builder(),
-        pending: Arc::new(Semaphore::new(limits.max_pending_responses)),
+        pending: AtomicUsize::new(0),
         limits,
         metrics,
         tls,
@@ -437,7 +438,7 @@ async fn serve_connection<S, F>(
     let port = shared.limits.port;
     let open = metrics.open.with_label_values(&[port]);
     open.inc();
-    let state = Arc::new(ConnState::new(Instant::now()));
+    let state = Arc::new(ConnState::new(Instant::now(), &shared.limits));
     let closed = match &shared.tls {
         None => {
             let svc = tracked(&shared, &state, service, None);
@@ -529,11 +530,22 @@ where
     // Set once the connection was asked to close politely: it must be gone by then.
     let mut closing: Option<(Instant, Close)> = None;
     let mut stopping = false;
+    // One timer for the connection's life, moved rather than made anew: registering a
+    // timer per request cost more than anything else the watchdog does.
+    let sleep = tokio::time::sleep_until(state.accepted + limits.header_read_timeout);
+    tokio::pin!(sleep);
     loop {
         let (deadline, reason) = match closing {
             Some(c) => c,
-            None => state.deadline(limits),
+            None => {
+                let now = Instant::now();
+                let (deadline, reason) = state.deadline(limits);
+                (state.sleep_until(now, deadline), reason)
+            }
         };
+        if sleep.deadline() != deadline {
+            sleep.as_mut().reset(deadline);
+        }
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(e) = result {
@@ -547,7 +559,7 @@ where
                 return (deadline <= Instant::now()).then_some(reason);
             }
             _ = state.changed.notified() => {}
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = sleep.as_mut() => {
                 if closing.is_some() {
                     return Some(reason);
                 }
@@ -588,23 +600,59 @@ struct ConnState {
     in_progress: AtomicUsize,
     /// When `in_progress` last dropped to 0.
     idle_since: Mutex<Instant>,
-    /// Answers produced and not yet taken, by request number: since when.
-    waiting: Mutex<HashMap<u64, Instant>>,
+    /// Answers produced and not yet taken: request number, since when. A few at most
+    /// (one on HTTP/1), so a list rather than a map.
+    waiting: Mutex<Vec<(u64, Instant)>>,
     next_id: AtomicU64,
-    /// Wakes the watchdog when any of the above changes.
+    /// When the watchdog wakes next, in nanoseconds after `accepted`. A change whose own
+    /// deadline falls before it wakes the watchdog; any other change leaves it asleep, so a
+    /// request costs the watchdog nothing (see [`ConnState::sleep_until`]).
+    wakes_at: AtomicU64,
+    /// Wakes the watchdog when a deadline moves before `wakes_at`.
     changed: Notify,
+    /// The listener's, for the deadlines a request's end starts.
+    send_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl ConnState {
-    fn new(accepted: Instant) -> ConnState {
+    fn new(accepted: Instant, limits: &Limits) -> ConnState {
         ConnState {
             accepted,
             spoke: AtomicBool::new(false),
             in_progress: AtomicUsize::new(0),
             idle_since: Mutex::new(accepted),
-            waiting: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(0),
+            // Until the watchdog first sleeps, every change wakes it.
+            wakes_at: AtomicU64::new(u64::MAX),
+            send_timeout: limits.send_timeout,
+            idle_timeout: limits.idle_timeout,
             changed: Notify::new(),
+        }
+    }
+
+    /// When the watchdog sleeps until, with `deadline` the next one in force: that deadline,
+    /// or sooner, one step (the shorter of `send_timeout` and `idle_timeout`) from now. A
+    /// change after now can only bring a deadline of its own at least a step away, so none
+    /// needs to wake the watchdog: it wakes once a step at most, whatever the requests.
+    fn sleep_until(&self, now: Instant, deadline: Instant) -> Instant {
+        // A change racing this (its clock read before `now`, its write after the state was
+        // read) may find `wakes_at` later than its deadline by the instants between the two:
+        // it is then enforced that much late, never missed.
+        let wake = deadline.min(now + self.send_timeout.min(self.idle_timeout));
+        let nanos = u64::try_from(wake.saturating_duration_since(self.accepted).as_nanos())
+            .unwrap_or(u64::MAX);
+        self.wakes_at.store(nanos, Ordering::SeqCst);
+        wake
+    }
+
+    /// Wakes the watchdog if `deadline` comes before it would wake by itself.
+    fn wake_by(&self, deadline: Instant) {
+        let nanos = u64::try_from(deadline.saturating_duration_since(self.accepted).as_nanos())
+            .unwrap_or(u64::MAX);
+        if nanos < self.wakes_at.load(Ordering::SeqCst) {
+            self.changed.notify_one();
         }
     }
 
@@ -628,15 +676,38 @@ impl ConnState {
             .waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .min()
-            .copied();
+            .iter()
+            .map(|(_, since)| *since)
+            .min();
         match oldest {
             Some(since) => (since + limits.send_timeout, Close::SendTimeout),
-            // Requests still being answered: the gateway's own deadlines bound them, and
-            // the watchdog is woken when they finish.
+            // Requests still being answered: the gateway's own deadlines bound them; the
+            // watchdog looks again within a step, or sooner when one ends.
             None => (Instant::now() + limits.idle_timeout, Close::IdleTimeout),
         }
+    }
+}
+
+impl Listener {
+    /// Counts one more answer in progress, unless `max_pending_responses` already are.
+    fn admit(&self) -> bool {
+        let max = self.limits.max_pending_responses;
+        let admitted = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok();
+        if admitted {
+            self.metrics.pending_responses.inc();
+        }
+        admitted
+    }
+
+    /// An answer admitted by [`Listener::admit`] was taken or dropped.
+    fn release(&self) {
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        self.metrics.pending_responses.dec();
     }
 }
 
@@ -644,59 +715,55 @@ impl ConnState {
 struct InFlight {
     conn: Arc<ConnState>,
     id: u64,
-    _permit: Option<OwnedSemaphorePermit>,
-    pending: Option<prometheus::IntGauge>,
+    /// The listener that admitted it, when it did (a shed request is not counted there).
+    admitted: Option<Arc<Listener>>,
 }
 
 impl InFlight {
-    fn start(
-        conn: &Arc<ConnState>,
-        permit: Option<OwnedSemaphorePermit>,
-        pending: Option<prometheus::IntGauge>,
-    ) -> InFlight {
+    fn start(conn: &Arc<ConnState>, admitted: Option<Arc<Listener>>) -> InFlight {
         conn.in_progress.fetch_add(1, Ordering::AcqRel);
+        // The head deadline no longer applies and no other starts here: the watchdog sleeps on.
         conn.spoke.store(true, Ordering::Release);
-        conn.changed.notify_one();
-        if let Some(gauge) = &pending {
-            gauge.inc();
-        }
         InFlight {
             conn: conn.clone(),
             id: conn.next_id.fetch_add(1, Ordering::Relaxed),
-            _permit: permit,
-            pending,
+            admitted,
         }
     }
 
     /// The answer exists: from now on, the peer has `send_timeout` to take it.
     fn answered(&self) {
+        let now = Instant::now();
         self.conn
             .waiting
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(self.id, Instant::now());
-        self.conn.changed.notify_one();
+            .push((self.id, now));
+        self.conn.wake_by(now + self.conn.send_timeout);
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.conn
-            .waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        {
+            let mut waiting = self.conn.waiting.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(at) = waiting.iter().position(|(id, _)| *id == self.id) {
+                waiting.swap_remove(at);
+            }
+        }
+        // An answer taken only moves deadlines later, unless it leaves the connection idle.
         if self.conn.in_progress.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let now = Instant::now();
             *self
                 .conn
                 .idle_since
                 .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                .unwrap_or_else(|e| e.into_inner()) = now;
+            self.conn.wake_by(now + self.conn.idle_timeout);
         }
-        if let Some(gauge) = &self.pending {
-            gauge.dec();
+        if let Some(listener) = &self.admitted {
+            listener.release();
         }
-        self.conn.changed.notify_one();
     }
 }
 
@@ -751,10 +818,8 @@ where
         if let Some(peer) = &peer {
             req.extensions_mut().insert(peer.clone());
         }
-        let permit = shared.pending.clone().try_acquire_owned().ok();
-        let shed = permit.is_none();
-        let gauge = (!shed).then(|| shared.metrics.pending_responses.clone());
-        let request = InFlight::start(&state, permit, gauge);
+        let shed = !shared.admit();
+        let request = InFlight::start(&state, (!shed).then(|| shared.clone()));
         let answer = (!shed).then(|| service(req));
         if shed {
             shared.metrics.shed_total.inc();
@@ -861,7 +926,7 @@ mod tests {
         let limits = Limits::service(&server, None);
         let shared = Arc::new(Listener {
             builder: limits.builder(),
-            pending: Arc::new(Semaphore::new(1)),
+            pending: AtomicUsize::new(0),
             limits,
             metrics: Metrics::new().register_connections(),
             tls: None,
