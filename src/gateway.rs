@@ -6,8 +6,9 @@
 //! 4. **coalesce**: a miss joins the fetch in flight for its key, or leads a new one, which
 //!    runs in its own task so a caller hanging up does not cancel it for the others. In
 //!    cluster mode the leader then asks the shared cache (a HIT, with its true `Age`) and
-//!    joins the task's flight across replicas: another replica's answer is COALESCED, and
-//!    only the flight's leader goes on to HubSpot (Redis failing: this replica goes alone);
+//!    joins the task's flight across replicas, in one Redis call: another replica's answer
+//!    is COALESCED, and only the flight's leader goes on to HubSpot (Redis failing: this
+//!    replica goes alone);
 //! 5. **token**: the verified HubSpot token in service (or 503);
 //! 6. **upstream**: HubSpot is asked within the deadline and the rate budget; a 401 forces
 //!    one token refresh and one retry, a 403 `MISSING_SCOPES` a re-verification;
@@ -387,10 +388,24 @@ impl Gateway {
             return (self.fetch(key, request_id, deadline, client).await, None);
         };
         let task = TaskKey::new(hub, key.task_id.as_str());
-        if let Some(hit) = self.shared_hit(&cluster, &task).await {
-            return (Ok(hit), None);
-        }
-        let lease = match cluster.join_flight(&task, deadline.into()).await {
+        // One round trip: the shared cache, else the flight (lead, or wait for its leader),
+        // in one atomic step, so no replica stores an answer between the look and the lease.
+        let flight = match cluster.lookup(&task, deadline.into()).await {
+            Ok(cluster::Lookup::Cached(found)) => {
+                match self
+                    .adopt(found.answer, Origin::SharedCache, found.age)
+                    .filter(Stored::is_fresh_terminal)
+                {
+                    Some(hit) => return (Ok(hit), None),
+                    // Stored but not a HIT here (past this replica's `terminal_ttl`, or a
+                    // status this build cannot serve): the flight decides.
+                    None => cluster.join_flight(&task, deadline.into()).await,
+                }
+            }
+            Ok(cluster::Lookup::Flight(flight)) => Ok(flight),
+            Err(e) => Err(e),
+        };
+        let lease = match flight {
             Ok(cluster::Flight::Leader(lease)) => lease,
             Ok(cluster::Flight::Answer(answer)) => {
                 if let Some(stored) = self.adopt(answer, Origin::Peer, Duration::ZERO) {
@@ -415,23 +430,10 @@ impl Gateway {
             task,
             lease,
         };
-        // Another replica may have finished this task between the first look and the lease:
-        // its stored answer saves a HubSpot call, and is handed to this flight's waiters.
-        if let Some(hit) = self.shared_hit(&cluster, &share.task).await {
-            return (Ok(hit), Some(share));
-        }
         (
             self.fetch(key, request_id, deadline, client).await,
             Some(share),
         )
-    }
-
-    /// The shared cache's answer for `task`, if a replica stored one that is still a HIT
-    /// here; Redis failing is a miss.
-    async fn shared_hit(&self, cluster: &ClusterBackend, task: &TaskKey) -> Option<Stored> {
-        let found = cluster.cache_get(task).await.ok()??;
-        self.adopt(found.answer, Origin::SharedCache, found.age)
-            .filter(Stored::is_fresh_terminal)
     }
 
     /// Another replica's answer as this replica stores and serves it; `None` when its

@@ -14,7 +14,7 @@ use hubspot_files_gateway::budget::{Budget, Charge, ThrottleSource};
 use hubspot_files_gateway::cluster::budget::ClientWindow;
 use hubspot_files_gateway::cluster::{
     Admission, Answer, BudgetPolicy, ClusterBackend, ClusterConfig, ClusterError, ClusterMetrics,
-    ClusterOptions, Flight, Refusal, TaskKey,
+    ClusterOptions, Flight, Lookup, Refusal, TaskKey,
 };
 use hubspot_files_gateway::config::{RateLimit, UpstreamConfig};
 use hubspot_files_gateway::metrics::Metrics;
@@ -1037,8 +1037,9 @@ async fn tls_with_a_private_ca() {
     assert!(!public_roots_only.is_up());
 }
 
-/// What a miss costs in Redis round trips on loopback (printed with `--nocapture`): cache
-/// read, flight join, budget, publish, cache write; each well under the 50 ms default timeout.
+/// What a miss costs in Redis round trips on loopback (printed with `--nocapture`): the
+/// first look (shared cache and flight in one call) and the budget before HubSpot, then
+/// publish and cache write; each well under the 50 ms default timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miss_round_trips_are_measured() {
     let server = RedisServer::start();
@@ -1048,13 +1049,12 @@ async fn miss_round_trips_are_measured() {
     let started = Instant::now();
     for i in 0..rounds {
         let key = TaskKey::new(61, format!("task-{i}"));
-        assert!(backend.cache_get(&key).await.expect("get").is_none());
-        let Flight::Leader(lease) = backend
-            .join_flight(&key, Instant::now() + Duration::from_secs(5))
+        let Lookup::Flight(Flight::Leader(lease)) = backend
+            .lookup(&key, Instant::now() + Duration::from_secs(5))
             .await
-            .expect("join")
+            .expect("lookup")
         else {
-            panic!("a fresh task has no flight");
+            panic!("a fresh task has no stored answer and no flight");
         };
         assert!(matches!(
             backend.acquire(61, &p).await.expect("budget"),
@@ -1068,10 +1068,9 @@ async fn miss_round_trips_are_measured() {
             .expect("put");
     }
     let per_miss = started.elapsed() / rounds;
-    eprintln!("miss path: 5 Redis round trips, {per_miss:?} per miss on loopback");
+    eprintln!("miss path: 4 Redis round trips, {per_miss:?} per miss on loopback");
     for op in [
-        "cache_get",
-        "flight_join",
+        "flight_lookup",
         "budget_acquire",
         "flight_publish",
         "cache_put",
@@ -1082,6 +1081,86 @@ async fn miss_round_trips_are_measured() {
         eprintln!("  {op}: mean {:.3} ms", mean * 1000.0);
     }
     assert!(per_miss < Duration::from_millis(250), "{per_miss:?}");
+    // The look before the lease is the lookup itself: no separate cache read, no join.
+    for op in ["cache_get", "flight_join"] {
+        let h = metrics.redis_call_duration_seconds.with_label_values(&[op]);
+        assert_eq!(h.get_sample_count(), 0, "{op}");
+    }
+}
+
+/// A first look finds a stored answer with its age and takes no lease; a task without one
+/// is led, in the same call; another hub's entry (under its own key, or damaged to name
+/// another hub under this one's) is never returned, and the lease is taken all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_finds_the_stored_answer_or_leads_in_one_call() {
+    let server = RedisServer::start();
+    let (a, _) = replica(&server).await;
+    let (b, b_metrics) = replica(&server).await;
+    let far = || Instant::now() + Duration::from_secs(5);
+    let mut conn = server.inspect().await;
+    let stored = TaskKey::new(81, "complete-1");
+    a.cache_put(&stored, &answer(81, "COMPLETE"), Duration::from_secs(60))
+        .await
+        .expect("put");
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    match b.lookup(&stored, far()).await.expect("lookup") {
+        Lookup::Cached(hit) => {
+            assert_eq!(hit.answer, answer(81, "COMPLETE"));
+            assert!(hit.age >= Duration::from_millis(20), "{:?}", hit.age);
+            assert!(hit.age < Duration::from_secs(30), "{:?}", hit.age);
+        }
+        other => panic!("want the stored answer, got {other:?}"),
+    }
+    assert_eq!(b_metrics.cache_hits_total.get(), 1);
+    let lease: Option<String> = redis::cmd("GET")
+        .arg("t:lease:81:complete-1")
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(lease, None, "a hit takes no lease");
+    // The same task in another hub: not this hub's answer; this caller leads.
+    let other_hub = TaskKey::new(82, "complete-1");
+    let Lookup::Flight(Flight::Leader(led)) = b.lookup(&other_hub, far()).await.expect("lookup")
+    else {
+        panic!("another hub's stored answer was returned");
+    };
+    // A waiter of that flight (another replica) gets the leader's answer, not a lease.
+    let waiter = tokio::spawn({
+        let (a, key) = (a.clone(), other_hub.clone());
+        async move {
+            a.lookup(&key, Instant::now() + Duration::from_secs(5))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    led.publish(&answer(82, "PENDING")).await.expect("publish");
+    match waiter.await.expect("waiter").expect("lookup") {
+        Lookup::Flight(Flight::Answer(got)) => assert_eq!(got, answer(82, "PENDING")),
+        other => panic!("want the leader's answer, got {other:?}"),
+    }
+    // Hub 83's key holding hub 84's bytes (what no replica writes): passed over, and the
+    // caller leads in the same call.
+    a.cache_put(
+        &TaskKey::new(84, "complete-2"),
+        &answer(84, "COMPLETE"),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("put");
+    let _: () = redis::cmd("RENAME")
+        .arg("t:c:84:complete-2")
+        .arg("t:c:83:complete-2")
+        .query_async(&mut conn)
+        .await
+        .expect("RENAME");
+    let Lookup::Flight(Flight::Leader(_lease)) = b
+        .lookup(&TaskKey::new(83, "complete-2"), far())
+        .await
+        .expect("lookup")
+    else {
+        panic!("an entry naming another hub was returned");
+    };
+    assert_eq!(b_metrics.cache_hits_total.get(), 1);
 }
 
 // The request path in cluster mode: two gateways in this process, one redis-server, and the
@@ -1207,6 +1286,49 @@ async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// A miss on a replica asks Redis once before its budget and HubSpot: the shared cache and
+/// the flight are one look (`flight_lookup`), with no separate cache read or flight join;
+/// another replica's HIT comes from that same single look and costs no budget call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_looks_at_redis_once_before_hubspot() {
+    let server = RedisServer::start();
+    let sim = hub_sim(7_010, Duration::ZERO).await;
+    let a = replica_gateway(&sim, &server).await;
+    let b = replica_gateway(&sim, &server).await;
+    let pending = support::get(&a.status_url("pending-looked")).await;
+    assert_eq!(pending.status, 200);
+    assert_eq!(pending.header("x-cache"), "MISS");
+    let done = support::get(&a.status_url("complete-looked")).await;
+    assert_eq!(done.header("x-cache"), "MISS");
+    assert_eq!(support::status_requests(&sim).await, 2);
+    assert_eq!(count(&a, "flight_lookup").await, 2.0);
+    assert_eq!(count(&a, "budget_acquire").await, 2.0);
+    for op in ["cache_get", "flight_join"] {
+        assert_eq!(count(&a, op).await, 0.0, "{op}");
+    }
+    wait_key(&server, "c", 7_010, "complete-looked").await;
+    let hit = support::get(&b.status_url("complete-looked")).await;
+    assert_eq!(hit.header("x-cache"), "HIT", "{:?}", hit.headers);
+    assert_eq!(hit.body, done.body);
+    assert_eq!(
+        support::status_requests(&sim).await,
+        2,
+        "B did not ask HubSpot"
+    );
+    assert_eq!(count(&b, "flight_lookup").await, 1.0);
+    for op in ["cache_get", "flight_join", "budget_acquire"] {
+        assert_eq!(count(&b, op).await, 0.0, "{op}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Successful Redis calls of `op` `gw` made (0 before the first).
+async fn count(gw: &support::TestGateway, op: &str) -> f64 {
+    let series = format!("hubspot_gateway_cluster_redis_calls_total{{op=\"{op}\",result=\"ok\"}}");
+    support::metric(gw, &series).await.unwrap_or(0.0)
 }
 
 /// Every key in `server` and every value under it, as bytes (strings, hashes, sets, sorted

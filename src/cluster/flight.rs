@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use super::codec::{decode_published, encode_published};
 use super::health::connect_bound;
-use super::{Answer, ClusterBackend, ClusterError, TaskKey, millis};
+use super::{Answer, CachedAnswer, ClusterBackend, ClusterError, TaskKey, millis};
 
 /// How long a published answer stays readable by pollers. Waiters poll far more often; the
 /// key only has to outlive the slowest poll after the message.
@@ -38,6 +38,15 @@ pub enum Flight {
     DeadlineReached,
 }
 
+/// What a first look at a task across replicas gave.
+#[derive(Debug)]
+pub enum Lookup {
+    /// A replica stored a finished answer for it; no flight was joined.
+    Cached(CachedAnswer),
+    /// No stored answer: the task's flight, joined.
+    Flight(Flight),
+}
+
 /// An answer received by pub/sub, fanned out to this replica's waiters.
 #[derive(Debug)]
 pub(crate) struct Published {
@@ -46,12 +55,23 @@ pub(crate) struct Published {
     answer: Answer,
 }
 
-/// KEYS: lease, answer. ARGV: new token, lease ms, then the tokens of leaders waited for.
-/// Returns {1, token, answer} (an awaited leader's answer), {0, holder, ''} (wait), or
-/// {2, token, ''} (the lease was free: the caller leads).
+/// KEYS: lease, answer, and the task's shared-cache entry on a first look. ARGV: new token,
+/// lease ms, then the tokens of leaders waited for. Returns {3, age ms, stored answer} (the
+/// shared cache holds one: nothing else is done), {1, token, answer} (an awaited leader's
+/// answer), {0, holder, ''} (wait), or {2, token, ''} (the lease was free: the caller
+/// leads). One atomic step: no replica can store an answer between the cache look and the
+/// lease, so a leader need not look again.
 static JOIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
+if KEYS[3] then
+  local e = redis.call('HMGET', KEYS[3], 't', 'v')
+  if e[1] and e[2] then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    return {3, tostring(math.max(0, now - tonumber(e[1]))), e[2]}
+  end
+end
 local tok = redis.call('HGET', KEYS[2], 'tok')
 if tok then
   for i = 3, #ARGV do
@@ -112,6 +132,14 @@ impl ClusterBackend {
         self.key("flights", "v1")
     }
 
+    /// A miss's first look at `key` across replicas, in one round trip: the shared cache's
+    /// answer if a replica stored one (a stored answer that cannot be read is passed over),
+    /// else [`ClusterBackend::join_flight`]'s outcome. On `Err` the caller uses its local
+    /// single-flight.
+    pub async fn lookup(&self, key: &TaskKey, deadline: Instant) -> Result<Lookup, ClusterError> {
+        self.join(key, deadline, true).await
+    }
+
     /// Joins the cluster-wide flight for `key`: leads it, or waits (until `deadline`) for
     /// its leader's answer, taking it over if the leader disappears. On `Err` the caller
     /// uses its local single-flight.
@@ -120,7 +148,27 @@ impl ClusterBackend {
         key: &TaskKey,
         deadline: Instant,
     ) -> Result<Flight, ClusterError> {
+        match self.join(key, deadline, false).await? {
+            Lookup::Flight(flight) => Ok(flight),
+            // Only a look that names the cache entry can find one.
+            Lookup::Cached(_) => Err(ClusterError::Redis {
+                op: "flight_join",
+                message: "a cached answer where none was asked for".to_owned(),
+            }),
+        }
+    }
+
+    /// The flight's loop; with `look_first`, its first step also reads the shared cache.
+    async fn join(
+        &self,
+        key: &TaskKey,
+        deadline: Instant,
+        look_first: bool,
+    ) -> Result<Lookup, ClusterError> {
         let (lease_key, answer_key) = self.flight_keys(key);
+        // Only the first step looks: a waiter's later polls must find its leader's answer
+        // (COALESCED), not the copy that leader stored in the cache just before publishing.
+        let mut cache_key = look_first.then(|| self.cache_key(key));
         let token = uuid::Uuid::new_v4().simple().to_string();
         let lease_ms = millis(self.inner.config.lease_ttl);
         // Subscribed before the first look, so an answer published in between is not missed.
@@ -128,17 +176,18 @@ impl ClusterBackend {
         let mut awaited: Vec<String> = Vec::new();
         let waits = &self.inner.metrics.flight_waits_total;
         loop {
-            let step: Result<(i64, String, Vec<u8>), _> = self
-                .call(
-                    "flight_join",
-                    JOIN.key(&lease_key)
-                        .key(&answer_key)
-                        .arg(&token)
-                        .arg(lease_ms)
-                        .arg(&awaited)
-                        .invoke_async(&mut self.conn()),
-                )
-                .await;
+            let mut script = JOIN.key(&lease_key);
+            script.key(&answer_key);
+            let op = match cache_key.take() {
+                Some(entry) => {
+                    script.key(entry);
+                    "flight_lookup"
+                }
+                None => "flight_join",
+            };
+            script.arg(&token).arg(lease_ms).arg(&awaited);
+            let step: Result<(i64, String, Vec<u8>), _> =
+                self.call(op, script.invoke_async(&mut self.conn())).await;
             let (code, holder, bytes) = match step {
                 Ok(step) => step,
                 Err(e) => {
@@ -149,25 +198,31 @@ impl ClusterBackend {
                 }
             };
             match code {
+                3 => match self.cached(key, &holder, &bytes) {
+                    Ok(found) => return Ok(Lookup::Cached(found)),
+                    // An entry this build cannot read or another hub's: as if absent, and
+                    // the flight is joined at once.
+                    Err(_) => continue,
+                },
                 1 => {
                     let answer = Answer::decode(&bytes)?;
                     if answer.hub_id != key.hub_id {
                         return Err(ClusterError::WrongHub);
                     }
                     waits.with_label_values(&["answer"]).inc();
-                    return Ok(Flight::Answer(answer));
+                    return Ok(Lookup::Flight(Flight::Answer(answer)));
                 }
                 2 => {
                     if !awaited.is_empty() {
                         self.inner.metrics.lease_takeovers_total.inc();
                         waits.with_label_values(&["takeover"]).inc();
                     }
-                    return Ok(Flight::Leader(Lease::start(
+                    return Ok(Lookup::Flight(Flight::Leader(Lease::start(
                         self.clone(),
                         lease_key,
                         answer_key,
                         token,
-                    )));
+                    ))));
                 }
                 _ => {
                     if !awaited.contains(&holder) {
@@ -178,7 +233,7 @@ impl ClusterBackend {
             let now = Instant::now();
             if now >= deadline {
                 waits.with_label_values(&["deadline"]).inc();
-                return Ok(Flight::DeadlineReached);
+                return Ok(Lookup::Flight(Flight::DeadlineReached));
             }
             let nap = tokio::time::sleep_until(deadline.min(now + self.inner.config.poll_interval));
             tokio::pin!(nap);
@@ -191,7 +246,7 @@ impl ClusterBackend {
                                 return Err(ClusterError::WrongHub);
                             }
                             waits.with_label_values(&["answer"]).inc();
-                            return Ok(Flight::Answer(p.answer.clone()));
+                            return Ok(Lookup::Flight(Flight::Answer(p.answer.clone())));
                         }
                         Ok(_) => {}
                         // Messages were lost locally: poll now instead of waiting.

@@ -38,7 +38,7 @@ pub use budget::{Admission, BudgetPolicy, Refusal};
 pub use cache::CachedAnswer;
 pub use codec::{Answer, CodecError};
 pub use config::ClusterConfig;
-pub use flight::{Flight, Lease};
+pub use flight::{Flight, Lease, Lookup};
 pub use metrics::ClusterMetrics;
 
 use crate::secret::Secret;
