@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use hubspot_files_gateway::budget::{Budget, Charge, ThrottleSource};
 use hubspot_files_gateway::cluster::budget::ClientWindow;
 use hubspot_files_gateway::cluster::{
@@ -794,6 +795,62 @@ async fn one_leader_and_pubsub_wakes_the_waiters() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A flight's answer goes out on the channel only when a replica waits for it: a leader
+/// nobody waited for publishes no message (every replica's subscriber would receive and
+/// decode it for nothing), one with a waiter does, and the waiter gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_is_broadcast_only_to_a_waiter() {
+    let server = RedisServer::start();
+    let (a, _) = replica(&server).await;
+    let (b, _) = replica(&server).await;
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe("t:flights:v1").await.expect("subscribe");
+    let mut messages = pubsub.into_on_message();
+    let far = || Instant::now() + Duration::from_secs(5);
+    let alone = TaskKey::new(91, "pending-alone");
+    let Flight::Leader(lease) = a.join_flight(&alone, far()).await.expect("join") else {
+        panic!("a fresh task has no flight");
+    };
+    lease
+        .publish(&answer(91, "PENDING"))
+        .await
+        .expect("publish");
+    let quiet = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
+    assert!(quiet.is_err(), "a message nobody waited for was published");
+    let awaited = TaskKey::new(91, "pending-awaited");
+    let Flight::Leader(lease) = a.join_flight(&awaited, far()).await.expect("join") else {
+        panic!("a fresh task has no flight");
+    };
+    let waiter = tokio::spawn({
+        let (b, key) = (b.clone(), awaited.clone());
+        async move {
+            b.join_flight(&key, Instant::now() + Duration::from_secs(5))
+                .await
+        }
+    });
+    // The waiter has looked (and raised its flag) once the leader's lease is seen taken.
+    poll_redis(
+        &server,
+        redis::cmd("EXISTS").arg("t:wait:91:pending-awaited"),
+        "the waiter's flag",
+        |there: bool| there,
+    )
+    .await;
+    lease
+        .publish(&answer(91, "PENDING"))
+        .await
+        .expect("publish");
+    tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .expect("a message for the waiter")
+        .expect("the subscription is open");
+    match waiter.await.expect("waiter").expect("join") {
+        Flight::Answer(got) => assert_eq!(got, answer(91, "PENDING")),
+        other => panic!("want the leader's answer, got {other:?}"),
+    }
 }
 
 /// Without pub/sub (every message lost), waiters still get the leader's answer by polling.

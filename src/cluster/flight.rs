@@ -2,8 +2,9 @@
 //!
 //! The first replica to ask takes a lease (`SET lease token NX PX lease_ttl`) and becomes
 //! the leader; it renews the lease while its call runs, then publishes the answer (PENDING
-//! ones included) under a short-lived key and on a pub/sub channel, and releases the lease
-//! by compare-and-delete. Other replicas wait: a pub/sub message wakes them at once, and they
+//! ones included) under a short-lived key and, when a replica waits (it raises a flag as it
+//! finds the lease taken), on a pub/sub channel, and releases the lease by
+//! compare-and-delete. Other replicas wait: a pub/sub message wakes them at once, and they
 //! poll every `poll_interval` because pub/sub may drop messages. A waiter accepts only an
 //! answer stamped with the token of a leader it waited for, so an older answer is never
 //! replayed. If the lease disappears without an answer (the leader died and it expired, or
@@ -47,6 +48,17 @@ pub enum Lookup {
     Flight(Flight),
 }
 
+/// The Redis keys of one task's flight.
+#[derive(Debug)]
+struct FlightKeys {
+    /// The leader's token, while it holds the lease.
+    lease: String,
+    /// The latest published answer and its leader's token.
+    answer: String,
+    /// Set while some replica waits, so the leader's answer is published on the channel.
+    waiting: String,
+}
+
 /// An answer received by pub/sub, fanned out to this replica's waiters.
 #[derive(Debug)]
 pub(crate) struct Published {
@@ -55,17 +67,18 @@ pub(crate) struct Published {
     answer: Answer,
 }
 
-/// KEYS: lease, answer, and the task's shared-cache entry on a first look. ARGV: new token,
-/// lease ms, then the tokens of leaders waited for. Returns {3, age ms, stored answer} (the
-/// shared cache holds one: nothing else is done), {1, token, answer} (an awaited leader's
-/// answer), {0, holder, ''} (wait), or {2, token, ''} (the lease was free: the caller
-/// leads). One atomic step: no replica can store an answer between the cache look and the
-/// lease, so a leader need not look again.
+/// KEYS: lease, answer, waiting flag, and the task's shared-cache entry on a first look.
+/// ARGV: new token, lease ms, then the tokens of leaders waited for. Returns {3, age ms,
+/// stored answer} (the shared cache holds one: nothing else is done), {1, token, answer}
+/// (an awaited leader's answer), {0, holder, ''} (wait; the flag tells the leader to
+/// publish), or {2, token, ''} (the lease was free: the caller leads). One atomic step: no
+/// replica can store an answer between the cache look and the lease, so a leader need not
+/// look again.
 static JOIN: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-if KEYS[3] then
-  local e = redis.call('HMGET', KEYS[3], 't', 'v')
+if KEYS[4] then
+  local e = redis.call('HMGET', KEYS[4], 't', 'v')
   if e[1] and e[2] then
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -79,7 +92,10 @@ if tok then
   end
 end
 local holder = redis.call('GET', KEYS[1])
-if holder then return {0, holder, ''} end
+if holder then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+  return {0, holder, ''}
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {2, ARGV[1], ''}
 "#,
@@ -108,14 +124,17 @@ return 0
     )
 });
 
-/// KEYS: lease, answer. ARGV: token, encoded answer, answer ttl ms, channel, message.
+/// KEYS: lease, answer, waiting flag. ARGV: token, encoded answer, answer ttl ms, channel,
+/// message. The message goes out only when a waiter raised the flag: every replica's
+/// subscriber receives and decodes each message, which is wasted work (on every replica,
+/// on the miss path's CPU) when nobody waits.
 static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'tok', ARGV[1], 'v', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 "#,
@@ -123,9 +142,14 @@ return 1
 });
 
 impl ClusterBackend {
-    fn flight_keys(&self, key: &TaskKey) -> (String, String) {
+    /// The lease, answer and waiting-flag keys of `key`'s flight.
+    fn flight_keys(&self, key: &TaskKey) -> FlightKeys {
         let suffix = key.suffix();
-        (self.key("lease", &suffix), self.key("ans", &suffix))
+        FlightKeys {
+            lease: self.key("lease", &suffix),
+            answer: self.key("ans", &suffix),
+            waiting: self.key("wait", &suffix),
+        }
     }
 
     fn channel(&self) -> String {
@@ -165,7 +189,7 @@ impl ClusterBackend {
         deadline: Instant,
         look_first: bool,
     ) -> Result<Lookup, ClusterError> {
-        let (lease_key, answer_key) = self.flight_keys(key);
+        let keys = self.flight_keys(key);
         // Only the first step looks: a waiter's later polls must find its leader's answer
         // (COALESCED), not the copy that leader stored in the cache just before publishing.
         let mut cache_key = look_first.then(|| self.cache_key(key));
@@ -176,8 +200,8 @@ impl ClusterBackend {
         let mut awaited: Vec<String> = Vec::new();
         let waits = &self.inner.metrics.flight_waits_total;
         loop {
-            let mut script = JOIN.key(&lease_key);
-            script.key(&answer_key);
+            let mut script = JOIN.key(&keys.lease);
+            script.key(&keys.answer).key(&keys.waiting);
             let op = match cache_key.take() {
                 Some(entry) => {
                     script.key(entry);
@@ -219,8 +243,7 @@ impl ClusterBackend {
                     }
                     return Ok(Lookup::Flight(Flight::Leader(Lease::start(
                         self.clone(),
-                        lease_key,
-                        answer_key,
+                        keys,
                         token,
                     ))));
                 }
@@ -241,7 +264,7 @@ impl ClusterBackend {
                 tokio::select! {
                     () = &mut nap => break,
                     message = messages.recv() => match message {
-                        Ok(p) if p.lease_key == lease_key && awaited.contains(&p.token) => {
+                        Ok(p) if p.lease_key == keys.lease && awaited.contains(&p.token) => {
                             if p.answer.hub_id != key.hub_id {
                                 return Err(ClusterError::WrongHub);
                             }
@@ -268,8 +291,7 @@ impl ClusterBackend {
 #[derive(Debug)]
 pub struct Lease {
     backend: ClusterBackend,
-    lease_key: String,
-    answer_key: String,
+    keys: FlightKeys,
     token: String,
     held: Arc<AtomicBool>,
     renewer: Option<JoinHandle<()>>,
@@ -277,17 +299,12 @@ pub struct Lease {
 }
 
 impl Lease {
-    fn start(
-        backend: ClusterBackend,
-        lease_key: String,
-        answer_key: String,
-        token: String,
-    ) -> Lease {
+    fn start(backend: ClusterBackend, keys: FlightKeys, token: String) -> Lease {
         let held = Arc::new(AtomicBool::new(true));
         let renewer = {
             let (backend, key, token, held) = (
                 backend.clone(),
-                lease_key.clone(),
+                keys.lease.clone(),
                 token.clone(),
                 held.clone(),
             );
@@ -317,8 +334,7 @@ impl Lease {
         };
         Lease {
             backend,
-            lease_key,
-            answer_key,
+            keys,
             token,
             held,
             renewer: Some(renewer),
@@ -339,7 +355,7 @@ impl Lease {
         // unfinished, so dropping it releases the lease and a waiter takes over at once
         // instead of waiting `lease_ttl` for it to expire.
         let bytes = answer.encode()?;
-        let message = encode_published(&self.lease_key, &self.token, &bytes)?;
+        let message = encode_published(&self.keys.lease, &self.token, &bytes)?;
         self.stop_renewing();
         self.finished = true;
         let backend = self.backend.clone();
@@ -347,8 +363,9 @@ impl Lease {
             .call(
                 "flight_publish",
                 PUBLISH
-                    .key(&self.lease_key)
-                    .key(&self.answer_key)
+                    .key(&self.keys.lease)
+                    .key(&self.keys.answer)
+                    .key(&self.keys.waiting)
                     .arg(&self.token)
                     .arg(bytes)
                     .arg(millis(ANSWER_TTL))
@@ -384,7 +401,7 @@ impl Drop for Lease {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (backend, key, token) = (
                 self.backend.clone(),
-                std::mem::take(&mut self.lease_key),
+                std::mem::take(&mut self.keys.lease),
                 std::mem::take(&mut self.token),
             );
             runtime.spawn(async move {
