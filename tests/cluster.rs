@@ -832,13 +832,7 @@ async fn the_answer_is_broadcast_only_to_a_waiter() {
         }
     });
     // The waiter has looked (and raised its flag) once the leader's lease is seen taken.
-    poll_redis(
-        &server,
-        redis::cmd("EXISTS").arg("t:wait:91:pending-awaited"),
-        "the waiter's flag",
-        |there: bool| there,
-    )
-    .await;
+    wait_key(&server, "wait", 91, "pending-awaited").await;
     lease
         .publish(&answer(91, "PENDING"))
         .await
@@ -1189,7 +1183,8 @@ async fn lookup_finds_the_stored_answer_or_leads_in_one_call() {
                 .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The waiter has looked (and raised its flag) once the leader's lease is seen taken.
+    wait_key(&server, "wait", 82, "complete-1").await;
     led.publish(&answer(82, "PENDING")).await.expect("publish");
     match waiter.await.expect("waiter").expect("lookup") {
         Lookup::Flight(Flight::Answer(got)) => assert_eq!(got, answer(82, "PENDING")),
@@ -1275,6 +1270,23 @@ async fn replica_gateway_with(
     gateway
 }
 
+/// A Redis, a simulator for hub `hub_id` answering at once, and two ready replicas in
+/// front of them.
+async fn two_replicas(
+    hub_id: u64,
+) -> (
+    RedisServer,
+    hubspot_sim::RunningSimulator,
+    support::TestGateway,
+    support::TestGateway,
+) {
+    let server = RedisServer::start();
+    let sim = hub_sim(hub_id, Duration::ZERO).await;
+    let a = replica_gateway(&sim, &server).await;
+    let b = replica_gateway(&sim, &server).await;
+    (server, sim, a, b)
+}
+
 /// `/readyz` as status and JSON.
 async fn readyz(gateway: &support::TestGateway) -> (hyper::StatusCode, serde_json::Value) {
     let reply = support::send(hyper::Method::GET, &gateway.admin_url("/readyz"), &[]).await;
@@ -1286,10 +1298,7 @@ async fn readyz(gateway: &support::TestGateway) -> (hyper::StatusCode, serde_jso
 /// B keeps it in memory afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
-    let server = RedisServer::start();
-    let sim = hub_sim(7_001, Duration::ZERO).await;
-    let a = replica_gateway(&sim, &server).await;
-    let b = replica_gateway(&sim, &server).await;
+    let (server, sim, a, b) = two_replicas(7_001).await;
     let first = support::get(&a.status_url("complete-shared")).await;
     assert_eq!(first.status, 200);
     assert_eq!(first.header("x-cache"), "MISS");
@@ -1350,10 +1359,7 @@ async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
 /// another replica's HIT comes from that same single look and costs no budget call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_looks_at_redis_once_before_hubspot() {
-    let server = RedisServer::start();
-    let sim = hub_sim(7_010, Duration::ZERO).await;
-    let a = replica_gateway(&sim, &server).await;
-    let b = replica_gateway(&sim, &server).await;
+    let (server, sim, a, b) = two_replicas(7_010).await;
     let pending = support::get(&a.status_url("pending-looked")).await;
     assert_eq!(pending.status, 200);
     assert_eq!(pending.header("x-cache"), "MISS");
