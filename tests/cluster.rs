@@ -14,8 +14,8 @@ use futures_util::StreamExt;
 use hubspot_files_gateway::budget::{Budget, Charge, ThrottleSource};
 use hubspot_files_gateway::cluster::budget::ClientWindow;
 use hubspot_files_gateway::cluster::{
-    Admission, Answer, BudgetPolicy, ClusterBackend, ClusterConfig, ClusterError, ClusterMetrics,
-    ClusterOptions, Flight, Lookup, Refusal, TaskKey,
+    Admission, Answer, BudgetAsk, BudgetPolicy, ClusterBackend, ClusterConfig, ClusterError,
+    ClusterMetrics, ClusterOptions, Flight, Lookup, Refusal, TaskKey,
 };
 use hubspot_files_gateway::config::{RateLimit, UpstreamConfig};
 use hubspot_files_gateway::metrics::Metrics;
@@ -404,6 +404,7 @@ fn charge(client: &str, share: Option<f64>, hub: u64) -> Charge<'_> {
         client,
         share,
         hub_id: Some(hub),
+        first: None,
     }
 }
 
@@ -532,7 +533,14 @@ async fn the_budget_is_the_accounts_across_replicas() {
         }
         let refused = b.acquire(&who).await.expect_err("spent");
         assert_eq!((refused.by, refused.limit), (by, limit));
-        assert!(refused.wait > Duration::ZERO && refused.wait <= Duration::from_secs(60));
+        // A call's answer time is recorded off the caller's path: until it lands, the call
+        // counts from its admission plus the request timeout.
+        let longest = Duration::from_secs(60) + UpstreamConfig::default().request_timeout;
+        assert!(
+            refused.wait > Duration::ZERO && refused.wait <= longest,
+            "{:?}",
+            refused.wait
+        );
     }
 
     // A 429 seen by one replica holds the other's calls for that hub, naming its policy
@@ -1088,8 +1096,8 @@ async fn tls_with_a_private_ca() {
     assert!(!public_roots_only.is_up());
 }
 
-/// What a miss costs in Redis round trips on loopback (printed with `--nocapture`): the
-/// first look (shared cache and flight in one call) and the budget before HubSpot, then
+/// What a miss costs in Redis round trips on loopback (printed with `--nocapture`): one
+/// before HubSpot (shared cache, flight and the budget's admission in one call), then
 /// publish and cache write; each well under the 50 ms default timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miss_round_trips_are_measured() {
@@ -1100,16 +1108,21 @@ async fn miss_round_trips_are_measured() {
     let started = Instant::now();
     for i in 0..rounds {
         let key = TaskKey::new(61, format!("task-{i}"));
-        let Lookup::Flight(Flight::Leader(lease)) = backend
-            .lookup(&key, Instant::now() + Duration::from_secs(5))
+        let ask = BudgetAsk {
+            hub_id: 61,
+            policy: p,
+            client: None,
+        };
+        let Lookup::Flight(Flight::Leader(mut lease)) = backend
+            .lookup(&key, Instant::now() + Duration::from_secs(5), Some(ask))
             .await
             .expect("lookup")
         else {
             panic!("a fresh task has no stored answer and no flight");
         };
         assert!(matches!(
-            backend.acquire(61, &p).await.expect("budget"),
-            Admission::Allowed { .. }
+            lease.take_admission(),
+            Some(Admission::Allowed { .. })
         ));
         let a = answer(61, "COMPLETE");
         lease.publish(&a).await.expect("publish");
@@ -1119,21 +1132,17 @@ async fn miss_round_trips_are_measured() {
             .expect("put");
     }
     let per_miss = started.elapsed() / rounds;
-    eprintln!("miss path: 4 Redis round trips, {per_miss:?} per miss on loopback");
-    for op in [
-        "flight_lookup",
-        "budget_acquire",
-        "flight_publish",
-        "cache_put",
-    ] {
+    eprintln!("miss path: 3 Redis round trips, {per_miss:?} per miss on loopback");
+    for op in ["flight_lookup", "flight_publish", "cache_put"] {
         let h = metrics.redis_call_duration_seconds.with_label_values(&[op]);
         assert_eq!(h.get_sample_count(), u64::from(rounds), "{op}");
         let mean = h.get_sample_sum() / f64::from(rounds);
         eprintln!("  {op}: mean {:.3} ms", mean * 1000.0);
     }
     assert!(per_miss < Duration::from_millis(250), "{per_miss:?}");
-    // The look before the lease is the lookup itself: no separate cache read, no join.
-    for op in ["cache_get", "flight_join"] {
+    // The look before the lease is the lookup itself: no separate cache read, join or
+    // budget call.
+    for op in ["cache_get", "flight_join", "budget_acquire"] {
         let h = metrics.redis_call_duration_seconds.with_label_values(&[op]);
         assert_eq!(h.get_sample_count(), 0, "{op}");
     }
@@ -1154,7 +1163,7 @@ async fn lookup_finds_the_stored_answer_or_leads_in_one_call() {
         .await
         .expect("put");
     tokio::time::sleep(Duration::from_millis(30)).await;
-    match b.lookup(&stored, far()).await.expect("lookup") {
+    match b.lookup(&stored, far(), None).await.expect("lookup") {
         Lookup::Cached(hit) => {
             assert_eq!(hit.answer, answer(81, "COMPLETE"));
             assert!(hit.age >= Duration::from_millis(20), "{:?}", hit.age);
@@ -1171,7 +1180,8 @@ async fn lookup_finds_the_stored_answer_or_leads_in_one_call() {
     assert_eq!(lease, None, "a hit takes no lease");
     // The same task in another hub: not this hub's answer; this caller leads.
     let other_hub = TaskKey::new(82, "complete-1");
-    let Lookup::Flight(Flight::Leader(led)) = b.lookup(&other_hub, far()).await.expect("lookup")
+    let Lookup::Flight(Flight::Leader(led)) =
+        b.lookup(&other_hub, far(), None).await.expect("lookup")
     else {
         panic!("another hub's stored answer was returned");
     };
@@ -1179,7 +1189,7 @@ async fn lookup_finds_the_stored_answer_or_leads_in_one_call() {
     let waiter = tokio::spawn({
         let (a, key) = (a.clone(), other_hub.clone());
         async move {
-            a.lookup(&key, Instant::now() + Duration::from_secs(5))
+            a.lookup(&key, Instant::now() + Duration::from_secs(5), None)
                 .await
         }
     });
@@ -1206,7 +1216,7 @@ async fn lookup_finds_the_stored_answer_or_leads_in_one_call() {
         .await
         .expect("RENAME");
     let Lookup::Flight(Flight::Leader(_lease)) = b
-        .lookup(&TaskKey::new(83, "complete-2"), far())
+        .lookup(&TaskKey::new(83, "complete-2"), far(), None)
         .await
         .expect("lookup")
     else {
@@ -1354,9 +1364,10 @@ async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
     b.stop().await;
 }
 
-/// A miss on a replica asks Redis once before its budget and HubSpot: the shared cache and
-/// the flight are one look (`flight_lookup`), with no separate cache read or flight join;
-/// another replica's HIT comes from that same single look and costs no budget call.
+/// A miss on a replica asks Redis once before HubSpot: the shared cache, the flight and the
+/// budget's admission are one look (`flight_lookup`), with no separate cache read, flight
+/// join or budget call (the answer's time is still recorded in the window afterwards);
+/// another replica's HIT comes from that same single look and costs no budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_looks_at_redis_once_before_hubspot() {
     let (server, sim, a, b) = two_replicas(7_010).await;
@@ -1367,9 +1378,18 @@ async fn a_miss_looks_at_redis_once_before_hubspot() {
     assert_eq!(done.header("x-cache"), "MISS");
     assert_eq!(support::status_requests(&sim).await, 2);
     assert_eq!(count(&a, "flight_lookup").await, 2.0);
-    assert_eq!(count(&a, "budget_acquire").await, 2.0);
-    for op in ["cache_get", "flight_join"] {
+    // Each call's admission came with its lease; its answer time is still recorded.
+    for op in ["cache_get", "flight_join", "budget_acquire"] {
         assert_eq!(count(&a, op).await, 0.0, "{op}");
+    }
+    let restamped = |gw| async move { count(gw, "budget_restamp").await };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while restamped(&a).await < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the answers' times were not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     wait_key(&server, "c", 7_010, "complete-looked").await;
     let hit = support::get(&b.status_url("complete-looked")).await;
@@ -1384,6 +1404,62 @@ async fn a_miss_looks_at_redis_once_before_hubspot() {
     for op in ["cache_get", "flight_join", "budget_acquire"] {
         assert_eq!(count(&b, op).await, 0.0, "{op}");
     }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The account's window spent, the next miss's one Redis look is refused by the budget:
+/// the caller gets the gateway's 429 (`Retry-After`, `RateLimit-*`, HubSpot's body with
+/// `TEN_SECONDLY_ROLLING`), HubSpot is not asked, no lease is left for the task (another
+/// replica's caller leads it at once, refused the same way), and the refusal is counted
+/// as the budget's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_refusal_in_the_lookup_takes_no_lease() {
+    let server = RedisServer::start();
+    let sim = hub_sim(7_011, Duration::ZERO).await;
+    let spent = |c: &mut hubspot_files_gateway::config::Config| {
+        c.upstream.rate_limit = RateLimit {
+            requests: 1,
+            per: Duration::from_secs(30),
+        }
+    };
+    let a = replica_gateway_with(&sim, &server, spent).await;
+    let b = replica_gateway_with(&sim, &server, spent).await;
+    let first = support::get(&a.status_url("pending-first")).await;
+    assert_eq!(first.status, 200);
+    let refused = support::get(&a.status_url("pending-refused")).await;
+    assert_eq!(refused.status, 429, "{:?}", refused.headers);
+    let wait: u64 = refused.header("retry-after").parse().expect("Retry-After");
+    // Until the first call's answer time is recorded it counts from admission + the
+    // request timeout (5 s).
+    assert!((1..=35).contains(&wait), "Retry-After {wait}");
+    assert_eq!(refused.header("ratelimit-limit"), "1");
+    assert_eq!(refused.header("ratelimit-remaining"), "0");
+    assert_eq!(refused.json()["policyName"], "TEN_SECONDLY_ROLLING");
+    assert_eq!(
+        support::status_requests(&sim).await,
+        1,
+        "HubSpot asked once"
+    );
+    let lease: Option<String> = redis::cmd("GET")
+        .arg("t:lease:7011:pending-refused")
+        .query_async(&mut server.inspect().await)
+        .await
+        .expect("GET");
+    assert_eq!(lease, None, "a refused try holds no lease");
+    let throttled = "hubspot_gateway_upstream_throttled_total{source=\"local_budget\"}";
+    assert_eq!(support::metric(&a, throttled).await, Some(1.0));
+    // Not a waiter of a lease nobody renews: B is refused at once, by the shared window.
+    let started = Instant::now();
+    let other = support::get(&b.status_url("pending-refused")).await;
+    assert_eq!(other.status, 429);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(support::metric(&b, throttled).await, Some(1.0));
+    assert_eq!(support::status_requests(&sim).await, 1);
     a.stop().await;
     b.stop().await;
 }

@@ -34,7 +34,7 @@ use redis::{IntoConnectionInfo, RedisResult};
 use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
-pub use budget::{Admission, BudgetPolicy, Refusal};
+pub use budget::{Admission, BudgetAsk, BudgetPolicy, Refusal};
 pub use cache::CachedAnswer;
 pub use codec::{Answer, CodecError};
 pub use config::ClusterConfig;
