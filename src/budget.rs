@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use hyper::header::{self, HeaderName, HeaderValue};
 
-use crate::cluster::budget::{CallId, ClientWindow};
+use crate::cluster::budget::{BudgetAsk, CallId, ClientWindow};
 use crate::cluster::{Admission, BudgetPolicy, ClusterBackend, Refusal};
 use crate::config::UpstreamConfig;
 use crate::upstream::{Policy, retry_after_value};
@@ -122,6 +122,29 @@ pub struct Charge<'a> {
     /// The HubSpot account of the token in use; the shared budget is per account (a token
     /// whose account HubSpot did not name counts as account 0, the same on every replica).
     pub hub_id: Option<u64>,
+    /// The shared budget's answer for the first call, when a cluster flight's lookup already
+    /// asked it ([`Budget::shared_ask`]): the first [`Budget::acquire`] uses it instead of
+    /// asking again.
+    pub first: Option<&'a FirstTry>,
+}
+
+/// The shared budget's answer for a flight leader's first call, taken with its lease in the
+/// same Redis step; used once. An admission never used (the token went away, or a hold
+/// came, between the lookup and the call) keeps its place in the shared windows at
+/// admission + the request timeout, as a call that never answered does: one slot of the
+/// window lost, never a call over the limit.
+#[derive(Debug)]
+pub struct FirstTry(Mutex<Option<Admission>>);
+
+impl FirstTry {
+    /// Holds `admission` for the first [`Budget::acquire`] that names it.
+    pub fn new(admission: Admission) -> FirstTry {
+        FirstTry(Mutex::new(Some(admission)))
+    }
+
+    fn take(&self) -> Option<Admission> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 /// The calls a client with `share` may make per window of `limit`: `floor(limit × share)`,
@@ -274,20 +297,18 @@ impl Budget {
         if let Some(throttle) = held {
             return Err(throttle);
         }
-        let policy = BudgetPolicy {
-            limit: self.limit,
-            per: self.per,
-            daily_limit: self.daily_limit,
-            daily_reset_offset: Duration::ZERO,
-            in_flight: self.in_flight,
-        };
+        let policy = self.policy();
         let client = charge.share.map(|share| ClientWindow {
             client: charge.client,
             limit: share_limit(self.limit, share),
         });
         let hub = charge.hub_id.unwrap_or(0);
         self.shared.hub.store(hub, Ordering::Relaxed);
-        match cluster.acquire_for(hub, &policy, client).await {
+        let answer = match charge.first.and_then(FirstTry::take) {
+            Some(admission) => Ok(admission),
+            None => cluster.acquire_for(hub, &policy, client).await,
+        };
+        match answer {
             Ok(Admission::Allowed { call, .. }) => {
                 let mut permit = self.record(&mut self.lock(), Instant::now(), charge);
                 permit.shared = Some(SharedCall {
@@ -306,6 +327,36 @@ impl Budget {
                 self.take_local(charge, cluster.local_share(self.limit), daily)
             }
         }
+    }
+
+    /// The account's rules as the shared budget applies them.
+    fn policy(&self) -> BudgetPolicy {
+        BudgetPolicy {
+            limit: self.limit,
+            per: self.per,
+            daily_limit: self.daily_limit,
+            daily_reset_offset: Duration::ZERO,
+            in_flight: self.in_flight,
+        }
+    }
+
+    /// What a cluster flight's lookup asks the shared budget for `charge`'s first call, so
+    /// that the lease and the admission are one Redis step; `None` without a cluster backend
+    /// or during a hold this replica saw itself (then [`Budget::acquire`] refuses without a
+    /// round trip, as always). The answer goes back through [`Charge::first`].
+    pub fn shared_ask<'c>(&self, charge: &Charge<'c>) -> Option<BudgetAsk<'c>> {
+        self.cluster.as_ref()?;
+        if self.lock().held(Instant::now()).is_some() {
+            return None;
+        }
+        Some(BudgetAsk {
+            hub_id: charge.hub_id.unwrap_or(0),
+            policy: self.policy(),
+            client: charge.share.map(|share| ClientWindow {
+                client: charge.client,
+                limit: share_limit(self.limit, share),
+            }),
+        })
     }
 
     /// A refusal of the shared budget as the caller sees it.
@@ -737,6 +788,7 @@ mod tests {
             client,
             share: None,
             hub_id: None,
+            first: None,
         }
     }
 
@@ -746,6 +798,7 @@ mod tests {
             client,
             share: Some(share),
             hub_id: None,
+            first: None,
         }
     }
 

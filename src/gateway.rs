@@ -6,8 +6,10 @@
 //! 4. **coalesce**: a miss joins the fetch in flight for its key, or leads a new one, which
 //!    runs in its own task so a caller hanging up does not cancel it for the others. In
 //!    cluster mode the leader then asks the shared cache (a HIT, with its true `Age`) and
-//!    joins the task's flight across replicas: another replica's answer is COALESCED, and
-//!    only the flight's leader goes on to HubSpot (Redis failing: this replica goes alone);
+//!    joins the task's flight across replicas, in one Redis call that also takes the
+//!    shared budget's admission for the leader's first call: another replica's answer is
+//!    COALESCED, and only the flight's leader goes on to HubSpot (Redis failing: this
+//!    replica goes alone);
 //! 5. **token**: the verified HubSpot token in service (or 503);
 //! 6. **upstream**: HubSpot is asked within the deadline and the rate budget; a 401 forces
 //!    one token refresh and one retry, a 403 `MISSING_SCOPES` a re-verification;
@@ -33,7 +35,7 @@ use hyper::{Request, Response, StatusCode};
 use opentelemetry::trace::SpanKind;
 
 use crate::auth::{Authenticator, PeerCertName};
-use crate::budget::Charge;
+use crate::budget::{Charge, FirstTry};
 use crate::cache::{AnswerCache, CacheOutcome, Flight, Origin, Outcome, Stored};
 use crate::cluster::{self, ClusterBackend, TaskKey};
 use crate::error::{Fault, GatewayError};
@@ -388,54 +390,83 @@ impl Gateway {
                     "cluster mode: HubSpot did not say which account the token belongs to, so this replica shares no answer and no flight (its calls are its own)"
                 );
             }
-            return (self.fetch(key, request_id, deadline, client).await, None);
+            return (
+                self.fetch(key, request_id, deadline, client, None).await,
+                None,
+            );
         };
         let task = TaskKey::new(hub, key.task_id.as_str());
-        if let Some(hit) = self.shared_hit(&cluster, &task).await {
-            return (Ok(hit), None);
-        }
-        let lease = match cluster.join_flight(&task, deadline.into()).await {
+        // One round trip: the shared cache, else the flight (wait for its leader, or lead
+        // if the shared budget admits the first call), in one atomic step, so no replica
+        // stores an answer between the look and the lease.
+        let charge = Charge {
+            client: &client,
+            share: self.auth.share(&client),
+            hub_id: Some(hub),
+            first: None,
+        };
+        let ask = self.hubspot.budget().shared_ask(&charge);
+        let flight = match cluster.lookup(&task, deadline.into(), ask).await {
+            Ok(cluster::Lookup::Cached(found)) => {
+                match self
+                    .adopt(found.answer, Origin::SharedCache, found.age)
+                    .filter(Stored::is_fresh_terminal)
+                {
+                    Some(hit) => return (Ok(hit), None),
+                    // Stored but not a HIT here (past this replica's `terminal_ttl`, or a
+                    // status this build cannot serve): the flight decides.
+                    None => cluster.join_flight(&task, deadline.into()).await,
+                }
+            }
+            Ok(cluster::Lookup::Flight(flight)) => Ok(flight),
+            // The budget's refusal reaches the caller as the upstream client gives it (its
+            // metrics included); no lease was taken, so nothing is owed to other replicas.
+            Ok(cluster::Lookup::Refused { wait, reason }) => {
+                let first = FirstTry::new(cluster::Admission::Refused { wait, reason });
+                let fetched = self.fetch(key, request_id, deadline, client, Some(&first));
+                return (fetched.await, None);
+            }
+            Err(e) => Err(e),
+        };
+        let mut lease = match flight {
             Ok(cluster::Flight::Leader(lease)) => lease,
             Ok(cluster::Flight::Answer(answer)) => {
                 if let Some(stored) = self.adopt(answer, Origin::Peer, Duration::ZERO) {
                     return (Ok(stored), None);
                 }
                 // An answer this build cannot pass on: ask HubSpot rather than fail.
-                return (self.fetch(key, request_id, deadline, client).await, None);
+                return (
+                    self.fetch(key, request_id, deadline, client, None).await,
+                    None,
+                );
             }
             // The other replica's call outlived this caller's deadline: what a caller gets
             // when HubSpot is too slow.
             Ok(cluster::Flight::DeadlineReached) => return (Err(GatewayError::WaitTimeout), None),
             // Redis down or failing: this replica asks HubSpot itself.
-            Err(_) => return (self.fetch(key, request_id, deadline, client).await, None),
+            Err(_) => {
+                return (
+                    self.fetch(key, request_id, deadline, client, None).await,
+                    None,
+                );
+            }
         };
         if Instant::now() >= deadline {
             // Taken over as the deadline passed: nothing can be asked in time. Dropping the
             // lease releases it for a waiter with time left.
             return (Err(GatewayError::WaitTimeout), None);
         }
+        let first = lease.take_admission().map(FirstTry::new);
         let share = Share {
             cluster: cluster.clone(),
             task,
             lease,
         };
-        // Another replica may have finished this task between the first look and the lease:
-        // its stored answer saves a HubSpot call, and is handed to this flight's waiters.
-        if let Some(hit) = self.shared_hit(&cluster, &share.task).await {
-            return (Ok(hit), Some(share));
-        }
         (
-            self.fetch(key, request_id, deadline, client).await,
+            self.fetch(key, request_id, deadline, client, first.as_ref())
+                .await,
             Some(share),
         )
-    }
-
-    /// The shared cache's answer for `task`, if a replica stored one that is still a HIT
-    /// here; Redis failing is a miss.
-    async fn shared_hit(&self, cluster: &ClusterBackend, task: &TaskKey) -> Option<Stored> {
-        let found = cluster.cache_get(task).await.ok()??;
-        self.adopt(found.answer, Origin::SharedCache, found.age)
-            .filter(Stored::is_fresh_terminal)
     }
 
     /// Another replica's answer as this replica stores and serves it; `None` when its
@@ -453,13 +484,15 @@ impl Gateway {
         )
     }
 
-    /// Steps 5–7: token, upstream, classify, by `deadline`.
+    /// Steps 5–7: token, upstream, classify, by `deadline`; `first` is the shared budget's
+    /// answer for the first call when the flight's lookup took it.
     async fn fetch(
         &self,
         key: StatusRequest,
         request_id: HeaderValue,
         deadline: Instant,
         client: Arc<str>,
+        first: Option<&FirstTry>,
     ) -> Result<Stored, GatewayError> {
         let mut token = {
             let mut wait = crate::telemetry::child("token wait", SpanKind::Internal);
@@ -468,7 +501,7 @@ impl Gateway {
             token?
         };
         let mut answer = self
-            .ask(&key, &token, &request_id, deadline, &client)
+            .ask(&key, &token, &request_id, deadline, &client, first)
             .await?;
         if answer.status == StatusCode::UNAUTHORIZED {
             // HubSpot refused a token we believe valid: one forced refresh (single-flight,
@@ -481,7 +514,7 @@ impl Gateway {
             if refreshed {
                 token = self.tokens.current()?;
                 answer = self
-                    .ask(&key, &token, &request_id, deadline, &client)
+                    .ask(&key, &token, &request_id, deadline, &client, None)
                     .await?;
             }
             // Still refused: the gateway's credential is at fault, not the caller's, so the
@@ -499,7 +532,8 @@ impl Gateway {
             .entry(answer.status, answer.headers, answer.body, token.hub_id))
     }
 
-    /// Asks HubSpot with `token`, never past its use-by time, charging `client`.
+    /// Asks HubSpot with `token`, never past its use-by time, charging `client` (`first`:
+    /// the shared budget's answer already taken for the first try).
     async fn ask(
         &self,
         key: &StatusRequest,
@@ -507,11 +541,13 @@ impl Gateway {
         request_id: &HeaderValue,
         deadline: Instant,
         client: &str,
+        first: Option<&FirstTry>,
     ) -> Result<Answer, UpstreamError> {
         let charge = Charge {
             client,
             share: self.auth.share(client),
             hub_id: token.hub_id,
+            first,
         };
         self.hubspot
             .get_status(

@@ -570,6 +570,11 @@ impl HubSpot {
         }
     }
 
+    /// The outbound budget every call here asks first.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
     /// The hold in force after a HubSpot 429, if any.
     pub fn hold_status(&self) -> Option<HoldStatus> {
         self.budget.hold_status()
@@ -597,6 +602,7 @@ mod tests {
         client: "tests",
         share: Some(1.0),
         hub_id: None,
+        first: None,
     };
 
     /// A bearer a header cannot carry, or a path a URI cannot, is a typed error before

@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use hubspot_files_gateway::budget::{Budget, Charge, ThrottleSource};
 use hubspot_files_gateway::cluster::budget::ClientWindow;
 use hubspot_files_gateway::cluster::{
-    Admission, Answer, BudgetPolicy, ClusterBackend, ClusterConfig, ClusterError, ClusterMetrics,
-    ClusterOptions, Flight, Refusal, TaskKey,
+    Admission, Answer, BudgetAsk, BudgetPolicy, ClusterBackend, ClusterConfig, ClusterError,
+    ClusterMetrics, ClusterOptions, Flight, Lookup, Refusal, TaskKey,
 };
 use hubspot_files_gateway::config::{RateLimit, UpstreamConfig};
 use hubspot_files_gateway::metrics::Metrics;
@@ -403,6 +404,7 @@ fn charge(client: &str, share: Option<f64>, hub: u64) -> Charge<'_> {
         client,
         share,
         hub_id: Some(hub),
+        first: None,
     }
 }
 
@@ -531,7 +533,14 @@ async fn the_budget_is_the_accounts_across_replicas() {
         }
         let refused = b.acquire(&who).await.expect_err("spent");
         assert_eq!((refused.by, refused.limit), (by, limit));
-        assert!(refused.wait > Duration::ZERO && refused.wait <= Duration::from_secs(60));
+        // A call's answer time is recorded off the caller's path: until it lands, the call
+        // counts from its admission plus the request timeout.
+        let longest = Duration::from_secs(60) + UpstreamConfig::default().request_timeout;
+        assert!(
+            refused.wait > Duration::ZERO && refused.wait <= longest,
+            "{:?}",
+            refused.wait
+        );
     }
 
     // A 429 seen by one replica holds the other's calls for that hub, naming its policy
@@ -796,6 +805,56 @@ async fn one_leader_and_pubsub_wakes_the_waiters() {
     );
 }
 
+/// A flight's answer goes out on the channel only when a replica waits for it: a leader
+/// nobody waited for publishes no message (every replica's subscriber would receive and
+/// decode it for nothing), one with a waiter does, and the waiter gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_answer_is_broadcast_only_to_a_waiter() {
+    let server = RedisServer::start();
+    let (a, _) = replica(&server).await;
+    let (b, _) = replica(&server).await;
+    let client = redis::Client::open(server.url()).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
+    pubsub.subscribe("t:flights:v1").await.expect("subscribe");
+    let mut messages = pubsub.into_on_message();
+    let far = || Instant::now() + Duration::from_secs(5);
+    let alone = TaskKey::new(91, "pending-alone");
+    let Flight::Leader(lease) = a.join_flight(&alone, far()).await.expect("join") else {
+        panic!("a fresh task has no flight");
+    };
+    lease
+        .publish(&answer(91, "PENDING"))
+        .await
+        .expect("publish");
+    let quiet = tokio::time::timeout(Duration::from_millis(500), messages.next()).await;
+    assert!(quiet.is_err(), "a message nobody waited for was published");
+    let awaited = TaskKey::new(91, "pending-awaited");
+    let Flight::Leader(lease) = a.join_flight(&awaited, far()).await.expect("join") else {
+        panic!("a fresh task has no flight");
+    };
+    let waiter = tokio::spawn({
+        let (b, key) = (b.clone(), awaited.clone());
+        async move {
+            b.join_flight(&key, Instant::now() + Duration::from_secs(5))
+                .await
+        }
+    });
+    // The waiter has looked (and raised its flag) once the leader's lease is seen taken.
+    wait_key(&server, "wait", 91, "pending-awaited").await;
+    lease
+        .publish(&answer(91, "PENDING"))
+        .await
+        .expect("publish");
+    tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .expect("a message for the waiter")
+        .expect("the subscription is open");
+    match waiter.await.expect("waiter").expect("join") {
+        Flight::Answer(got) => assert_eq!(got, answer(91, "PENDING")),
+        other => panic!("want the leader's answer, got {other:?}"),
+    }
+}
+
 /// Without pub/sub (every message lost), waiters still get the leader's answer by polling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_poll_when_pubsub_messages_are_lost() {
@@ -1037,8 +1096,9 @@ async fn tls_with_a_private_ca() {
     assert!(!public_roots_only.is_up());
 }
 
-/// What a miss costs in Redis round trips on loopback (printed with `--nocapture`): cache
-/// read, flight join, budget, publish, cache write; each well under the 50 ms default timeout.
+/// What a miss costs in Redis round trips on loopback (printed with `--nocapture`): one
+/// before HubSpot (shared cache, flight and the budget's admission in one call), then
+/// publish and cache write; each well under the 50 ms default timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miss_round_trips_are_measured() {
     let server = RedisServer::start();
@@ -1048,17 +1108,21 @@ async fn miss_round_trips_are_measured() {
     let started = Instant::now();
     for i in 0..rounds {
         let key = TaskKey::new(61, format!("task-{i}"));
-        assert!(backend.cache_get(&key).await.expect("get").is_none());
-        let Flight::Leader(lease) = backend
-            .join_flight(&key, Instant::now() + Duration::from_secs(5))
+        let ask = BudgetAsk {
+            hub_id: 61,
+            policy: p,
+            client: None,
+        };
+        let Lookup::Flight(Flight::Leader(mut lease)) = backend
+            .lookup(&key, Instant::now() + Duration::from_secs(5), Some(ask))
             .await
-            .expect("join")
+            .expect("lookup")
         else {
-            panic!("a fresh task has no flight");
+            panic!("a fresh task has no stored answer and no flight");
         };
         assert!(matches!(
-            backend.acquire(61, &p).await.expect("budget"),
-            Admission::Allowed { .. }
+            lease.take_admission(),
+            Some(Admission::Allowed { .. })
         ));
         let a = answer(61, "COMPLETE");
         lease.publish(&a).await.expect("publish");
@@ -1068,20 +1132,97 @@ async fn miss_round_trips_are_measured() {
             .expect("put");
     }
     let per_miss = started.elapsed() / rounds;
-    eprintln!("miss path: 5 Redis round trips, {per_miss:?} per miss on loopback");
-    for op in [
-        "cache_get",
-        "flight_join",
-        "budget_acquire",
-        "flight_publish",
-        "cache_put",
-    ] {
+    eprintln!("miss path: 3 Redis round trips, {per_miss:?} per miss on loopback");
+    for op in ["flight_lookup", "flight_publish", "cache_put"] {
         let h = metrics.redis_call_duration_seconds.with_label_values(&[op]);
         assert_eq!(h.get_sample_count(), u64::from(rounds), "{op}");
         let mean = h.get_sample_sum() / f64::from(rounds);
         eprintln!("  {op}: mean {:.3} ms", mean * 1000.0);
     }
     assert!(per_miss < Duration::from_millis(250), "{per_miss:?}");
+    // The look before the lease is the lookup itself: no separate cache read, join or
+    // budget call.
+    for op in ["cache_get", "flight_join", "budget_acquire"] {
+        let h = metrics.redis_call_duration_seconds.with_label_values(&[op]);
+        assert_eq!(h.get_sample_count(), 0, "{op}");
+    }
+}
+
+/// A first look finds a stored answer with its age and takes no lease; a task without one
+/// is led, in the same call; another hub's entry (under its own key, or damaged to name
+/// another hub under this one's) is never returned, and the lease is taken all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lookup_finds_the_stored_answer_or_leads_in_one_call() {
+    let server = RedisServer::start();
+    let (a, _) = replica(&server).await;
+    let (b, b_metrics) = replica(&server).await;
+    let far = || Instant::now() + Duration::from_secs(5);
+    let mut conn = server.inspect().await;
+    let stored = TaskKey::new(81, "complete-1");
+    a.cache_put(&stored, &answer(81, "COMPLETE"), Duration::from_secs(60))
+        .await
+        .expect("put");
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    match b.lookup(&stored, far(), None).await.expect("lookup") {
+        Lookup::Cached(hit) => {
+            assert_eq!(hit.answer, answer(81, "COMPLETE"));
+            assert!(hit.age >= Duration::from_millis(20), "{:?}", hit.age);
+            assert!(hit.age < Duration::from_secs(30), "{:?}", hit.age);
+        }
+        other => panic!("want the stored answer, got {other:?}"),
+    }
+    assert_eq!(b_metrics.cache_hits_total.get(), 1);
+    let lease: Option<String> = redis::cmd("GET")
+        .arg("t:lease:81:complete-1")
+        .query_async(&mut conn)
+        .await
+        .expect("GET");
+    assert_eq!(lease, None, "a hit takes no lease");
+    // The same task in another hub: not this hub's answer; this caller leads.
+    let other_hub = TaskKey::new(82, "complete-1");
+    let Lookup::Flight(Flight::Leader(led)) =
+        b.lookup(&other_hub, far(), None).await.expect("lookup")
+    else {
+        panic!("another hub's stored answer was returned");
+    };
+    // A waiter of that flight (another replica) gets the leader's answer, not a lease.
+    let waiter = tokio::spawn({
+        let (a, key) = (a.clone(), other_hub.clone());
+        async move {
+            a.lookup(&key, Instant::now() + Duration::from_secs(5), None)
+                .await
+        }
+    });
+    // The waiter has looked (and raised its flag) once the leader's lease is seen taken.
+    wait_key(&server, "wait", 82, "complete-1").await;
+    led.publish(&answer(82, "PENDING")).await.expect("publish");
+    match waiter.await.expect("waiter").expect("lookup") {
+        Lookup::Flight(Flight::Answer(got)) => assert_eq!(got, answer(82, "PENDING")),
+        other => panic!("want the leader's answer, got {other:?}"),
+    }
+    // Hub 83's key holding hub 84's bytes (what no replica writes): passed over, and the
+    // caller leads in the same call.
+    a.cache_put(
+        &TaskKey::new(84, "complete-2"),
+        &answer(84, "COMPLETE"),
+        Duration::from_secs(60),
+    )
+    .await
+    .expect("put");
+    let _: () = redis::cmd("RENAME")
+        .arg("t:c:84:complete-2")
+        .arg("t:c:83:complete-2")
+        .query_async(&mut conn)
+        .await
+        .expect("RENAME");
+    let Lookup::Flight(Flight::Leader(_lease)) = b
+        .lookup(&TaskKey::new(83, "complete-2"), far(), None)
+        .await
+        .expect("lookup")
+    else {
+        panic!("an entry naming another hub was returned");
+    };
+    assert_eq!(b_metrics.cache_hits_total.get(), 1);
 }
 
 // The request path in cluster mode: two gateways in this process, one redis-server, and the
@@ -1139,6 +1280,23 @@ async fn replica_gateway_with(
     gateway
 }
 
+/// A Redis, a simulator for hub `hub_id` answering at once, and two ready replicas in
+/// front of them.
+async fn two_replicas(
+    hub_id: u64,
+) -> (
+    RedisServer,
+    hubspot_sim::RunningSimulator,
+    support::TestGateway,
+    support::TestGateway,
+) {
+    let server = RedisServer::start();
+    let sim = hub_sim(hub_id, Duration::ZERO).await;
+    let a = replica_gateway(&sim, &server).await;
+    let b = replica_gateway(&sim, &server).await;
+    (server, sim, a, b)
+}
+
 /// `/readyz` as status and JSON.
 async fn readyz(gateway: &support::TestGateway) -> (hyper::StatusCode, serde_json::Value) {
     let reply = support::send(hyper::Method::GET, &gateway.admin_url("/readyz"), &[]).await;
@@ -1150,10 +1308,7 @@ async fn readyz(gateway: &support::TestGateway) -> (hyper::StatusCode, serde_jso
 /// B keeps it in memory afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
-    let server = RedisServer::start();
-    let sim = hub_sim(7_001, Duration::ZERO).await;
-    let a = replica_gateway(&sim, &server).await;
-    let b = replica_gateway(&sim, &server).await;
+    let (server, sim, a, b) = two_replicas(7_001).await;
     let first = support::get(&a.status_url("complete-shared")).await;
     assert_eq!(first.status, 200);
     assert_eq!(first.header("x-cache"), "MISS");
@@ -1207,6 +1362,112 @@ async fn a_terminal_answer_on_one_replica_is_a_hit_on_another() {
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// A miss on a replica asks Redis once before HubSpot: the shared cache, the flight and the
+/// budget's admission are one look (`flight_lookup`), with no separate cache read, flight
+/// join or budget call (the answer's time is still recorded in the window afterwards);
+/// another replica's HIT comes from that same single look and costs no budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_looks_at_redis_once_before_hubspot() {
+    let (server, sim, a, b) = two_replicas(7_010).await;
+    let pending = support::get(&a.status_url("pending-looked")).await;
+    assert_eq!(pending.status, 200);
+    assert_eq!(pending.header("x-cache"), "MISS");
+    let done = support::get(&a.status_url("complete-looked")).await;
+    assert_eq!(done.header("x-cache"), "MISS");
+    assert_eq!(support::status_requests(&sim).await, 2);
+    assert_eq!(count(&a, "flight_lookup").await, 2.0);
+    // Each call's admission came with its lease; its answer time is still recorded.
+    for op in ["cache_get", "flight_join", "budget_acquire"] {
+        assert_eq!(count(&a, op).await, 0.0, "{op}");
+    }
+    let restamped = |gw| async move { count(gw, "budget_restamp").await };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while restamped(&a).await < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the answers' times were not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_key(&server, "c", 7_010, "complete-looked").await;
+    let hit = support::get(&b.status_url("complete-looked")).await;
+    assert_eq!(hit.header("x-cache"), "HIT", "{:?}", hit.headers);
+    assert_eq!(hit.body, done.body);
+    assert_eq!(
+        support::status_requests(&sim).await,
+        2,
+        "B did not ask HubSpot"
+    );
+    assert_eq!(count(&b, "flight_lookup").await, 1.0);
+    for op in ["cache_get", "flight_join", "budget_acquire"] {
+        assert_eq!(count(&b, op).await, 0.0, "{op}");
+    }
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The account's window spent, the next miss's one Redis look is refused by the budget:
+/// the caller gets the gateway's 429 (`Retry-After`, `RateLimit-*`, HubSpot's body with
+/// `TEN_SECONDLY_ROLLING`), HubSpot is not asked, no lease is left for the task (another
+/// replica's caller leads it at once, refused the same way), and the refusal is counted
+/// as the budget's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_refusal_in_the_lookup_takes_no_lease() {
+    let server = RedisServer::start();
+    let sim = hub_sim(7_011, Duration::ZERO).await;
+    let spent = |c: &mut hubspot_files_gateway::config::Config| {
+        c.upstream.rate_limit = RateLimit {
+            requests: 1,
+            per: Duration::from_secs(30),
+        }
+    };
+    let a = replica_gateway_with(&sim, &server, spent).await;
+    let b = replica_gateway_with(&sim, &server, spent).await;
+    let first = support::get(&a.status_url("pending-first")).await;
+    assert_eq!(first.status, 200);
+    let refused = support::get(&a.status_url("pending-refused")).await;
+    assert_eq!(refused.status, 429, "{:?}", refused.headers);
+    let wait: u64 = refused.header("retry-after").parse().expect("Retry-After");
+    // Until the first call's answer time is recorded it counts from admission + the
+    // request timeout (5 s).
+    assert!((1..=35).contains(&wait), "Retry-After {wait}");
+    assert_eq!(refused.header("ratelimit-limit"), "1");
+    assert_eq!(refused.header("ratelimit-remaining"), "0");
+    assert_eq!(refused.json()["policyName"], "TEN_SECONDLY_ROLLING");
+    assert_eq!(
+        support::status_requests(&sim).await,
+        1,
+        "HubSpot asked once"
+    );
+    let lease: Option<String> = redis::cmd("GET")
+        .arg("t:lease:7011:pending-refused")
+        .query_async(&mut server.inspect().await)
+        .await
+        .expect("GET");
+    assert_eq!(lease, None, "a refused try holds no lease");
+    let throttled = "hubspot_gateway_upstream_throttled_total{source=\"local_budget\"}";
+    assert_eq!(support::metric(&a, throttled).await, Some(1.0));
+    // Not a waiter of a lease nobody renews: B is refused at once, by the shared window.
+    let started = Instant::now();
+    let other = support::get(&b.status_url("pending-refused")).await;
+    assert_eq!(other.status, 429);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(support::metric(&b, throttled).await, Some(1.0));
+    assert_eq!(support::status_requests(&sim).await, 1);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Successful Redis calls of `op` `gw` made (0 before the first).
+async fn count(gw: &support::TestGateway, op: &str) -> f64 {
+    let series = format!("hubspot_gateway_cluster_redis_calls_total{{op=\"{op}\",result=\"ok\"}}");
+    support::metric(gw, &series).await.unwrap_or(0.0)
 }
 
 /// Every key in `server` and every value under it, as bytes (strings, hashes, sets, sorted

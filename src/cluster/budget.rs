@@ -9,7 +9,9 @@
 //! `in_flight` while out and moved to its answer's time (Redis' clock) once that is in
 //! ([`ClusterBackend::restamp`]): every place is then no earlier than HubSpot's count.
 //! A client with a share has its own sorted set beside the account's, checked and recorded
-//! by the same script, so a call refused by either takes nothing from the other.
+//! by the same script, so a call refused by either takes nothing from the other. The check
+//! is one Lua function ([`ADMIT_LUA`]) run alone ([`ClusterBackend::acquire_for`]) or inside
+//! a flight's first look, so a leader's lease and its first call's admission are one step.
 //!
 //! Daily reset: HubSpot resets the daily limit at midnight in the account's time zone, which
 //! the gateway cannot see; the reset is `daily_reset_offset` after UTC midnight (default 0,
@@ -19,7 +21,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::Script;
+use redis::{Script, ScriptInvocation};
 
 use super::{ClusterBackend, ClusterError, millis};
 use crate::upstream::Policy;
@@ -101,68 +103,76 @@ pub struct ClientWindow<'a> {
     pub limit: u32,
 }
 
-/// KEYS: window, hold, daily counter, and the client's window when ARGV[6] > 0. ARGV:
-/// limit, per ms, unique member, daily limit (0 = none), reset offset ms, client limit (0 =
-/// none), in-flight bound ms (the entry's score is now + it). Returns {code, n, now}: 1
-/// allowed (n = remaining), 0 window (n = wait ms), 2 hold (`TEN_SECONDLY_ROLLING`), 6 hold
-/// (`SECONDLY`), 7 hold (any other policy), 4 daily hold, 3 daily limit, 5 client share.
-static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local hold = redis.call('PTTL', KEYS[2])
-if hold > 0 then
-  local kind = redis.call('GET', KEYS[2])
-  if kind == 'daily' then return {4, hold, now} end
-  if kind == 'secondly' then return {6, hold, now} end
-  if kind == 'unknown' then return {7, hold, now} end
-  return {2, hold, now}
-end
-local limit = tonumber(ARGV[1])
-local per = tonumber(ARGV[2])
-local daily = tonumber(ARGV[4])
-local to_reset = 86400000 - ((now - tonumber(ARGV[5])) % 86400000)
-if daily > 0 then
-  local used = tonumber(redis.call('GET', KEYS[3]) or '0')
-  if used >= daily then return {3, to_reset, now} end
-end
--- How long until the window at `key` holds fewer than `max` calls (0: it does now).
-local function wait_for(key, max)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - per)
-  local n = redis.call('ZCARD', key)
-  if n < max then return n, 0 end
-  local leaving = redis.call('ZRANGE', key, n - max, n - max, 'WITHSCORES')
-  local wait = tonumber(leaving[2]) + per - now
-  if wait < 1 then wait = 1 end
-  return n, wait
-end
-local n, wait = wait_for(KEYS[1], limit)
-local client = tonumber(ARGV[6])
-if client > 0 then
-  local _, own = wait_for(KEYS[4], client)
-  if own > 0 then
-    if wait > own then own = wait end
-    return {5, own, now}
+/// The admission check, as a Lua function both [`ACQUIRE`] and the flight's first look
+/// ([`super::flight`]) run. Arguments: the window, hold, daily counter and client window
+/// keys (the last unused when the client limit is 0), then limit, per ms, unique member,
+/// daily limit (0 = none), reset offset ms, client limit (0 = none), in-flight bound ms (the
+/// entry's score is now + it). Returns {code, n, now}: 1 allowed (n = remaining), 0 window
+/// (n = wait ms), 2 hold (`TEN_SECONDLY_ROLLING`), 6 hold (`SECONDLY`), 7 hold (any other
+/// policy), 4 daily hold, 3 daily limit, 5 client share.
+pub(crate) const ADMIT_LUA: &str = r#"
+local function admit(kwin, khold, kday, kclient, a_limit, a_per, member, a_daily, a_offset, a_client, a_flight)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local hold = redis.call('PTTL', khold)
+  if hold > 0 then
+    local kind = redis.call('GET', khold)
+    if kind == 'daily' then return {4, hold, now} end
+    if kind == 'secondly' then return {6, hold, now} end
+    if kind == 'unknown' then return {7, hold, now} end
+    return {2, hold, now}
   end
+  local limit = tonumber(a_limit)
+  local per = tonumber(a_per)
+  local daily = tonumber(a_daily)
+  local to_reset = 86400000 - ((now - tonumber(a_offset)) % 86400000)
+  if daily > 0 then
+    local used = tonumber(redis.call('GET', kday) or '0')
+    if used >= daily then return {3, to_reset, now} end
+  end
+  -- How long until the window at `key` holds fewer than `max` calls (0: it does now).
+  local function wait_for(key, max)
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - per)
+    local n = redis.call('ZCARD', key)
+    if n < max then return n, 0 end
+    local leaving = redis.call('ZRANGE', key, n - max, n - max, 'WITHSCORES')
+    local wait = tonumber(leaving[2]) + per - now
+    if wait < 1 then wait = 1 end
+    return n, wait
+  end
+  local n, wait = wait_for(kwin, limit)
+  local client = tonumber(a_client)
+  if client > 0 then
+    local _, own = wait_for(kclient, client)
+    if own > 0 then
+      if wait > own then own = wait end
+      return {5, own, now}
+    end
+  end
+  if wait > 0 then return {0, wait, now} end
+  local until_ms = now + tonumber(a_flight)
+  local life = until_ms + per - now
+  redis.call('ZADD', kwin, until_ms, member)
+  if redis.call('PTTL', kwin) < life then redis.call('PEXPIRE', kwin, life) end
+  if client > 0 then
+    redis.call('ZADD', kclient, until_ms, member)
+    if redis.call('PTTL', kclient) < life then redis.call('PEXPIRE', kclient, life) end
+  end
+  if daily > 0 then
+    redis.call('INCR', kday)
+    redis.call('PEXPIRE', kday, to_reset)
+  end
+  return {1, limit - n - 1, now}
 end
-if wait > 0 then return {0, wait, now} end
-local member = ARGV[3]
-local until_ms = now + tonumber(ARGV[7])
-local life = until_ms + per - now
-redis.call('ZADD', KEYS[1], until_ms, member)
-if redis.call('PTTL', KEYS[1]) < life then redis.call('PEXPIRE', KEYS[1], life) end
-if client > 0 then
-  redis.call('ZADD', KEYS[4], until_ms, member)
-  if redis.call('PTTL', KEYS[4]) < life then redis.call('PEXPIRE', KEYS[4], life) end
-end
-if daily > 0 then
-  redis.call('INCR', KEYS[3])
-  redis.call('PEXPIRE', KEYS[3], to_reset)
-end
-return {1, limit - n - 1, now}
-"#,
-    )
+"#;
+
+/// KEYS: window, hold, daily counter, and the client's window when ARGV[6] > 0. ARGV: as
+/// [`ADMIT_LUA`]'s arguments after the keys.
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        "{ADMIT_LUA}\nreturn admit(KEYS[1], KEYS[2], KEYS[3], KEYS[4], \
+         ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])"
+    ))
 });
 
 /// KEYS: hold. ARGV: ms (0 = until the daily reset), kind, reset offset ms. Keeps the later
@@ -248,46 +258,44 @@ impl ClusterBackend {
         policy: &BudgetPolicy,
         client: Option<ClientWindow<'_>>,
     ) -> Result<Admission, ClusterError> {
+        let ask = BudgetAsk {
+            hub_id,
+            policy: *policy,
+            client,
+        };
         let mut script = ACQUIRE.prepare_invoke();
+        let call = self.admit_args(&ask, &mut script);
+        let (code, n, now): (i64, i64, u64) = self
+            .call("budget_acquire", script.invoke_async(&mut self.conn()))
+            .await?;
+        admission("budget_acquire", code, n, now, call)
+    }
+
+    /// Adds `ask`'s keys (four: the client's window, or the account's again in its place)
+    /// and then its arguments to `script`, in [`ADMIT_LUA`]'s order; returns the id the call
+    /// is recorded under if allowed.
+    pub(crate) fn admit_args(&self, ask: &BudgetAsk<'_>, script: &mut ScriptInvocation) -> CallId {
+        let window = self.key("rl", ask.hub_id);
+        let client_window = match ask.client {
+            Some(c) => self.client_key(ask.hub_id, c.client),
+            None => window.clone(),
+        };
         script
-            .key(self.key("rl", hub_id))
-            .key(self.key("hold", hub_id))
-            .key(self.key("day", hub_id));
-        if let Some(c) = client {
-            script.key(self.client_key(hub_id, c.client));
-        }
+            .key(window)
+            .key(self.key("hold", ask.hub_id))
+            .key(self.key("day", ask.hub_id))
+            .key(client_window);
         let call = CallId(uuid::Uuid::new_v4());
+        let policy = &ask.policy;
         script
             .arg(policy.limit)
             .arg(millis(policy.per))
             .arg(call.member())
             .arg(policy.daily_limit.unwrap_or(0))
             .arg(millis(policy.daily_reset_offset) % DAY_MS)
-            .arg(client.map_or(0, |c| c.limit.max(1)))
+            .arg(ask.client.map_or(0, |c| c.limit.max(1)))
             .arg(millis(policy.in_flight));
-        let (code, n, now): (i64, i64, u64) = self
-            .call("budget_acquire", script.invoke_async(&mut self.conn()))
-            .await?;
-        let wait = Duration::from_millis(u64::try_from(n).unwrap_or(1).max(1));
-        let refused = |reason| Ok(Admission::Refused { wait, reason });
-        match code {
-            1 => Ok(Admission::Allowed {
-                remaining: u32::try_from(n).unwrap_or(0),
-                at_ms: now,
-                call,
-            }),
-            0 => refused(Refusal::Window),
-            2 => refused(Refusal::Hold(Policy::TenSecondlyRolling)),
-            6 => refused(Refusal::Hold(Policy::Secondly)),
-            7 => refused(Refusal::Hold(Policy::Unknown)),
-            3 => refused(Refusal::DailyLimit),
-            4 => refused(Refusal::DailyHold),
-            5 => refused(Refusal::ClientShare),
-            other => Err(ClusterError::Redis {
-                op: "budget_acquire",
-                message: format!("unexpected script answer {other}"),
-            }),
-        }
+        call
     }
 
     /// Moves `call`'s entry in `hub_id`'s window (and in `client`'s, when it was charged to
@@ -387,5 +395,47 @@ impl ClusterBackend {
             )
             .await?;
         Ok(Duration::from_millis(ms))
+    }
+}
+
+/// What a call asks of the shared budget: its account, the budget's rules and, when its
+/// client has a share, that client's window.
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetAsk<'a> {
+    /// The HubSpot account (hub id).
+    pub hub_id: u64,
+    /// The account's rules.
+    pub policy: BudgetPolicy,
+    /// The calling client's window, when it has a share.
+    pub client: Option<ClientWindow<'a>>,
+}
+
+/// [`ADMIT_LUA`]'s answer {code, n, now} for the call recorded as `call`, read by `op`.
+pub(crate) fn admission(
+    op: &'static str,
+    code: i64,
+    n: i64,
+    now: u64,
+    call: CallId,
+) -> Result<Admission, ClusterError> {
+    let wait = Duration::from_millis(u64::try_from(n).unwrap_or(1).max(1));
+    let refused = |reason| Ok(Admission::Refused { wait, reason });
+    match code {
+        1 => Ok(Admission::Allowed {
+            remaining: u32::try_from(n).unwrap_or(0),
+            at_ms: now,
+            call,
+        }),
+        0 => refused(Refusal::Window),
+        2 => refused(Refusal::Hold(Policy::TenSecondlyRolling)),
+        6 => refused(Refusal::Hold(Policy::Secondly)),
+        7 => refused(Refusal::Hold(Policy::Unknown)),
+        3 => refused(Refusal::DailyLimit),
+        4 => refused(Refusal::DailyHold),
+        5 => refused(Refusal::ClientShare),
+        other => Err(ClusterError::Redis {
+            op,
+            message: format!("unexpected script answer {other}"),
+        }),
     }
 }

@@ -48,7 +48,7 @@ return {now, tonumber(e[1]), e[2]}
 });
 
 impl ClusterBackend {
-    fn cache_key(&self, key: &TaskKey) -> String {
+    pub(crate) fn cache_key(&self, key: &TaskKey) -> String {
         self.key("c", key.suffix())
     }
 
@@ -88,14 +88,40 @@ impl ClusterBackend {
         let Some((now, stored, bytes)) = found else {
             return Ok(None);
         };
-        let answer = Answer::decode(&bytes)?;
+        self.found(key, now.saturating_sub(stored), &bytes)
+            .map(Some)
+    }
+
+    /// An entry's bytes and age (ms, as a script writes it) read with a flight's first look.
+    pub(crate) fn cached(
+        &self,
+        key: &TaskKey,
+        age_ms: &str,
+        bytes: &[u8],
+    ) -> Result<CachedAnswer, ClusterError> {
+        let age_ms = age_ms.parse().map_err(|_| ClusterError::Redis {
+            op: "flight_lookup",
+            message: "unreadable age of a cached answer".to_owned(),
+        })?;
+        self.found(key, age_ms, bytes)
+    }
+
+    /// A stored entry for `key` as the caller gets it: decoded, checked to be of the key's
+    /// hub, counted as a hit.
+    fn found(
+        &self,
+        key: &TaskKey,
+        age_ms: u64,
+        bytes: &[u8],
+    ) -> Result<CachedAnswer, ClusterError> {
+        let answer = Answer::decode(bytes)?;
         if answer.hub_id != key.hub_id {
             return Err(ClusterError::WrongHub);
         }
         self.inner.metrics.cache_hits_total.inc();
-        Ok(Some(CachedAnswer {
+        Ok(CachedAnswer {
             answer,
-            age: Duration::from_millis(now.saturating_sub(stored)),
-        }))
+            age: Duration::from_millis(age_ms),
+        })
     }
 }

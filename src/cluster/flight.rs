@@ -2,8 +2,9 @@
 //!
 //! The first replica to ask takes a lease (`SET lease token NX PX lease_ttl`) and becomes
 //! the leader; it renews the lease while its call runs, then publishes the answer (PENDING
-//! ones included) under a short-lived key and on a pub/sub channel, and releases the lease
-//! by compare-and-delete. Other replicas wait: a pub/sub message wakes them at once, and they
+//! ones included) under a short-lived key and, when a replica waits (it raises a flag as it
+//! finds the lease taken), on a pub/sub channel, and releases the lease by
+//! compare-and-delete. Other replicas wait: a pub/sub message wakes them at once, and they
 //! poll every `poll_interval` because pub/sub may drop messages. A waiter accepts only an
 //! answer stamped with the token of a leader it waited for, so an older answer is never
 //! replayed. If the lease disappears without an answer (the leader died and it expired, or
@@ -19,9 +20,12 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
+use super::budget::{ADMIT_LUA, BudgetAsk, admission};
 use super::codec::{decode_published, encode_published};
 use super::health::connect_bound;
-use super::{Answer, ClusterBackend, ClusterError, TaskKey, millis};
+use super::{
+    Admission, Answer, CachedAnswer, ClusterBackend, ClusterError, Refusal, TaskKey, millis,
+};
 
 /// How long a published answer stays readable by pollers. Waiters poll far more often; the
 /// key only has to outlive the slowest poll after the message.
@@ -38,6 +42,34 @@ pub enum Flight {
     DeadlineReached,
 }
 
+/// What a first look at a task across replicas gave.
+#[derive(Debug)]
+pub enum Lookup {
+    /// A replica stored a finished answer for it; no flight was joined.
+    Cached(CachedAnswer),
+    /// No stored answer: the task's flight, joined.
+    Flight(Flight),
+    /// No stored answer and no leader, but the shared budget refused the call: no lease was
+    /// taken, so the task is free for another replica's try.
+    Refused {
+        /// How long until a call may be allowed.
+        wait: Duration,
+        /// Which rule refused.
+        reason: Refusal,
+    },
+}
+
+/// The Redis keys of one task's flight.
+#[derive(Debug)]
+struct FlightKeys {
+    /// The leader's token, while it holds the lease.
+    lease: String,
+    /// The latest published answer and its leader's token.
+    answer: String,
+    /// Set while some replica waits, so the leader's answer is published on the channel.
+    waiting: String,
+}
+
 /// An answer received by pub/sub, fanned out to this replica's waiters.
 #[derive(Debug)]
 pub(crate) struct Published {
@@ -46,24 +78,54 @@ pub(crate) struct Published {
     answer: Answer,
 }
 
-/// KEYS: lease, answer. ARGV: new token, lease ms, then the tokens of leaders waited for.
-/// Returns {1, token, answer} (an awaited leader's answer), {0, holder, ''} (wait), or
-/// {2, token, ''} (the lease was free: the caller leads).
+/// KEYS: lease, answer, waiting flag, the task's shared-cache entry, then (with the budget)
+/// [`ADMIT_LUA`]'s four keys. ARGV: new token, lease ms, look at the cache ('1' or '0'),
+/// ask the budget ('1' or '0'), then (with the budget) its seven arguments, then the tokens
+/// of leaders waited for. Every answer is {code, text, bytes, n, now}: {3, age ms, stored
+/// answer} (the shared cache holds one: nothing else is done), {1, token, answer} (an
+/// awaited leader's answer), {0, holder} (wait; the flag tells the leader to publish),
+/// {2, token, _, remaining, now} (the lease was free and the budget, if asked, admitted
+/// the call: the caller leads), or {4, refusal code, _, wait ms} (the lease was free but
+/// the budget refused: no lease is taken). One atomic step: no replica can store an answer
+/// between the cache look and the lease, so a leader need not look again, and a call the
+/// budget refuses never holds a lease a waiter would have to outwait.
 static JOIN: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
+        "{ADMIT_LUA}{}",
         r#"
+if ARGV[3] == '1' then
+  local e = redis.call('HMGET', KEYS[4], 't', 'v')
+  if e[1] and e[2] then
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    return {3, tostring(math.max(0, now - tonumber(e[1]))), e[2], 0, 0}
+  end
+end
+local budget = ARGV[4] == '1'
+local first = 5
+if budget then first = 12 end
 local tok = redis.call('HGET', KEYS[2], 'tok')
 if tok then
-  for i = 3, #ARGV do
-    if ARGV[i] == tok then return {1, tok, redis.call('HGET', KEYS[2], 'v')} end
+  for i = first, #ARGV do
+    if ARGV[i] == tok then return {1, tok, redis.call('HGET', KEYS[2], 'v'), 0, 0} end
   end
 end
 local holder = redis.call('GET', KEYS[1])
-if holder then return {0, holder, ''} end
+if holder then
+  redis.call('SET', KEYS[3], '1', 'PX', ARGV[2])
+  return {0, holder, '', 0, 0}
+end
+local remaining, now = 0, 0
+if budget then
+  local a = admit(KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
+    ARGV[9], ARGV[10], ARGV[11])
+  if a[1] ~= 1 then return {4, tostring(a[1]), '', a[2], a[3]} end
+  remaining, now = a[2], a[3]
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return {2, ARGV[1], ''}
-"#,
-    )
+return {2, ARGV[1], '', remaining, now}
+"#
+    ))
 });
 
 /// KEYS: lease. ARGV: token, lease ms. 1 if still held and extended.
@@ -88,14 +150,17 @@ return 0
     )
 });
 
-/// KEYS: lease, answer. ARGV: token, encoded answer, answer ttl ms, channel, message.
+/// KEYS: lease, answer, waiting flag. ARGV: token, encoded answer, answer ttl ms, channel,
+/// message. The message goes out only when a waiter raised the flag: every replica's
+/// subscriber receives and decodes each message, which is wasted work (on every replica,
+/// on the miss path's CPU) when nobody waits.
 static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'tok', ARGV[1], 'v', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+if redis.call('DEL', KEYS[3]) == 1 then redis.call('PUBLISH', ARGV[4], ARGV[5]) end
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 "#,
@@ -103,13 +168,34 @@ return 1
 });
 
 impl ClusterBackend {
-    fn flight_keys(&self, key: &TaskKey) -> (String, String) {
+    /// The lease, answer and waiting-flag keys of `key`'s flight.
+    fn flight_keys(&self, key: &TaskKey) -> FlightKeys {
         let suffix = key.suffix();
-        (self.key("lease", &suffix), self.key("ans", &suffix))
+        FlightKeys {
+            lease: self.key("lease", &suffix),
+            answer: self.key("ans", &suffix),
+            waiting: self.key("wait", &suffix),
+        }
     }
 
     fn channel(&self) -> String {
         self.key("flights", "v1")
+    }
+
+    /// A miss's first look at `key` across replicas, in one round trip: the shared cache's
+    /// answer if a replica stored one (a stored answer that cannot be read is passed over),
+    /// else [`ClusterBackend::join_flight`]'s outcome. With `budget`, a lease that is free
+    /// is taken only if the shared budget admits the call, in the same step: the leader's
+    /// admission comes with its lease ([`Lease::take_admission`]), and a refusal is
+    /// [`Lookup::Refused`] with no lease taken. On `Err` the caller uses its local
+    /// single-flight and budget.
+    pub async fn lookup(
+        &self,
+        key: &TaskKey,
+        deadline: Instant,
+        budget: Option<BudgetAsk<'_>>,
+    ) -> Result<Lookup, ClusterError> {
+        self.join(key, deadline, true, budget).await
     }
 
     /// Joins the cluster-wide flight for `key`: leads it, or waits (until `deadline`) for
@@ -120,7 +206,31 @@ impl ClusterBackend {
         key: &TaskKey,
         deadline: Instant,
     ) -> Result<Flight, ClusterError> {
-        let (lease_key, answer_key) = self.flight_keys(key);
+        match self.join(key, deadline, false, None).await? {
+            Lookup::Flight(flight) => Ok(flight),
+            // Only a look at the cache can find an entry, only an ask of the budget be
+            // refused.
+            Lookup::Cached(_) | Lookup::Refused { .. } => Err(ClusterError::Redis {
+                op: "flight_join",
+                message: "an answer to a question not asked".to_owned(),
+            }),
+        }
+    }
+
+    /// The flight's loop; with `look_first`, its first step also reads the shared cache,
+    /// and with `budget` its first step that finds no stored answer asks the budget.
+    async fn join(
+        &self,
+        key: &TaskKey,
+        deadline: Instant,
+        look_first: bool,
+        mut budget: Option<BudgetAsk<'_>>,
+    ) -> Result<Lookup, ClusterError> {
+        let keys = self.flight_keys(key);
+        let cache_key = self.cache_key(key);
+        // Only the first step looks: a waiter's later polls must find its leader's answer
+        // (COALESCED), not the copy that leader stored in the cache just before publishing.
+        let mut look = look_first;
         let token = uuid::Uuid::new_v4().simple().to_string();
         let lease_ms = millis(self.inner.config.lease_ttl);
         // Subscribed before the first look, so an answer published in between is not missed.
@@ -128,18 +238,20 @@ impl ClusterBackend {
         let mut awaited: Vec<String> = Vec::new();
         let waits = &self.inner.metrics.flight_waits_total;
         loop {
-            let step: Result<(i64, String, Vec<u8>), _> = self
-                .call(
-                    "flight_join",
-                    JOIN.key(&lease_key)
-                        .key(&answer_key)
-                        .arg(&token)
-                        .arg(lease_ms)
-                        .arg(&awaited)
-                        .invoke_async(&mut self.conn()),
-                )
-                .await;
-            let (code, holder, bytes) = match step {
+            let mut script = JOIN.key(&keys.lease);
+            script.key(&keys.answer).key(&keys.waiting).key(&cache_key);
+            let op = if look { "flight_lookup" } else { "flight_join" };
+            script
+                .arg(&token)
+                .arg(lease_ms)
+                .arg(if look { "1" } else { "0" })
+                .arg(if budget.is_some() { "1" } else { "0" });
+            let call = budget.map(|ask| self.admit_args(&ask, &mut script));
+            script.arg(&awaited);
+            let step: Result<(i64, String, Vec<u8>, i64, u64), _> =
+                self.call(op, script.invoke_async(&mut self.conn())).await;
+            look = false;
+            let (code, holder, bytes, n, now) = match step {
                 Ok(step) => step,
                 Err(e) => {
                     if !awaited.is_empty() {
@@ -148,26 +260,51 @@ impl ClusterBackend {
                     return Err(e);
                 }
             };
+            if code != 3 {
+                budget = None;
+            }
             match code {
+                3 => match self.cached(key, &holder, &bytes) {
+                    Ok(found) => return Ok(Lookup::Cached(found)),
+                    // An entry this build cannot read or another hub's: as if absent, and
+                    // the flight is joined at once (the budget still asked, if it was).
+                    Err(_) => continue,
+                },
+                4 => {
+                    let refusal = holder.parse().map_err(|_| ClusterError::Redis {
+                        op,
+                        message: "unreadable budget refusal".to_owned(),
+                    });
+                    let call = call.ok_or_else(|| ClusterError::Redis {
+                        op,
+                        message: "a budget refusal where none was asked".to_owned(),
+                    })?;
+                    return match admission(op, refusal?, n, now, call)? {
+                        Admission::Refused { wait, reason } => Ok(Lookup::Refused { wait, reason }),
+                        Admission::Allowed { .. } => Err(ClusterError::Redis {
+                            op,
+                            message: "a refusal that allows".to_owned(),
+                        }),
+                    };
+                }
                 1 => {
                     let answer = Answer::decode(&bytes)?;
                     if answer.hub_id != key.hub_id {
                         return Err(ClusterError::WrongHub);
                     }
                     waits.with_label_values(&["answer"]).inc();
-                    return Ok(Flight::Answer(answer));
+                    return Ok(Lookup::Flight(Flight::Answer(answer)));
                 }
                 2 => {
                     if !awaited.is_empty() {
                         self.inner.metrics.lease_takeovers_total.inc();
                         waits.with_label_values(&["takeover"]).inc();
                     }
-                    return Ok(Flight::Leader(Lease::start(
-                        self.clone(),
-                        lease_key,
-                        answer_key,
-                        token,
-                    )));
+                    let mut lease = Lease::start(self.clone(), keys, token);
+                    if let Some(call) = call {
+                        lease.admission = Some(admission(op, 1, n, now, call)?);
+                    }
+                    return Ok(Lookup::Flight(Flight::Leader(lease)));
                 }
                 _ => {
                     if !awaited.contains(&holder) {
@@ -178,7 +315,7 @@ impl ClusterBackend {
             let now = Instant::now();
             if now >= deadline {
                 waits.with_label_values(&["deadline"]).inc();
-                return Ok(Flight::DeadlineReached);
+                return Ok(Lookup::Flight(Flight::DeadlineReached));
             }
             let nap = tokio::time::sleep_until(deadline.min(now + self.inner.config.poll_interval));
             tokio::pin!(nap);
@@ -186,12 +323,12 @@ impl ClusterBackend {
                 tokio::select! {
                     () = &mut nap => break,
                     message = messages.recv() => match message {
-                        Ok(p) if p.lease_key == lease_key && awaited.contains(&p.token) => {
+                        Ok(p) if p.lease_key == keys.lease && awaited.contains(&p.token) => {
                             if p.answer.hub_id != key.hub_id {
                                 return Err(ClusterError::WrongHub);
                             }
                             waits.with_label_values(&["answer"]).inc();
-                            return Ok(Flight::Answer(p.answer.clone()));
+                            return Ok(Lookup::Flight(Flight::Answer(p.answer.clone())));
                         }
                         Ok(_) => {}
                         // Messages were lost locally: poll now instead of waiting.
@@ -213,26 +350,22 @@ impl ClusterBackend {
 #[derive(Debug)]
 pub struct Lease {
     backend: ClusterBackend,
-    lease_key: String,
-    answer_key: String,
+    keys: FlightKeys,
     token: String,
+    /// The shared budget's admission of the leader's first call, when the lookup asked it.
+    admission: Option<Admission>,
     held: Arc<AtomicBool>,
     renewer: Option<JoinHandle<()>>,
     finished: bool,
 }
 
 impl Lease {
-    fn start(
-        backend: ClusterBackend,
-        lease_key: String,
-        answer_key: String,
-        token: String,
-    ) -> Lease {
+    fn start(backend: ClusterBackend, keys: FlightKeys, token: String) -> Lease {
         let held = Arc::new(AtomicBool::new(true));
         let renewer = {
             let (backend, key, token, held) = (
                 backend.clone(),
-                lease_key.clone(),
+                keys.lease.clone(),
                 token.clone(),
                 held.clone(),
             );
@@ -262,13 +395,19 @@ impl Lease {
         };
         Lease {
             backend,
-            lease_key,
-            answer_key,
+            keys,
             token,
+            admission: None,
             held,
             renewer: Some(renewer),
             finished: false,
         }
+    }
+
+    /// The shared budget's admission of this leader's first call, taken with the lease by
+    /// [`ClusterBackend::lookup`]; `None` once taken, or when the budget was not asked.
+    pub fn take_admission(&mut self) -> Option<Admission> {
+        self.admission.take()
     }
 
     /// False once a renewal found the lease gone (expired while Redis was unreachable, then
@@ -284,7 +423,7 @@ impl Lease {
         // unfinished, so dropping it releases the lease and a waiter takes over at once
         // instead of waiting `lease_ttl` for it to expire.
         let bytes = answer.encode()?;
-        let message = encode_published(&self.lease_key, &self.token, &bytes)?;
+        let message = encode_published(&self.keys.lease, &self.token, &bytes)?;
         self.stop_renewing();
         self.finished = true;
         let backend = self.backend.clone();
@@ -292,8 +431,9 @@ impl Lease {
             .call(
                 "flight_publish",
                 PUBLISH
-                    .key(&self.lease_key)
-                    .key(&self.answer_key)
+                    .key(&self.keys.lease)
+                    .key(&self.keys.answer)
+                    .key(&self.keys.waiting)
                     .arg(&self.token)
                     .arg(bytes)
                     .arg(millis(ANSWER_TTL))
@@ -329,7 +469,7 @@ impl Drop for Lease {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (backend, key, token) = (
                 self.backend.clone(),
-                std::mem::take(&mut self.lease_key),
+                std::mem::take(&mut self.keys.lease),
                 std::mem::take(&mut self.token),
             );
             runtime.spawn(async move {

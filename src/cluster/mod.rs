@@ -34,11 +34,11 @@ use redis::{IntoConnectionInfo, RedisResult};
 use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
-pub use budget::{Admission, BudgetPolicy, Refusal};
+pub use budget::{Admission, BudgetAsk, BudgetPolicy, Refusal};
 pub use cache::CachedAnswer;
 pub use codec::{Answer, CodecError};
 pub use config::ClusterConfig;
-pub use flight::{Flight, Lease};
+pub use flight::{Flight, Lease, Lookup};
 pub use metrics::ClusterMetrics;
 
 use crate::secret::Secret;
