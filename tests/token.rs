@@ -87,14 +87,16 @@ fn static_credentials(file: &Path, initial: &str) -> Credentials {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_at_the_refresh_moment_cause_one_token_request() {
     // A 30 s token is refreshed 13.5–15 s after it was fetched; each OAuth call (token, then
-    // introspection) takes 2 s, so the refresh is in flight for 4 s while the old token
-    // stays usable until 25 s: the 500 callers have seconds, not milliseconds, to be answered
-    // before the refresh completes, and the old token cannot run out under them.
+    // introspection) takes 3 s, so the refresh is in flight for 6 s while the old token
+    // stays usable until 25 s: the 500 callers (on connections opened beforehand, each
+    // needing its own HubSpot call) have seconds, not milliseconds, to be answered before
+    // the refresh completes, and the old token cannot run out under them.
     let sim = sim_with_ttl(30).await;
-    faults(&sim, json!({ "token_latency_ms": 2000 })).await;
+    faults(&sim, json!({ "token_latency_ms": 3000 })).await;
     let gw = gateway(config(&sim.base_url()), oauth()).await;
     wait_ready(&gw).await;
     assert_eq!(count(&sim, "token_requests").await, 1);
+    let callers = warmed_client(&gw, 500).await;
     wait_for_up_to(
         Duration::from_secs(30),
         || async { count(&sim, "token_requests").await == 2 },
@@ -105,7 +107,7 @@ async fn concurrent_callers_at_the_refresh_moment_cause_one_token_request() {
     let urls = (0..500)
         .map(|i| gw.status_url(&format!("pending-{i}")))
         .collect();
-    for r in get_all(urls).await {
+    for r in get_all_with(callers, urls).await {
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     }
     let answered_in = refresh_seen.elapsed();
