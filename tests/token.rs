@@ -93,7 +93,11 @@ async fn concurrent_callers_at_the_refresh_moment_cause_one_token_request() {
     // the refresh completes, and the old token cannot run out under them.
     let sim = sim_with_ttl(30).await;
     faults(&sim, json!({ "token_latency_ms": 3000 })).await;
-    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    let mut cfg = config(&sim.base_url());
+    // The warm-up may open connections it never uses; the head deadline (10 s by default)
+    // would close them while they wait in the pool for the refresh, racing their reuse.
+    cfg.server.header_read_timeout = Duration::from_secs(60);
+    let gw = gateway(cfg, oauth()).await;
     wait_ready(&gw).await;
     assert_eq!(count(&sim, "token_requests").await, 1);
     let callers = warmed_client(&gw, 500).await;
@@ -449,7 +453,11 @@ async fn hub_change_empties_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_401_forces_one_refresh_and_one_retry() {
     let sim = sim_with_ttl(1800).await;
-    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    let mut cfg = config(&sim.base_url());
+    // The count below is exact only if no try is cut by its deadline (half the request
+    // timeout) and retried: 500 calls at once on a loaded machine took longer than 2.5 s.
+    cfg.upstream.request_timeout = Duration::from_secs(30);
+    let gw = gateway(cfg, oauth()).await;
     wait_ready(&gw).await;
     assert_eq!(
         get(&gw.status_url("pending-a")).await.status,

@@ -307,7 +307,10 @@ pub async fn get_all_with(
 /// A shared client holding up to `n` open keep-alive connections to `gw`, opened by `n`
 /// concurrent GETs of an invalid taskId (400 at the gateway, nothing sent to HubSpot). A crowd sent on it afterwards is requests only: on a loaded
 /// machine opening hundreds of connections takes seconds, sending on open ones does not, so
-/// the crowd overlaps one upstream call without depending on how fast sockets open.
+/// the crowd overlaps one upstream call without depending on how fast sockets open. The
+/// client may open a few more connections than it uses; those never send a request, so the
+/// gateway closes them at `header_read_timeout` (10 s by default): send the crowd before
+/// that, or raise it.
 pub async fn warmed_client(
     gw: &TestGateway,
     n: usize,
