@@ -97,7 +97,7 @@ async fn concurrent_callers_at_the_refresh_moment_cause_one_token_request() {
     // The warm-up may open connections it never uses; the head deadline (10 s by default)
     // would close them while they wait in the pool for the refresh, racing their reuse.
     cfg.server.header_read_timeout = Duration::from_secs(60);
-    // 500 status calls exactly only if no try is cut at its deadline (half the request
+    // The 500 status calls are exact only if no try is cut at its deadline (half the request
     // timeout) and retried: under load some took longer than 2.5 s (531 calls seen).
     cfg.upstream.request_timeout = Duration::from_secs(30);
     let gw = gateway(cfg, oauth()).await;
