@@ -20,9 +20,12 @@ async fn slow_simulator(latency: Duration) -> hubspot_sim::RunningSimulator {
     .await
 }
 
-/// `n` callers ask for `task` at once; returns every answer.
+/// `n` callers ask for `task` at once, on connections opened beforehand (see
+/// [`warmed_client`]), so that they all arrive while the first one's call is out; returns
+/// every answer.
 async fn crowd(gw: &TestGateway, task: &str, n: usize) -> Vec<Reply> {
-    crowd_at(&gw.status_url(task), n).await
+    let client = warmed_client(gw, n).await;
+    get_all_with(client, vec![gw.status_url(task); n]).await
 }
 
 /// `n` callers GET `url` at once, each with the test key; returns every answer.
@@ -41,7 +44,8 @@ fn count(replies: &[Reply], x_cache: &str) -> usize {
 /// one MISS and the rest COALESCED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_callers_of_a_pending_task_make_one_call() {
-    // Long enough for 1,000 connections to open on a loaded 2-core machine.
+    // A PENDING answer is not stored either: the 1,000 requests (on connections opened
+    // first) must all arrive within these 4 s.
     let sim = slow_simulator(Duration::from_secs(4)).await;
     let mut cfg = config(&sim.base_url());
     cfg.upstream.request_timeout = Duration::from_secs(10);
@@ -86,9 +90,10 @@ async fn thousand_callers_of_a_complete_task_make_one_call_then_hit() {
 /// own retries of a 503, MAX_TRIES = 3), and every caller gets the 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crowd_of_a_failing_task_shares_one_upstream_attempt() {
-    // An error is not stored, so a caller that connects after the flight ended starts a new
-    // one: the flight (three tries of 1.5 s) must outlast 500 connections opening on a loaded
-    // 2-core machine (300 ms tries were not enough in CI: 6 calls).
+    // An error is not stored, so a caller that arrives after the flight ended starts a new
+    // one: the flight (three tries of 1.5 s) must outlast 500 requests arriving on a loaded
+    // 2-core machine (300 ms tries on connections opened by the crowd itself were not enough
+    // in CI: 6 calls); `crowd` opens the connections first.
     let sim = slow_simulator(Duration::from_millis(1500)).await;
     let mut cfg = config(&sim.base_url());
     cfg.upstream.request_timeout = Duration::from_secs(10);
@@ -124,16 +129,18 @@ async fn crowd_of_a_failing_task_shares_one_upstream_attempt() {
 /// own deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crowd_of_a_timed_out_task_gets_504_from_one_call() {
-    // HubSpot answers after 20 s; the gateway's deadline is 2 s. Answers well before 20 s
+    // HubSpot answers after 20 s; the gateway's deadline is 3 s. Answers well before 20 s
     // can only come from the deadline, whatever the machine's load adds on top of 2 s.
     let sim = slow_simulator(Duration::from_secs(20)).await;
     let mut cfg = config(&sim.base_url());
-    // Long enough for all 300 callers to connect while the one call is in flight.
-    cfg.upstream.request_timeout = Duration::from_secs(2);
+    // The flight lasts the whole deadline: long enough for all 300 requests (on connections
+    // opened first) to arrive while the one call is in flight.
+    cfg.upstream.request_timeout = Duration::from_secs(3);
     let gw = gateway(cfg, oauth()).await;
     wait_ready(&gw).await;
+    let client = warmed_client(&gw, 300).await;
     let started = std::time::Instant::now();
-    let replies = crowd(&gw, "pending-slow", 300).await;
+    let replies = get_all_with(client, vec![gw.status_url("pending-slow"); 300]).await;
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "answered at the deadline, not when HubSpot answered: {:?}",
@@ -154,8 +161,13 @@ async fn crowd_of_a_timed_out_task_gets_504_from_one_call() {
 /// that joined it still get the answer, from that one call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_hanging_up_does_not_cancel_the_fetch() {
-    let sim = slow_simulator(Duration::from_millis(800)).await;
-    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    // Long enough for 20 followers to connect and join, and for the leader to hang up, all
+    // while the one call is out, on a loaded machine.
+    let sim = slow_simulator(Duration::from_secs(3)).await;
+    let mut cfg = config(&sim.base_url());
+    // Each try may take half the deadline.
+    cfg.upstream.request_timeout = Duration::from_secs(10);
+    let gw = gateway(cfg, oauth()).await;
     wait_ready(&gw).await;
     let mut leader = tokio::net::TcpStream::connect(gw.addr)
         .await
@@ -173,7 +185,15 @@ async fn leader_hanging_up_does_not_cancel_the_fetch() {
         let url = gw.status_url("complete-hangup");
         async move { crowd_at(&url, 20).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The leader hangs up once the followers are connected (not after a fixed sleep that a
+    // busy machine may outlast or undercut).
+    wait_for(
+        || async {
+            metric(&gw, r#"hubspot_gateway_connections_open{port="service"}"#).await >= Some(21.0)
+        },
+        "the 20 followers connected beside the leader",
+    )
+    .await;
     drop(leader);
     let replies = followers.await.expect("followers");
     assert!(
@@ -274,22 +294,29 @@ async fn pending_micro_cache() {
 #[tokio::test]
 async fn answer_fetched_for_the_old_account_is_not_kept() {
     let sim = simulator(SimConfig {
-        token_ttl: Duration::from_secs(4),
+        token_ttl: Duration::from_secs(8),
         rate_limit: None,
         ..SimConfig::default()
     })
     .await;
     let mut cfg = config(&sim.base_url());
-    cfg.upstream.request_timeout = Duration::from_secs(10);
+    // Each try may take half the deadline: room for the 6 s answer below.
+    cfg.upstream.request_timeout = Duration::from_secs(20);
     let gw = gateway(cfg, oauth()).await;
     wait_ready(&gw).await;
-    // Tokens issued from now on belong to hub 999; the refresh comes ~2 s after start, while
-    // this 3 s call is still in flight with the old token.
+    // Tokens issued from now on belong to hub 999; the refresh comes 3.6-4 s after start,
+    // while this 6 s call is in flight with the old token: seconds of margin on each side,
+    // for the call to start before the refresh and to end after it.
     faults(
         &sim,
-        serde_json::json!({ "hub_id": 999, "latency_ms": 3000 }),
+        serde_json::json!({ "hub_id": 999, "latency_ms": 6000 }),
     )
     .await;
+    assert_eq!(
+        stats(&sim).await["token_requests"].as_u64(),
+        Some(1),
+        "the call starts with the first account's token"
+    );
     let first = get(&gw.status_url("complete-race")).await;
     assert_eq!(first.status, StatusCode::OK);
     assert!(

@@ -526,11 +526,15 @@ async fn the_budget_is_the_accounts_across_replicas() {
         ),
         (charge("quiet", None, 21), ThrottleSource::LocalBudget, 6),
     ];
-    for (who, by, limit) in rounds {
+    let mut conn = server.inspect().await;
+    for (round, (who, by, limit)) in rounds.into_iter().enumerate() {
         for i in 0..3 {
             let call = replicas[i % 2].acquire(&who).await.expect("within budget");
             call.answered();
         }
+        // An answer reaches Redis in the background; until then its call stands at admission
+        // plus the request timeout, and the wait below is past 60 s (seen on a loaded machine).
+        answered(&mut conn, "t:rl:21", 3 * (round + 1)).await;
         let refused = b.acquire(&who).await.expect_err("spent");
         assert_eq!((refused.by, refused.limit), (by, limit));
         // A call's answer time is recorded off the caller's path: until it lands, the call
@@ -742,8 +746,9 @@ async fn second_level_cache_is_shared_with_its_age() {
     assert!(b.cache_get(&short).await.expect("get").is_none());
 }
 
-/// Runs `k` replicas into one flight at once; the leader answers after `work`. Returns how
-/// many led and every answer the others got.
+/// Runs `k` replicas into one flight at once; the leader answers after `work`, which must
+/// outlast every replica's join on a loaded machine (a replica joining after the answer
+/// leads a flight of its own). Returns how many led and every answer the others got.
 async fn race_flight(replicas: Vec<ClusterBackend>, work: Duration) -> (usize, Vec<Answer>) {
     let key = TaskKey::new(21, "pending-1");
     let barrier = Arc::new(tokio::sync::Barrier::new(replicas.len()));
@@ -793,7 +798,7 @@ async fn one_leader_and_pubsub_wakes_the_waiters() {
     }
     wait_subscribers(&server, 5).await;
     let started = Instant::now();
-    let (leaders, answers) = race_flight(replicas, Duration::from_millis(300)).await;
+    let (leaders, answers) = race_flight(replicas, Duration::from_secs(1)).await;
     assert_eq!(leaders, 1);
     assert_eq!(answers.len(), 4);
     assert!(answers.iter().all(|a| *a == answer(21, "PENDING")));
@@ -870,7 +875,7 @@ async fn waiters_poll_when_pubsub_messages_are_lost() {
         replicas.push(b);
         metrics.push(m);
     }
-    let (leaders, answers) = race_flight(replicas, Duration::from_millis(300)).await;
+    let (leaders, answers) = race_flight(replicas, Duration::from_secs(1)).await;
     assert_eq!(leaders, 1);
     assert_eq!(answers.len(), 3);
     assert!(answers.iter().all(|a| *a == answer(21, "PENDING")));
@@ -1699,7 +1704,9 @@ async fn a_failed_leader_hands_the_flight_over() {
     let server = RedisServer::start();
     let slow = hub_sim(7_007, Duration::from_millis(3000)).await;
     let fast = hub_sim(7_007, Duration::ZERO).await;
-    let a = replica_gateway_timing(&slow, &server, Duration::from_secs(1)).await;
+    // A's flight lasts its 2 s deadline: B's caller must join it meanwhile to take it over
+    // (joining after it ended, B would simply lead), and still has 3 s of its own 5 s after.
+    let a = replica_gateway_timing(&slow, &server, Duration::from_secs(2)).await;
     let b = replica_gateway(&fast, &server).await;
     let url = a.status_url("complete-handover");
     let leader = tokio::spawn(async move { support::get(&url).await });

@@ -183,8 +183,8 @@ async fn silent_and_half_sent_connections_close_at_the_head_deadline() {
 }
 
 /// Opens an HTTP/2 connection with `builder` that answers PINGs, sends one keyless request,
-/// reads the answer's body if `drain`, and returns how long after that the gateway ended the
-/// connection, checking it was counted under `reason`.
+/// reads the answer's body if `drain`, and returns how long after sending it the gateway
+/// ended the connection, checking it was counted under `reason`.
 async fn h2_request_then_closed(
     gw: &TestGateway,
     builder: h2::client::Builder,
@@ -193,6 +193,9 @@ async fn h2_request_then_closed(
 ) -> Duration {
     let (send, ping, ended) = h2_client(gw.addr, builder).await;
     keep_pinging(ping);
+    // The deadline starts after the request was sent, so it cannot pass before `sent` plus
+    // the timeout, however late this task reads the answer on a busy machine.
+    let sent = Instant::now();
     // The head leaves even with a window of 0: it is not flow-controlled.
     let (_send, response) = h2_get(send, gw.addr).await;
     // No key: 401, which is what an attacker gets.
@@ -205,7 +208,7 @@ async fn h2_request_then_closed(
             let _ = body.flow_control().release_capacity(chunk.len());
         }
     }
-    let took = ended_within(ended, Instant::now(), reason).await;
+    let took = ended_within(ended, sent, reason).await;
     assert!(
         took >= Duration::from_millis(800),
         "{reason}: closed early, {took:?}"
@@ -239,6 +242,9 @@ async fn idle_http1_keep_alive_connection_closes_at_idle_timeout() {
     })
     .await;
     let mut stream = TcpStream::connect(gw.addr).await.expect("connect");
+    // The idle deadline starts once the answer is written, after `sent`: a close before
+    // `sent` + 3 s is early, whenever this task gets to read the answer.
+    let sent = Instant::now();
     stream
         .write_all(
             b"GET /files/v3/files/import-from-url/async/tasks/x/status HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -259,10 +265,16 @@ async fn idle_http1_keep_alive_connection_closes_at_idle_timeout() {
         String::from_utf8_lossy(&head)
     );
     let answered = Instant::now();
-    let took = closed_within(&mut stream, answered, Duration::from_secs(10), "idle").await;
+    let took = closed_within(&mut stream, sent, Duration::from_secs(10), "idle").await;
     assert!(
         took >= Duration::from_millis(2500),
-        "closed after {took:?}, before idle_timeout"
+        "closed {took:?} after the request, before idle_timeout"
+    );
+    // The head deadline would have closed it within 1 s of the answer, so before this.
+    let open_after_answer = took.saturating_sub(answered - sent);
+    assert!(
+        open_after_answer > Duration::from_millis(1200),
+        "closed {open_after_answer:?} after the answer: at the head deadline"
     );
     wait_closed(&gw, "idle_timeout", 1.0).await;
     gw.stop().await;
@@ -548,8 +560,15 @@ async fn shutdown_closes_idle_and_half_sent_connections_at_once() {
         .await
         .expect("write");
     let (_send, _ping, ended) = h2_client(gw.addr, h2::client::Builder::new()).await;
-    // Let the gateway accept all three before it is told to stop.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The gateway holds all three before it is told to stop (a fixed sleep may be too short
+    // on a busy machine).
+    wait_for(
+        || async {
+            metric(&gw, r#"hubspot_gateway_connections_open{port="service"}"#).await == Some(3.0)
+        },
+        "three connections accepted",
+    )
+    .await;
     let started = Instant::now();
     gw.stop().await;
     let took = started.elapsed();
@@ -857,7 +876,17 @@ async fn accept_failures_back_off_with_one_log_line_per_burst() {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let gw = spawn_gateway("emfile", "max_connections = 1000", Some(128)).await;
     let sockets = idle_sockets(gw.service, 300).await;
-    // Long enough for many accept attempts to fail.
+    // The first failure's warning (the log needs no descriptor; the admin port does), then
+    // long enough for many more attempts to fail, counted from that first failure rather
+    // than from the connects, which a busy machine may not have served yet.
+    wait_for(
+        || {
+            let warned = gw.log_lines("accept failing") >= 1;
+            async move { warned }
+        },
+        "the first accept failure logged",
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let bursts = gw.log_lines("accept failing");
     let recovered = gw.log_lines("accept recovered");

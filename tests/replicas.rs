@@ -369,6 +369,22 @@ async fn redis_stopped_and_restarted_mid_run() {
         get(&c.replicas[1].url(task)).await.header("x-cache"),
         "MISS"
     );
+    // The replica writes the shared cache just after answering: until that lands, another
+    // replica finds the flight's answer instead (COALESCED), so wait for the key first.
+    let redis = c.redis.inspect().await;
+    support::wait_for(
+        || {
+            let mut keys = redis::cmd("KEYS");
+            keys.arg(format!("*:c:*:{task}"));
+            let mut redis = redis.clone();
+            async move {
+                let found: Vec<String> = keys.query_async(&mut redis).await.expect("KEYS");
+                !found.is_empty()
+            }
+        },
+        "the answer in the shared cache",
+    )
+    .await;
     for r in [0, 2] {
         let hit = get(&c.replicas[r].url(task)).await;
         assert_eq!(

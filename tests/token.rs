@@ -87,14 +87,23 @@ fn static_credentials(file: &Path, initial: &str) -> Credentials {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_callers_at_the_refresh_moment_cause_one_token_request() {
     // A 30 s token is refreshed 13.5–15 s after it was fetched; each OAuth call (token, then
-    // introspection) takes 2 s, so the refresh is in flight for 4 s while the old token
-    // stays usable until 25 s: the 500 callers have seconds, not milliseconds, to be answered
-    // before the refresh completes, and the old token cannot run out under them.
+    // introspection) takes 3 s, so the refresh is in flight for 6 s while the old token
+    // stays usable until 25 s: the 500 callers (on connections opened beforehand, each
+    // needing its own HubSpot call) have seconds, not milliseconds, to be answered before
+    // the refresh completes, and the old token cannot run out under them.
     let sim = sim_with_ttl(30).await;
-    faults(&sim, json!({ "token_latency_ms": 2000 })).await;
-    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    faults(&sim, json!({ "token_latency_ms": 3000 })).await;
+    let mut cfg = config(&sim.base_url());
+    // The warm-up may open connections it never uses; the head deadline (10 s by default)
+    // would close them while they wait in the pool for the refresh, racing their reuse.
+    cfg.server.header_read_timeout = Duration::from_secs(60);
+    // The 500 status calls are exact only if no try is cut at its deadline (half the request
+    // timeout) and retried: under load some took longer than 2.5 s (531 calls seen).
+    cfg.upstream.request_timeout = Duration::from_secs(30);
+    let gw = gateway(cfg, oauth()).await;
     wait_ready(&gw).await;
     assert_eq!(count(&sim, "token_requests").await, 1);
+    let callers = warmed_client(&gw, 500).await;
     wait_for_up_to(
         Duration::from_secs(30),
         || async { count(&sim, "token_requests").await == 2 },
@@ -105,7 +114,7 @@ async fn concurrent_callers_at_the_refresh_moment_cause_one_token_request() {
     let urls = (0..500)
         .map(|i| gw.status_url(&format!("pending-{i}")))
         .collect();
-    for r in get_all(urls).await {
+    for r in get_all_with(callers, urls).await {
         assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     }
     let answered_in = refresh_seen.elapsed();
@@ -447,7 +456,11 @@ async fn hub_change_empties_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_401_forces_one_refresh_and_one_retry() {
     let sim = sim_with_ttl(1800).await;
-    let gw = gateway(config(&sim.base_url()), oauth()).await;
+    let mut cfg = config(&sim.base_url());
+    // The count below is exact only if no try is cut by its deadline (half the request
+    // timeout) and retried: 500 calls at once on a loaded machine took longer than 2.5 s.
+    cfg.upstream.request_timeout = Duration::from_secs(30);
+    let gw = gateway(cfg, oauth()).await;
     wait_ready(&gw).await;
     assert_eq!(
         get(&gw.status_url("pending-a")).await.status,

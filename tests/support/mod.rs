@@ -304,6 +304,26 @@ pub async fn get_all_with(
     replies
 }
 
+/// A shared client holding up to `n` open keep-alive connections to `gw`, opened by `n`
+/// concurrent GETs of an invalid taskId (400 at the gateway, nothing sent to HubSpot). A crowd sent on it afterwards is requests only: on a loaded
+/// machine opening hundreds of connections takes seconds, sending on open ones does not, so
+/// the crowd overlaps one upstream call without depending on how fast sockets open. The
+/// client may open a few more connections than it uses; those never send a request, so the
+/// gateway closes them at `header_read_timeout` (10 s by default): send the crowd before
+/// that, or raise it.
+pub async fn warmed_client(
+    gw: &TestGateway,
+    n: usize,
+) -> std::sync::Arc<Client<HttpConnector, Full<Bytes>>> {
+    let client = std::sync::Arc::new(client());
+    let warm = get_all_with(client.clone(), vec![gw.status_url("bad!id"); n]).await;
+    assert!(
+        warm.iter().all(|r| r.status == StatusCode::BAD_REQUEST),
+        "an invalid taskId is refused at the gateway"
+    );
+    client
+}
+
 /// The status requests the simulator received, as it recorded them (method, path, query,
 /// headers), oldest first.
 pub async fn sim_requests(sim: &RunningSimulator) -> Vec<serde_json::Value> {
