@@ -11,15 +11,15 @@
 //!
 //! [`ClusterConfig::local_share`]: crate::cluster::ClusterConfig::local_share
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use hyper::header::{self, HeaderName, HeaderValue};
 
 use crate::cluster::budget::{BudgetAsk, CallId, ClientWindow};
-use crate::cluster::{Admission, BudgetPolicy, ClusterBackend, Refusal};
+use crate::cluster::{Admission, BudgetPolicy, ClusterBackend, Ledger, Refusal, ReplayCall};
 use crate::config::UpstreamConfig;
 use crate::upstream::{Policy, retry_after_value};
 
@@ -196,7 +196,10 @@ pub struct Budget {
     in_flight: Duration,
     daily_limit: Option<u64>,
     cluster: Option<Arc<ClusterBackend>>,
-    state: Mutex<BudgetState>,
+    state: Arc<Mutex<BudgetState>>,
+    /// What the cluster backend replays into a Redis that lost this replica's calls (it
+    /// holds it weakly).
+    _ledger: Option<Arc<BudgetLedger>>,
     /// In cluster mode, the shared window as the gauges show it.
     shared: Arc<SharedView>,
     /// The task keeping `shared` up to date, started by the first [`Budget::gauges`].
@@ -233,6 +236,13 @@ struct BudgetState {
     hold: Option<Hold>,
     /// When the latest `DAILY` hold ends or ended.
     daily_until: Option<Instant>,
+    /// In cluster mode, until when a call this replica allowed alone (Redis down) stays in
+    /// the window: Redis does not have it.
+    alone_until: Option<Instant>,
+    /// After a replay into a Redis that lost calls, until when this replica keeps to its
+    /// local share as well as the shared window: other replicas' calls of the last window
+    /// may not be back in it yet.
+    capped_until: Option<Instant>,
 }
 
 /// One hold after a 429.
@@ -258,20 +268,33 @@ impl Budget {
     /// The budget of `upstream.rate_limit` and `upstream.daily_limit`; with `cluster`, the
     /// account's, shared with every replica.
     pub fn new(config: &UpstreamConfig, cluster: Option<Arc<ClusterBackend>>) -> Budget {
+        let state = Arc::new(Mutex::new(BudgetState {
+            sent: Window::default(),
+            by_client: HashMap::new(),
+            next_call: 0,
+            today: (0, 0),
+            hold: None,
+            daily_until: None,
+            alone_until: None,
+            capped_until: None,
+        }));
+        let ledger = cluster.as_ref().map(|cluster| {
+            let ledger = Arc::new(BudgetLedger {
+                state: state.clone(),
+                per: config.rate_limit.per,
+            });
+            let weak: Weak<BudgetLedger> = Arc::downgrade(&ledger);
+            cluster.set_ledger(weak);
+            ledger
+        });
         Budget {
             limit: config.rate_limit.requests,
             per: config.rate_limit.per,
             in_flight: config.request_timeout,
             daily_limit: config.daily_limit,
             cluster,
-            state: Mutex::new(BudgetState {
-                sent: Window::default(),
-                by_client: HashMap::new(),
-                next_call: 0,
-                today: (0, 0),
-                hold: None,
-                daily_until: None,
-            }),
+            state,
+            _ledger: ledger,
             shared: Arc::new(SharedView {
                 hub: AtomicU64::new(u64::MAX),
                 used: AtomicI64::new(-1),
@@ -304,13 +327,25 @@ impl Budget {
         });
         let hub = charge.hub_id.unwrap_or(0);
         self.shared.hub.store(hub, Ordering::Relaxed);
-        let answer = match charge.first.and_then(FirstTry::take) {
+        let mut answer = match charge.first.and_then(FirstTry::take) {
             Some(admission) => Ok(admission),
-            None => cluster.acquire_for(hub, &policy, client).await,
+            None => {
+                self.capped(cluster)?;
+                cluster.acquire_for(hub, &policy, client).await
+            }
         };
+        if let Ok(Admission::Refused {
+            reason: Refusal::Replay,
+            ..
+        }) = answer
+        {
+            // The replay is done and this replica's cap applies: ask again through it.
+            self.capped(cluster)?;
+            answer = cluster.acquire_for(hub, &policy, client).await;
+        }
         match answer {
             Ok(Admission::Allowed { call, .. }) => {
-                let mut permit = self.record(&mut self.lock(), Instant::now(), charge);
+                let mut permit = self.record(&mut self.lock(), Instant::now(), charge, call);
                 permit.shared = Some(SharedCall {
                     cluster: cluster.clone(),
                     hub,
@@ -326,6 +361,26 @@ impl Budget {
                 let daily = self.daily_limit.map(|d| (d / hint).max(1));
                 self.take_local(charge, cluster.local_share(self.limit), daily)
             }
+        }
+    }
+
+    /// Refuses a call while this replica keeps to its local share after a replay and its
+    /// own calls in the window already fill that share.
+    fn capped(&self, cluster: &ClusterBackend) -> Result<(), Throttle> {
+        let now = Instant::now();
+        let mut s = self.lock();
+        let Some(until) = s.capped_until.filter(|t| *t > now) else {
+            return Ok(());
+        };
+        let share = cluster.local_share(self.limit);
+        match s.wait_for(now, self.per, share as usize, None) {
+            None => Ok(()),
+            Some(wait) => Err(Throttle {
+                wait: wait.min(until - now).max(Duration::from_millis(1)),
+                by: ThrottleSource::LocalBudget,
+                policy: Policy::TenSecondlyRolling,
+                limit: u64::from(share),
+            }),
         }
     }
 
@@ -346,9 +401,13 @@ impl Budget {
     /// round trip, as always). The answer goes back through [`Charge::first`].
     pub fn shared_ask<'c>(&self, charge: &Charge<'c>) -> Option<BudgetAsk<'c>> {
         self.cluster.as_ref()?;
-        if self.lock().held(Instant::now()).is_some() {
+        let now = Instant::now();
+        let mut s = self.lock();
+        // While capped, the call asks through the cap first ([`Budget::acquire`]).
+        if s.held(now).is_some() || s.capped_until.is_some_and(|t| t > now) {
             return None;
         }
+        drop(s);
         Some(BudgetAsk {
             hub_id: charge.hub_id.unwrap_or(0),
             policy: self.policy(),
@@ -377,6 +436,13 @@ impl Budget {
             Refusal::Hold(policy) => (ThrottleSource::HubSpot429, policy, limit),
             Refusal::DailyHold => (ThrottleSource::HubSpot429, Policy::Daily, daily),
             Refusal::DailyLimit => (ThrottleSource::DailyLimit, Policy::Daily, daily),
+            // Asked again after the replay; a second one means Redis lost the replica set
+            // again at once: the window's refusal, briefly.
+            Refusal::Replay => (
+                ThrottleSource::LocalBudget,
+                Policy::TenSecondlyRolling,
+                limit,
+            ),
         };
         Throttle {
             wait,
@@ -431,18 +497,28 @@ impl Budget {
                 limit: u64::from(limit),
             });
         }
+        if self.cluster.is_some() {
+            let alone = now.checked_add(self.in_flight + self.per).unwrap_or(now);
+            s.alone_until = Some(s.alone_until.map_or(alone, |t| t.max(alone)));
+        }
         // Recorded under the lock that checked the windows, so no other call takes the
         // same room.
-        Ok(self.record(&mut s, now, charge))
+        Ok(self.record(&mut s, now, charge, CallId::fresh()))
     }
 
     /// Records one call for `charge` admitted at `now`, at `now + in_flight` until it is
     /// answered.
-    fn record(&self, s: &mut BudgetState, now: Instant, charge: &Charge<'_>) -> Permit<'_> {
+    fn record(
+        &self,
+        s: &mut BudgetState,
+        now: Instant,
+        charge: &Charge<'_>,
+        call: CallId,
+    ) -> Permit<'_> {
         // `request_timeout` is bounded by config validation; a clock near its end must not
         // panic.
         let until = now.checked_add(self.in_flight).unwrap_or(now);
-        let id = s.record(now, until, self.per, charge);
+        let id = s.record(now, until, self.per, charge, call);
         Permit {
             budget: self,
             id,
@@ -656,7 +732,7 @@ impl BudgetState {
             return None;
         }
         // The call that leaves the window last before one more fits.
-        let leaving = sent.calls.iter().nth(n - limit).map_or(now, |(t, _)| *t);
+        let leaving = sent.calls.keys().nth(n - limit).map_or(now, |(t, _)| *t);
         // Pruned: every call here leaves after `now`.
         Some(
             leaving
@@ -667,18 +743,25 @@ impl BudgetState {
 
     /// Counts one call admitted at `now` for `charge`, placed at `until`, in every window it
     /// belongs to; returns its id there.
-    fn record(&mut self, now: Instant, until: Instant, per: Duration, charge: &Charge<'_>) -> u64 {
+    fn record(
+        &mut self,
+        now: Instant,
+        until: Instant,
+        per: Duration,
+        charge: &Charge<'_>,
+        call: CallId,
+    ) -> u64 {
         let id = self.next_call;
         self.next_call = self.next_call.wrapping_add(1);
         self.sent.prune(now, per);
-        self.sent.calls.insert((until, id));
+        self.sent.calls.insert((until, id), call);
         if charge.share.is_some() {
             let sent = match self.by_client.get_mut(charge.client) {
                 Some(sent) => sent,
                 None => self.by_client.entry(charge.client.into()).or_default(),
             };
             sent.prune(now, per);
-            sent.calls.insert((until, id));
+            sent.calls.insert((until, id), call);
         }
         let (day, _) = utc_day(SystemTime::now());
         if self.today.0 == day {
@@ -690,10 +773,11 @@ impl BudgetState {
     }
 }
 
-/// The calls in one window, by the time each counts from (see [`Budget`]) and their id.
+/// The calls in one window, by the time each counts from (see [`Budget`]) and their id,
+/// with the member each has in the shared windows (for a replay).
 #[derive(Default)]
 struct Window {
-    calls: BTreeSet<(Instant, u64)>,
+    calls: BTreeMap<(Instant, u64), CallId>,
 }
 
 impl Window {
@@ -701,8 +785,8 @@ impl Window {
     fn prune(&mut self, now: Instant, per: Duration) {
         while self
             .calls
-            .first()
-            .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= per)
+            .first_key_value()
+            .is_some_and(|((t, _), _)| now.saturating_duration_since(*t) >= per)
         {
             self.calls.pop_first();
         }
@@ -710,9 +794,53 @@ impl Window {
 
     /// Moves call `(placed, id)` to `to`, if it is still here.
     fn restamp(&mut self, (placed, id): (Instant, u64), to: Instant) {
-        if self.calls.remove(&(placed, id)) {
-            self.calls.insert((to, id));
+        if let Some(call) = self.calls.remove(&(placed, id)) {
+            self.calls.insert((to, id), call);
         }
+    }
+}
+
+/// The budget's memory of this replica's calls, as the cluster backend replays them.
+struct BudgetLedger {
+    state: Arc<Mutex<BudgetState>>,
+    per: Duration,
+}
+
+impl Ledger for BudgetLedger {
+    fn recent_calls(&self) -> Vec<ReplayCall> {
+        let now = Instant::now();
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.sent.prune(now, self.per);
+        let mut owners: HashMap<u64, &str> = HashMap::new();
+        for (client, window) in &s.by_client {
+            for (_, id) in window.calls.keys() {
+                owners.insert(*id, client);
+            }
+        }
+        let signed_ms = |t: Instant| -> i64 {
+            let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+            if t >= now { ms(t - now) } else { -ms(now - t) }
+        };
+        s.sent
+            .calls
+            .iter()
+            .map(|((t, id), call)| ReplayCall {
+                call: *call,
+                offset_ms: signed_ms(*t),
+                client: owners.get(id).map(|c| (*c).to_owned()),
+            })
+            .collect()
+    }
+
+    fn replayed(&self, restarted: bool) -> bool {
+        let now = Instant::now();
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let alone = s.alone_until.is_some_and(|t| t > now);
+        if !(restarted || alone) {
+            return false;
+        }
+        s.capped_until = now.checked_add(self.per);
+        true
     }
 }
 

@@ -1004,6 +1004,8 @@ async fn frozen_redis_never_holds_a_call() {
     let p = policy(10, Duration::from_secs(10));
     let key = TaskKey::new(51, "t");
     let bound = timeout + Duration::from_millis(400);
+    // The first admission also registers this replica in Redis (one replay of its calls).
+    backend.acquire(51, &p).await.expect("shared budget");
 
     server.signal("-STOP");
     let started = Instant::now();
@@ -1781,4 +1783,142 @@ async fn a_share_refusal_stays_on_its_replica_and_client() {
     assert_eq!(support::status_requests(&fast).await, 1);
     a.stop().await;
     b.stop().await;
+}
+
+/// A replica's budget of `limit` calls per `per` for the account, over `server`, with its
+/// backend (to see it go down and up) and its metrics.
+async fn window_budget(
+    server: &RedisServer,
+    limit: u32,
+    per: Duration,
+) -> (Budget, Arc<ClusterBackend>, ClusterMetrics) {
+    let config = UpstreamConfig {
+        rate_limit: RateLimit {
+            requests: limit,
+            per,
+        },
+        ..UpstreamConfig::default()
+    };
+    let (backend, metrics) = replica_with(
+        server,
+        |c| c.timeout = Duration::from_millis(300),
+        fast_probe(),
+    )
+    .await;
+    let backend = Arc::new(backend);
+    (
+        Budget::new(&config, Some(backend.clone())),
+        backend,
+        metrics,
+    )
+}
+
+/// Asks every replica's budget for a call every 50 ms during `span`; returns when each
+/// allowed call's answer was in (answered at once).
+async fn call_for(replicas: &[&Budget], hub: u64, span: Duration) -> Vec<Instant> {
+    let mut made = Vec::new();
+    let end = Instant::now() + span;
+    while Instant::now() < end {
+        for budget in replicas {
+            if let Ok(permit) = budget.acquire(&charge("quiet", None, hub)).await {
+                permit.answered();
+                made.push(Instant::now());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    made
+}
+
+/// The most calls of `made` within any span shorter than `span`.
+fn busiest(made: &[Instant], span: Duration) -> usize {
+    let mut made = made.to_vec();
+    made.sort();
+    (0..made.len())
+        .map(|i| {
+            made[i..]
+                .iter()
+                .take_while(|t| **t - made[i] < span)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Allowance for the busiest-window checks: a call is recorded here just after its answer
+/// time, the moment the budget places it; a loaded machine may put up to this between the
+/// two. Without the replay the excess is a whole window's calls within milliseconds.
+const PLACEMENT_SLACK: Duration = Duration::from_millis(250);
+
+/// A Redis that restarts empty (no persistence) between two calls has forgotten the
+/// account's window; each replica's calls of the last window go back into it (replayed,
+/// found by the replica set the admission checks, whether or not a call failed meanwhile),
+/// so the two replicas together never make more than the limit in any rolling window
+/// across the restart, and call again once the old calls left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_gets_the_replicas_calls_back() {
+    let mut server = RedisServer::start();
+    let (limit, per) = (6, Duration::from_secs(3));
+    let (a, _, a_metrics) = window_budget(&server, limit, per).await;
+    let (b, _, _) = window_budget(&server, limit, per).await;
+    let hub = 51;
+    let mut made = Vec::new();
+    for i in 0..limit {
+        let budget = if i % 2 == 0 { &a } else { &b };
+        budget
+            .acquire(&charge("quiet", None, hub))
+            .await
+            .expect("room before the restart")
+            .answered();
+        made.push(Instant::now());
+    }
+    let mut conn = server.inspect().await;
+    answered(&mut conn, "t:rl:51", limit as usize).await;
+    server.kill();
+    server.run();
+    made.extend(call_for(&[&a, &b], hub, per + Duration::from_millis(1500)).await);
+    let busiest = busiest(&made, per - PLACEMENT_SLACK);
+    assert!(
+        busiest <= limit as usize,
+        "{busiest} calls within one window across the restart (limit {limit})"
+    );
+    assert!(
+        made.len() > limit as usize,
+        "no call once the old ones left the window: {}",
+        made.len()
+    );
+    assert!(
+        a_metrics.window_replays_total.get() >= 2,
+        "at start and after the restart"
+    );
+}
+
+/// Redis killed: each replica works alone on its part of the limit; then a new, empty Redis
+/// comes up. The calls made alone go into its window before the next admission, so the
+/// account never sees more than the limit in a rolling window, and calls go on once the
+/// window has room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_made_alone_count_in_the_window_of_a_redis_back_up() {
+    let mut server = RedisServer::start();
+    let (limit, per) = (6, Duration::from_secs(3));
+    let (a, a_backend, _) = window_budget(&server, limit, per).await;
+    let (b, b_backend, _) = window_budget(&server, limit, per).await;
+    let hub = 52;
+    server.kill();
+    let mut made = call_for(&[&a, &b], hub, Duration::from_millis(600)).await;
+    assert_eq!(made.len(), limit as usize, "each replica's part, 3 of 6");
+    server.run();
+    wait_up(&a_backend, "replica a not up again").await;
+    wait_up(&b_backend, "replica b not up again").await;
+    made.extend(call_for(&[&a, &b], hub, per).await);
+    let busiest = busiest(&made, per - PLACEMENT_SLACK);
+    assert!(
+        busiest <= limit as usize,
+        "{busiest} calls within one window across Redis' return (limit {limit})"
+    );
+    assert!(
+        made.len() > limit as usize,
+        "no call once the old ones left the window: {}",
+        made.len()
+    );
 }

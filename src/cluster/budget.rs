@@ -19,6 +19,7 @@
 //! ends early (HubSpot answers 429 again and the hold is set again) or late.
 
 use std::sync::LazyLock;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::{Script, ScriptInvocation};
@@ -83,15 +84,50 @@ pub enum Refusal {
     ClientShare,
     /// The configured daily limit is spent; `wait` is until the daily reset.
     DailyLimit,
+    /// Redis did not know this replica (it restarted empty, or this replica worked alone
+    /// meanwhile): its recent calls were replayed, nothing was recorded, and this replica
+    /// now caps its own calls at its local share for a window; ask again through that cap.
+    Replay,
 }
 
 const DAY_MS: u64 = 86_400_000;
 
 impl CallId {
+    /// A new id, unique across replicas: for a call this replica allowed on its own, so that
+    /// a later replay writes it under one member however often it is replayed.
+    pub fn fresh() -> CallId {
+        CallId(uuid::Uuid::new_v4())
+    }
+
     /// Its member in the sorted sets.
     fn member(self) -> String {
         self.0.simple().to_string()
     }
+}
+
+/// One of this replica's calls still in the window, as a replay writes it into a Redis that
+/// lost it.
+#[derive(Debug, Clone)]
+pub struct ReplayCall {
+    /// The member the call has (or would have had) in the shared windows.
+    pub call: CallId,
+    /// Where it stands in the window relative to now, in ms (negative: in the past; positive:
+    /// a call still out, placed at admission + the request timeout).
+    pub offset_ms: i64,
+    /// The client whose own window holds it, when it was charged to a share.
+    pub client: Option<String>,
+}
+
+/// What a replica remembers of its own calls, for a Redis that restarted empty (or a
+/// replica that worked alone while Redis did not answer): [`super::ClusterBackend`] asks it
+/// for the calls to replay, then tells it the replay happened.
+pub trait Ledger: Send + Sync {
+    /// This replica's calls still in the window now.
+    fn recent_calls(&self) -> Vec<ReplayCall>;
+    /// The replay is done; `restarted` when Redis is not the one this replica saw last.
+    /// Returns whether this replica now caps its own calls at its local share for a window:
+    /// other replicas' calls of the last window may not be replayed yet.
+    fn replayed(&self, restarted: bool) -> bool;
 }
 
 /// One client's window inside the account's: at most `limit` of its calls per window.
@@ -104,16 +140,19 @@ pub struct ClientWindow<'a> {
 }
 
 /// The admission check, as a Lua function both [`ACQUIRE`] and the flight's first look
-/// ([`super::flight`]) run. Arguments: the window, hold, daily counter and client window
-/// keys (the last unused when the client limit is 0), then limit, per ms, unique member,
+/// ([`super::flight`]) run. Arguments: the window, hold, daily counter, client window (unused
+/// when the client limit is 0) and replica set keys, then limit, per ms, unique member,
 /// daily limit (0 = none), reset offset ms, client limit (0 = none), in-flight bound ms (the
-/// entry's score is now + it). Returns {code, n, now}: 1 allowed (n = remaining), 0 window
-/// (n = wait ms), 2 hold (`TEN_SECONDLY_ROLLING`), 6 hold (`SECONDLY`), 7 hold (any other
-/// policy), 4 daily hold, 3 daily limit, 5 client share.
+/// entry's score is now + it), this replica's id. Returns {code, n, now}: 1 allowed (n =
+/// remaining), 0 window (n = wait ms), 2 hold (`TEN_SECONDLY_ROLLING`), 6 hold
+/// (`SECONDLY`), 7 hold (any other policy), 4 daily hold, 3 daily limit, 5 client share,
+/// 8 this replica is not in the replica set (a Redis that restarted empty, or lost the
+/// keys): nothing is recorded until it replayed its recent calls ([`REPLAY`]).
 pub(crate) const ADMIT_LUA: &str = r#"
-local function admit(kwin, khold, kday, kclient, a_limit, a_per, member, a_daily, a_offset, a_client, a_flight)
+local function admit(kwin, khold, kday, kclient, kseen, a_limit, a_per, member, a_daily, a_offset, a_client, a_flight, replica)
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if redis.call('SISMEMBER', kseen, replica) == 0 then return {8, 1, now} end
   local hold = redis.call('PTTL', khold)
   if hold > 0 then
     local kind = redis.call('GET', khold)
@@ -154,6 +193,7 @@ local function admit(kwin, khold, kday, kclient, a_limit, a_per, member, a_daily
   local life = until_ms + per - now
   redis.call('ZADD', kwin, until_ms, member)
   if redis.call('PTTL', kwin) < life then redis.call('PEXPIRE', kwin, life) end
+  if redis.call('PTTL', kseen) < life then redis.call('PEXPIRE', kseen, life) end
   if client > 0 then
     redis.call('ZADD', kclient, until_ms, member)
     if redis.call('PTTL', kclient) < life then redis.call('PEXPIRE', kclient, life) end
@@ -166,13 +206,47 @@ local function admit(kwin, khold, kday, kclient, a_limit, a_per, member, a_daily
 end
 "#;
 
-/// KEYS: window, hold, daily counter, and the client's window when ARGV[6] > 0. ARGV: as
-/// [`ADMIT_LUA`]'s arguments after the keys.
+/// KEYS: window, hold, daily counter, the client's window when ARGV[6] > 0, replica set.
+/// ARGV: as [`ADMIT_LUA`]'s arguments after the keys.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{ADMIT_LUA}\nreturn admit(KEYS[1], KEYS[2], KEYS[3], KEYS[4], \
-         ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7])"
+        "{ADMIT_LUA}\nreturn admit(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], \
+         ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])"
     ))
+});
+
+/// KEYS: the account's window, the replica set, then the client windows calls name. ARGV:
+/// replica id, per ms, then per call: member, offset from now in ms, index of its client's
+/// key in KEYS (0: none). Writes each call at now + offset (Redis' clock) where it is not
+/// already (`NX`: a member replayed twice, or one Redis still holds, counts once, at the
+/// place Redis gave it), drops calls already out of the window, keeps each key alive until
+/// its last entry leaves it, and adds the replica to the set, all in one step, so no
+/// admission of this replica sees the set without its calls. Returns the calls written.
+static REPLAY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local per = tonumber(ARGV[2])
+local written = 0
+for i = 3, #ARGV - 2, 3 do
+  local at = now + tonumber(ARGV[i + 1])
+  if at > now - per then
+    local life = at + per - now
+    local targets = {KEYS[1]}
+    local c = tonumber(ARGV[i + 2])
+    if c > 0 then targets[2] = KEYS[c] end
+    for _, key in ipairs(targets) do
+      written = written + redis.call('ZADD', key, 'NX', at, ARGV[i])
+      if redis.call('PTTL', key) < life then redis.call('PEXPIRE', key, life) end
+    end
+  end
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+if redis.call('PTTL', KEYS[2]) < per then redis.call('PEXPIRE', KEYS[2], per) end
+return written
+"#,
+    )
 });
 
 /// KEYS: hold. ARGV: ms (0 = until the daily reset), kind, reset offset ms. Keeps the later
@@ -263,15 +337,127 @@ impl ClusterBackend {
             policy: *policy,
             client,
         };
-        let mut script = ACQUIRE.prepare_invoke();
-        let call = self.admit_args(&ask, &mut script);
-        let (code, n, now): (i64, i64, u64) = self
-            .call("budget_acquire", script.invoke_async(&mut self.conn()))
-            .await?;
-        admission("budget_acquire", code, n, now, call)
+        if self.replay_if_due(hub_id, policy.per).await? {
+            // This replica's cap applies from now: the caller asks through it.
+            return Ok(Admission::Refused {
+                wait: Duration::from_millis(1),
+                reason: Refusal::Replay,
+            });
+        }
+        let mut replayed = false;
+        loop {
+            let mut script = ACQUIRE.prepare_invoke();
+            let call = self.admit_args(&ask, &mut script);
+            let (code, n, now): (i64, i64, u64) = self
+                .call("budget_acquire", script.invoke_async(&mut self.conn()))
+                .await?;
+            let answer = admission("budget_acquire", code, n, now, call)?;
+            match answer {
+                Admission::Refused {
+                    reason: Refusal::Replay,
+                    ..
+                } if !replayed => {
+                    replayed = true;
+                    if self.replay(hub_id, policy.per).await? {
+                        return Ok(answer);
+                    }
+                }
+                answer => return Ok(answer),
+            }
+        }
     }
 
-    /// Adds `ask`'s keys (four: the client's window, or the account's again in its place)
+    /// Replays this replica's recent calls before its next admission when Redis just came
+    /// back after this replica worked alone (its local calls are not in the shared window).
+    /// Returns whether this replica now caps its own calls (see [`Ledger::replayed`]).
+    pub(crate) async fn replay_if_due(
+        &self,
+        hub_id: u64,
+        per: Duration,
+    ) -> Result<bool, ClusterError> {
+        if !self.inner.replay_due.swap(false, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        let replayed = self.replay(hub_id, per).await;
+        if replayed.is_err() {
+            self.inner.replay_due.store(true, Ordering::Release);
+        }
+        replayed
+    }
+
+    /// Writes this replica's calls of the last `per` (from its [`Ledger`]) into `hub_id`'s
+    /// shared windows and registers the replica there, in one script; reads Redis' `run_id`
+    /// to tell a restart from a replica that is new or worked alone. Returns whether the
+    /// ledger now caps this replica's calls at its local share.
+    pub(crate) async fn replay(&self, hub_id: u64, per: Duration) -> Result<bool, ClusterError> {
+        let ledger = self.ledger();
+        let calls = ledger
+            .as_ref()
+            .map(|l| l.recent_calls())
+            .unwrap_or_default();
+        let info: String = self
+            .call(
+                "server_info",
+                redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(&mut self.conn()),
+            )
+            .await?;
+        let run_id = info
+            .lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned());
+        let mut script = REPLAY.prepare_invoke();
+        script
+            .key(self.key("rl", hub_id))
+            .key(self.key("replicas", hub_id));
+        script.arg(&self.inner.replica).arg(millis(per));
+        let mut clients: Vec<&str> = Vec::new();
+        for call in &calls {
+            let index = match call.client.as_deref() {
+                None => 0,
+                Some(name) => match clients.iter().position(|c| *c == name) {
+                    Some(i) => i + 3,
+                    None => {
+                        clients.push(name);
+                        clients.len() + 2
+                    }
+                },
+            };
+            script
+                .arg(call.call.member())
+                .arg(call.offset_ms)
+                .arg(index);
+        }
+        for client in &clients {
+            script.key(self.client_key(hub_id, client));
+        }
+        let written: u64 = self
+            .call("budget_replay", script.invoke_async(&mut self.conn()))
+            .await?;
+        let restarted = {
+            let mut seen = self.inner.run_id.lock().unwrap_or_else(|p| p.into_inner());
+            let restarted = seen.is_some() && run_id.is_some() && *seen != run_id;
+            if run_id.is_some() {
+                *seen = run_id;
+            }
+            restarted
+        };
+        self.inner.metrics.window_replays_total.inc();
+        let capped = ledger.is_some_and(|l| l.replayed(restarted));
+        if restarted || capped {
+            tracing::warn!(
+                hub_id,
+                replayed = written,
+                restarted,
+                capped,
+                "shared budget: Redis lost this replica's recent calls (restarted, or this replica worked alone): replayed them into the shared window; this replica keeps to its local share for one window"
+            );
+        }
+        Ok(capped)
+    }
+
+    /// Adds `ask`'s keys (five: the client's window, or the account's again in its place)
     /// and then its arguments to `script`, in [`ADMIT_LUA`]'s order; returns the id the call
     /// is recorded under if allowed.
     pub(crate) fn admit_args(&self, ask: &BudgetAsk<'_>, script: &mut ScriptInvocation) -> CallId {
@@ -284,7 +470,8 @@ impl ClusterBackend {
             .key(window)
             .key(self.key("hold", ask.hub_id))
             .key(self.key("day", ask.hub_id))
-            .key(client_window);
+            .key(client_window)
+            .key(self.key("replicas", ask.hub_id));
         let call = CallId(uuid::Uuid::new_v4());
         let policy = &ask.policy;
         script
@@ -294,7 +481,8 @@ impl ClusterBackend {
             .arg(policy.daily_limit.unwrap_or(0))
             .arg(millis(policy.daily_reset_offset) % DAY_MS)
             .arg(ask.client.map_or(0, |c| c.limit.max(1)))
-            .arg(millis(policy.in_flight));
+            .arg(millis(policy.in_flight))
+            .arg(&self.inner.replica);
         call
     }
 
@@ -433,6 +621,7 @@ pub(crate) fn admission(
         3 => refused(Refusal::DailyLimit),
         4 => refused(Refusal::DailyHold),
         5 => refused(Refusal::ClientShare),
+        8 => refused(Refusal::Replay),
         other => Err(ClusterError::Redis {
             op,
             message: format!("unexpected script answer {other}"),

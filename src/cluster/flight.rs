@@ -79,8 +79,8 @@ pub(crate) struct Published {
 }
 
 /// KEYS: lease, answer, waiting flag, the task's shared-cache entry, then (with the budget)
-/// [`ADMIT_LUA`]'s four keys. ARGV: new token, lease ms, look at the cache ('1' or '0'),
-/// ask the budget ('1' or '0'), then (with the budget) its seven arguments, then the tokens
+/// [`ADMIT_LUA`]'s five keys. ARGV: new token, lease ms, look at the cache ('1' or '0'),
+/// ask the budget ('1' or '0'), then (with the budget) its eight arguments, then the tokens
 /// of leaders waited for. Every answer is {code, text, bytes, n, now}: {3, age ms, stored
 /// answer} (the shared cache holds one: nothing else is done), {1, token, answer} (an
 /// awaited leader's answer), {0, holder} (wait; the flag tells the leader to publish),
@@ -103,7 +103,7 @@ if ARGV[3] == '1' then
 end
 local budget = ARGV[4] == '1'
 local first = 5
-if budget then first = 12 end
+if budget then first = 13 end
 local tok = redis.call('HGET', KEYS[2], 'tok')
 if tok then
   for i = first, #ARGV do
@@ -117,8 +117,8 @@ if holder then
 end
 local remaining, now = 0, 0
 if budget then
-  local a = admit(KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[5], ARGV[6], ARGV[7], ARGV[8],
-    ARGV[9], ARGV[10], ARGV[11])
+  local a = admit(KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[5], ARGV[6], ARGV[7],
+    ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12])
   if a[1] ~= 1 then return {4, tostring(a[1]), '', a[2], a[3]} end
   remaining, now = a[2], a[3]
 end
@@ -237,6 +237,13 @@ impl ClusterBackend {
         let mut messages = self.inner.published.subscribe();
         let mut awaited: Vec<String> = Vec::new();
         let waits = &self.inner.metrics.flight_waits_total;
+        if let Some(ask) = &budget
+            && self.replay_if_due(ask.hub_id, ask.policy.per).await?
+        {
+            // The leader's call asks through this replica's cap instead.
+            budget = None;
+        }
+        let mut replayed = false;
         loop {
             let mut script = JOIN.key(&keys.lease);
             script.key(&keys.answer).key(&keys.waiting).key(&cache_key);
@@ -260,6 +267,20 @@ impl ClusterBackend {
                     return Err(e);
                 }
             };
+            // Redis does not know this replica: its recent calls go in first, then the same
+            // step again, without the budget when this replica's own cap now applies (the
+            // leader's call asks through it).
+            if code == 4
+                && holder == "8"
+                && !replayed
+                && let Some(ask) = &budget
+            {
+                replayed = true;
+                if self.replay(ask.hub_id, ask.policy.per).await? {
+                    budget = None;
+                }
+                continue;
+            }
             if code != 3 {
                 budget = None;
             }

@@ -29,6 +29,8 @@ impl ClusterBackend {
 
     fn mark_up(&self) {
         if !self.inner.up.swap(true, Ordering::AcqRel) {
+            // The calls made alone while down are not in the shared window.
+            self.inner.replay_due.store(true, Ordering::Release);
             self.inner.metrics.backend_up.set(1);
             tracing::info!("cluster backend up: budget, cache and flights shared through Redis");
         }

@@ -27,6 +27,9 @@ pub struct ClusterMetrics {
     pub lease_takeovers_total: IntCounter,
     /// Operations the caller had to do locally because Redis was down or failed, by `op`.
     pub local_fallbacks_total: IntCounterVec,
+    /// Replays of this replica's recent calls into a shared window Redis did not have
+    /// (Redis restarted empty, or came back after this replica worked alone).
+    pub window_replays_total: IntCounter,
 }
 
 impl ClusterMetrics {
@@ -75,6 +78,11 @@ impl ClusterMetrics {
             ),
             &["op"],
         )?;
+        let window_replays_total = IntCounter::with_opts(opts(
+            "cluster_window_replays_total",
+            "Replays of this replica's recent calls into the shared window after Redis restarted empty or came back up.",
+        ))?;
+        registry.register(Box::new(window_replays_total.clone()))?;
         registry.register(Box::new(backend_up.clone()))?;
         registry.register(Box::new(redis_calls_total.clone()))?;
         registry.register(Box::new(redis_call_duration_seconds.clone()))?;
@@ -90,6 +98,7 @@ impl ClusterMetrics {
             flight_waits_total,
             lease_takeovers_total,
             local_fallbacks_total,
+            window_replays_total,
         })
     }
 }

@@ -26,7 +26,7 @@ pub mod metrics;
 
 use std::future::Future;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -34,7 +34,7 @@ use redis::{IntoConnectionInfo, RedisResult};
 use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
-pub use budget::{Admission, BudgetAsk, BudgetPolicy, Refusal};
+pub use budget::{Admission, BudgetAsk, BudgetPolicy, Ledger, Refusal, ReplayCall};
 pub use cache::CachedAnswer;
 pub use codec::{Answer, CodecError};
 pub use config::ClusterConfig;
@@ -146,6 +146,15 @@ struct Inner {
     /// Flight answers received by pub/sub, fanned out to this replica's waiters.
     published: broadcast::Sender<Arc<flight::Published>>,
     background: Mutex<Vec<AbortHandle>>,
+    /// This replica's id in the shared replica sets (new at every start).
+    replica: String,
+    /// This replica's own calls, for a replay (the budget's, once it registered).
+    ledger: Mutex<Option<Weak<dyn Ledger>>>,
+    /// Redis' `run_id` at the latest replay: a different one means Redis restarted.
+    run_id: Mutex<Option<String>>,
+    /// Set when Redis answers again after being down: the calls this replica made alone
+    /// are replayed before its next admission.
+    replay_due: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -233,6 +242,10 @@ impl ClusterBackend {
                 metrics,
                 published,
                 background: Mutex::new(Vec::new()),
+                replica: uuid::Uuid::new_v4().simple().to_string(),
+                ledger: Mutex::new(None),
+                run_id: Mutex::new(None),
+                replay_due: AtomicBool::new(false),
             }),
         };
         let mut tasks = vec![health::spawn_probe(&backend)];
@@ -259,6 +272,21 @@ impl ClusterBackend {
     /// The configuration this backend runs with.
     pub fn config(&self) -> &ClusterConfig {
         &self.inner.config
+    }
+
+    /// Names the ledger of this replica's own calls that a replay writes into a Redis that
+    /// lost them (the budget's). Held weakly: it ends with its owner.
+    pub fn set_ledger(&self, ledger: Weak<dyn Ledger>) {
+        *self.inner.ledger.lock().unwrap_or_else(|p| p.into_inner()) = Some(ledger);
+    }
+
+    fn ledger(&self) -> Option<Arc<dyn Ledger>> {
+        self.inner
+            .ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(Weak::upgrade)
     }
 
     /// This replica's share of an account `limit` while the backend is down.
