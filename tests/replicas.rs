@@ -255,7 +255,9 @@ async fn a_hubspot_429_on_one_replica_holds_all() {
 /// Redis killed while callers keep coming, then started again: no caller gets a 5xx; every
 /// replica notices (`cluster_backend_up` 0) and keeps at most its share of the account
 /// (limit / replicas_hint) while still answering; after the restart every replica is up
-/// again and a finished task fetched on one is a HIT on the others.
+/// again, the calls each made alone still count (a replica that spent its share gets no new
+/// call until they left the window, though the new Redis is empty), and then a finished task
+/// fetched on one is a HIT on the others.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_and_restarted_mid_run() {
     let _serial = SERIAL.lock().await;
@@ -337,6 +339,7 @@ async fn redis_stopped_and_restarted_mid_run() {
         }
         during.extend(replies);
     }
+    let spent_at = Instant::now();
     let stats = support::stats(&c.sim).await;
     assert_eq!(stats["rate_limited"], 0, "{stats}");
     background_calls(6).await;
@@ -346,6 +349,17 @@ async fn redis_stopped_and_restarted_mid_run() {
         replica.wait_backend_up(1.0, Duration::from_secs(15)).await;
     }
     background_calls(6).await;
+    // The new Redis knows nothing of the shares spent alone, but the replica does: no call
+    // for a new task until they left the window (10 s). Asked only while well inside it.
+    let inside = get(&c.replicas[1].url("pending-restart-inside")).await;
+    if spent_at.elapsed() < Duration::from_secs(8) {
+        assert_gateway_429(&inside);
+        assert_eq!(inside.header("ratelimit-limit"), share.to_string());
+    }
+    tokio::time::sleep(
+        (spent_at + Duration::from_millis(10_500)).saturating_duration_since(Instant::now()),
+    )
+    .await;
     stop.store(true, Ordering::Release);
     let background = background.await.expect("background callers");
     let failed: Vec<StatusCode> = background
