@@ -1922,3 +1922,48 @@ async fn calls_made_alone_count_in_the_window_of_a_redis_back_up() {
         made.len()
     );
 }
+
+/// A replica that gets no request after Redis restarted empty still puts its calls of the
+/// last window back: when its connection to Redis is made again, not at its next call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_replicas_replay_when_they_reconnect() {
+    let mut server = RedisServer::start();
+    let (limit, per) = (6, Duration::from_secs(30));
+    let (a, _, _) = window_budget(&server, limit, per).await;
+    let (b, _, b_metrics) = window_budget(&server, limit, per).await;
+    let hub = 53;
+    a.acquire(&charge("quiet", None, hub))
+        .await
+        .expect("room")
+        .answered();
+    for _ in 0..4 {
+        b.acquire(&charge("quiet", None, hub))
+            .await
+            .expect("room")
+            .answered();
+    }
+    let mut conn = server.inspect().await;
+    answered(&mut conn, "t:rl:53", 5).await;
+    let replays = b_metrics.window_replays_total.get();
+    server.kill();
+    server.run();
+    // No call on either replica: the window fills again from their replays alone.
+    let mut zcard = redis::cmd("ZCARD");
+    zcard.arg("t:rl:53");
+    poll_redis(
+        &server,
+        &zcard,
+        "both replicas' calls replayed",
+        |n: i64| n == 5,
+    )
+    .await;
+    assert!(b_metrics.window_replays_total.get() > replays);
+    let refused = b
+        .acquire(&charge("quiet", None, hub))
+        .await
+        .expect_err("its own 4 fill its local share of 3");
+    assert_eq!(
+        (refused.by, refused.limit),
+        (ThrottleSource::LocalBudget, 3)
+    );
+}

@@ -385,6 +385,34 @@ impl ClusterBackend {
         replayed
     }
 
+    /// Replays this replica's recent calls now, in the background, into the window of its
+    /// latest admission: when Redis came back or a connection to it was made again, so that
+    /// a replica without requests has its calls back in a restarted Redis within moments,
+    /// not at its next call. `only_if_due`: only when a return after a down spell is still
+    /// to be replayed (see [`ClusterBackend::replay_if_due`]).
+    pub(crate) fn spawn_replay(&self, only_if_due: bool) {
+        let last = *self
+            .inner
+            .last_ask
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (Some((hub_id, per)), Ok(runtime)) = (last, tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let backend = self.clone();
+        runtime.spawn(async move {
+            let replayed = if only_if_due {
+                backend.replay_if_due(hub_id, per).await
+            } else {
+                backend.replay(hub_id, per).await
+            };
+            if let Err(e) = replayed {
+                tracing::debug!(error = %e, "replay not done: it runs before this replica's next admission");
+            }
+        });
+    }
+
     /// Writes this replica's calls of the last `per` (from its [`Ledger`]) into `hub_id`'s
     /// shared windows and registers the replica there, in one script; reads Redis' `run_id`
     /// to tell a restart from a replica that is new or worked alone. Returns whether the
@@ -461,6 +489,11 @@ impl ClusterBackend {
     /// and then its arguments to `script`, in [`ADMIT_LUA`]'s order; returns the id the call
     /// is recorded under if allowed.
     pub(crate) fn admit_args(&self, ask: &BudgetAsk<'_>, script: &mut ScriptInvocation) -> CallId {
+        *self
+            .inner
+            .last_ask
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((ask.hub_id, ask.policy.per));
         let window = self.key("rl", ask.hub_id);
         let client_window = match ask.client {
             Some(c) => self.client_key(ask.hub_id, c.client),

@@ -509,16 +509,25 @@ impl Drop for Lease {
 }
 
 /// Listens on the flights channel and fans answers out to local waiters; reconnects after
-/// any failure. Polling covers the gaps.
+/// any failure (and then replays this replica's recent calls, see
+/// [`ClusterBackend::spawn_replay`]). Polling covers the gaps.
 pub(crate) fn spawn_subscriber(backend: &ClusterBackend, client: redis::Client) -> AbortHandle {
     let channel = backend.channel();
     let sender = backend.inner.published.clone();
     let bound = connect_bound(backend.inner.config.timeout);
+    let weak = Arc::downgrade(&backend.inner);
     tokio::spawn(async move {
+        let mut subscribed_before = false;
         loop {
             if let Ok(Ok(mut pubsub)) = tokio::time::timeout(bound, client.get_async_pubsub()).await
             {
                 if let Ok(Ok(())) = tokio::time::timeout(bound, pubsub.subscribe(&channel)).await {
+                    // A new connection after a lost one: Redis may have restarted empty,
+                    // and this replica may get no request to find out for a while.
+                    if subscribed_before && let Some(inner) = weak.upgrade() {
+                        ClusterBackend { inner }.spawn_replay(false);
+                    }
+                    subscribed_before = true;
                     let mut stream = pubsub.into_on_message();
                     while let Some(message) = stream.next().await {
                         let Ok((lease_key, token, bytes)) =

@@ -31,6 +31,7 @@ impl ClusterBackend {
         if !self.inner.up.swap(true, Ordering::AcqRel) {
             // The calls made alone while down are not in the shared window.
             self.inner.replay_due.store(true, Ordering::Release);
+            self.spawn_replay(true);
             self.inner.metrics.backend_up.set(1);
             tracing::info!("cluster backend up: budget, cache and flights shared through Redis");
         }

@@ -155,6 +155,9 @@ struct Inner {
     /// Set when Redis answers again after being down: the calls this replica made alone
     /// are replayed before its next admission.
     replay_due: AtomicBool,
+    /// The hub and window of this replica's latest admission: where a replay this replica
+    /// starts by itself (no call waiting) writes its calls.
+    last_ask: Mutex<Option<(u64, Duration)>>,
 }
 
 impl Drop for Inner {
@@ -246,6 +249,7 @@ impl ClusterBackend {
                 ledger: Mutex::new(None),
                 run_id: Mutex::new(None),
                 replay_due: AtomicBool::new(false),
+                last_ask: Mutex::new(None),
             }),
         };
         let mut tasks = vec![health::spawn_probe(&backend)];
