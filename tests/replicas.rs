@@ -494,3 +494,63 @@ async fn two_accounts_never_see_each_others_answers() {
         );
     }
 }
+
+/// Redis restarted empty (killed and started again on its port, no persistence) just after
+/// three replicas spent the account's budget between them: HubSpot never sees more than
+/// the limit in any rolling window across the restart (the replicas put their calls back
+/// into the new Redis before calling again), and calls go on once the old ones left it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_never_lets_twice_the_limit_through() {
+    let _serial = SERIAL.lock().await;
+    let sim = SimConfig {
+        rate_limit: Some((12, Duration::from_secs(4))),
+        ..sim_with(Duration::ZERO)
+    };
+    let mut c = cluster("emptied", sim, 12, "4s", CLUSTER).await;
+    // The account's 12, 4 on each replica (its local share too).
+    for wave in 0..4 {
+        let urls = (0..3)
+            .map(|r| c.replicas[r].url(&format!("pending-emptied-{wave}-{r}")))
+            .collect();
+        let replies = get_all(urls).await;
+        assert!(
+            replies.iter().all(|r| r.status == StatusCode::OK),
+            "before the restart: {:?}",
+            tally(&replies)
+        );
+    }
+    c.redis.kill();
+    c.redis.run();
+    let started = Instant::now();
+    let mut wave = 0;
+    while started.elapsed() < Duration::from_secs(7) {
+        let urls = (0..3)
+            .map(|r| c.replicas[r].url(&format!("pending-emptied-after-{wave}-{r}")))
+            .collect();
+        for reply in get_all(urls).await {
+            assert!(
+                reply.status == StatusCode::OK || reply.status == StatusCode::TOO_MANY_REQUESTS,
+                "{:?}",
+                reply.status
+            );
+            if reply.status == StatusCode::TOO_MANY_REQUESTS {
+                assert_gateway_429(&reply);
+            }
+        }
+        wave += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = support::stats(&c.sim).await;
+    assert_eq!(stats["rate_limited"], 0, "HubSpot answered 429: {stats}");
+    let seen = arrivals(&c.sim).await;
+    let (most, at) = busiest_window(&seen, Duration::from_secs(4));
+    assert!(
+        most <= 12,
+        "{most} calls reached HubSpot in the 4 s from {at:.0} ms (limit 12)"
+    );
+    assert!(
+        seen.len() > 12,
+        "no call after the restart in 7 s: {} in all",
+        seen.len()
+    );
+}
