@@ -6,10 +6,12 @@
 //! daily count and the holds are the whole account's, checked and recorded in Redis by one
 //! script; when Redis cannot answer, this replica keeps its part of them here
 //! (`limit / replicas_hint`, see [`ClusterConfig::local_share`]): never more, never an error.
-//! Every call allowed is recorded here as well, so a replica that falls back counts the calls
-//! it already made in the window.
+//! Every call allowed is recorded here as well (with its member in the shared windows), so a
+//! replica that falls back counts the calls it already made in the window, and a Redis that
+//! restarted empty gets them back (this budget is the backend's [`Ledger`]).
 //!
 //! [`ClusterConfig::local_share`]: crate::cluster::ClusterConfig::local_share
+//! [`Ledger`]: crate::cluster::Ledger
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

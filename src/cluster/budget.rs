@@ -13,6 +13,13 @@
 //! is one Lua function ([`ADMIT_LUA`]) run alone ([`ClusterBackend::acquire_for`]) or inside
 //! a flight's first look, so a leader's lease and its first call's admission are one step.
 //!
+//! A Redis that restarts empty has forgotten the window. Every admission checks that Redis
+//! knows the replica (a set of replica ids per hub, in the same script); when it does not,
+//! or Redis just came back after the replica worked alone, the replica writes its own calls
+//! of the last window back (`REPLAY`, from its [`Ledger`]) before it asks, and, when
+//! Redis' `run_id` changed or it worked alone, keeps to its local share for one window:
+//! each replica knows only its own calls, and the others replay theirs a moment later.
+//!
 //! Daily reset: HubSpot resets the daily limit at midnight in the account's time zone, which
 //! the gateway cannot see; the reset is `daily_reset_offset` after UTC midnight (default 0,
 //! i.e. UTC midnight). An account in UTC-5 sets 5h; the cost of a wrong guess is a hold that
@@ -423,18 +430,24 @@ impl ClusterBackend {
             .as_ref()
             .map(|l| l.recent_calls())
             .unwrap_or_default();
-        let info: String = self
+        let info = self
             .call(
                 "server_info",
                 redis::cmd("INFO")
                     .arg("server")
-                    .query_async(&mut self.conn()),
+                    .query_async::<String>(&mut self.conn()),
             )
-            .await?;
-        let run_id = info
-            .lines()
-            .find_map(|line| line.strip_prefix("run_id:"))
-            .map(|id| id.trim().to_owned());
+            .await;
+        let run_id = match info {
+            Ok(info) => info
+                .lines()
+                .find_map(|line| line.strip_prefix("run_id:"))
+                .map(|id| id.trim().to_owned()),
+            // An ACL user without INFO: the calls are still replayed; only a restart in
+            // shared mode cannot be told apart, so that cap is not applied.
+            Err(ClusterError::Redis { .. }) => None,
+            Err(e) => return Err(e),
+        };
         let mut script = REPLAY.prepare_invoke();
         script
             .key(self.key("rl", hub_id))
