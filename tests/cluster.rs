@@ -1845,6 +1845,22 @@ fn busiest(made: &[Instant], span: Duration) -> usize {
         .unwrap_or(0)
 }
 
+/// The calls `made` across `event` kept to `limit` in every window of `per` (less the
+/// placement slack), and more than `limit` were made in all: calls resumed once the window
+/// had room.
+fn assert_limit_kept_and_calls_resumed(made: &[Instant], limit: u32, per: Duration, event: &str) {
+    let most = busiest(made, per - PLACEMENT_SLACK);
+    assert!(
+        most <= limit as usize,
+        "{most} calls within one window across {event} (limit {limit})"
+    );
+    assert!(
+        made.len() > limit as usize,
+        "no call once the old ones left the window: {}",
+        made.len()
+    );
+}
+
 /// Allowance for the busiest-window checks: a call is recorded here just after its answer
 /// time, the moment the budget places it; a loaded machine may put up to this between the
 /// two. Without the replay the excess is a whole window's calls within milliseconds.
@@ -1877,16 +1893,7 @@ async fn a_redis_restarted_empty_gets_the_replicas_calls_back() {
     server.kill();
     server.run();
     made.extend(call_for(&[&a, &b], hub, per + Duration::from_millis(1500)).await);
-    let busiest = busiest(&made, per - PLACEMENT_SLACK);
-    assert!(
-        busiest <= limit as usize,
-        "{busiest} calls within one window across the restart (limit {limit})"
-    );
-    assert!(
-        made.len() > limit as usize,
-        "no call once the old ones left the window: {}",
-        made.len()
-    );
+    assert_limit_kept_and_calls_resumed(&made, limit, per, "the restart");
     assert!(
         a_metrics.window_replays_total.get() >= 2,
         "at start and after the restart"
@@ -1911,16 +1918,7 @@ async fn calls_made_alone_count_in_the_window_of_a_redis_back_up() {
     wait_up(&a_backend, "replica a not up again").await;
     wait_up(&b_backend, "replica b not up again").await;
     made.extend(call_for(&[&a, &b], hub, per).await);
-    let busiest = busiest(&made, per - PLACEMENT_SLACK);
-    assert!(
-        busiest <= limit as usize,
-        "{busiest} calls within one window across Redis' return (limit {limit})"
-    );
-    assert!(
-        made.len() > limit as usize,
-        "no call once the old ones left the window: {}",
-        made.len()
-    );
+    assert_limit_kept_and_calls_resumed(&made, limit, per, "Redis' return");
 }
 
 /// A replica that gets no request after Redis restarted empty still puts its calls of the
