@@ -1965,3 +1965,52 @@ async fn idle_replicas_replay_when_they_reconnect() {
         (ThrottleSource::LocalBudget, 3)
     );
 }
+
+/// Redis losing the keys without a restart (`FLUSHALL`, an eviction) and without any failed
+/// call is found by the admission itself: the replica's next call first puts its calls of
+/// the last window back, then is admitted against them; with the same `run_id` there is no
+/// cap, so the replica may still use the whole window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_lost_without_a_failed_call_are_found_by_the_admission() {
+    let server = RedisServer::start();
+    let (limit, per) = (6, Duration::from_secs(30));
+    let (a, _, a_metrics) = window_budget(&server, limit, per).await;
+    let hub = 54;
+    for _ in 0..4 {
+        a.acquire(&charge("quiet", None, hub))
+            .await
+            .expect("room")
+            .answered();
+    }
+    let mut conn = server.inspect().await;
+    answered(&mut conn, "t:rl:54", 4).await;
+    let replays = a_metrics.window_replays_total.get();
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHALL");
+    for i in 0..2 {
+        a.acquire(&charge("quiet", None, hub))
+            .await
+            .unwrap_or_else(|t| panic!("call {i} within the window refused: {t:?}"))
+            .answered();
+    }
+    assert_eq!(a_metrics.window_replays_total.get(), replays + 1);
+    assert_eq!(
+        a_metrics
+            .local_fallbacks_total
+            .with_label_values(&["budget_acquire"])
+            .get(),
+        0,
+        "no call failed"
+    );
+    let refused = a
+        .acquire(&charge("quiet", None, hub))
+        .await
+        .expect_err("4 replayed and 2 new fill the window");
+    assert_eq!(
+        (refused.by, refused.limit),
+        (ThrottleSource::LocalBudget, 6)
+    );
+    answered(&mut conn, "t:rl:54", 6).await;
+}
