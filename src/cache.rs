@@ -192,10 +192,11 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
         }
     }
 
-    /// Looks the key up; on a miss, joins the fetch in flight or becomes its leader, the
-    /// flight then charged to `client`.
-    pub fn lookup(&self, key: &StatusRequest, client: &Arc<str>) -> Flight<E> {
-        if let Some(hit) = self.get(key) {
+    /// Looks the key up as of `now` (the request's own clock read, so a hit reads no other);
+    /// on a miss, joins the fetch in flight or becomes its leader, the flight then charged
+    /// to `client`.
+    pub fn lookup(&self, key: &StatusRequest, client: &Arc<str>, now: Instant) -> Flight<E> {
+        if let Some(hit) = self.get(key, now) {
             return Flight::Hit(hit);
         }
         let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
@@ -204,7 +205,7 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
         }
         // A leader that finished between the lookup above and taking the lock stored its
         // answer before leaving the table: look once more so no second fetch starts.
-        if let Some(hit) = self.get(key) {
+        if let Some(hit) = self.get(key, Instant::now()) {
             return Flight::Hit(hit);
         }
         let (tx, rx) = watch::channel(None);
@@ -305,9 +306,9 @@ impl<E: Send + Sync + 'static> AnswerCache<E> {
     }
 
     /// A stored answer young enough to be a HIT, of the current HubSpot account.
-    fn get(&self, key: &StatusRequest) -> Option<Arc<Stored>> {
+    fn get(&self, key: &StatusRequest, now: Instant) -> Option<Arc<Stored>> {
         self.kept(key)
-            .filter(|s| s.stored_at.elapsed() < s.fresh_for)
+            .filter(|s| now.saturating_duration_since(s.stored_at) < s.fresh_for)
     }
 
     /// The last answer seen for `key`, when it may stand in for a HubSpot failure: a
@@ -463,10 +464,11 @@ mod tests {
     #[tokio::test]
     async fn an_abandoned_flight_ends_for_its_followers() {
         let cache: AnswerCache<()> = AnswerCache::new(&CacheConfig::default());
-        let Flight::Lead(leader) = cache.lookup(&key("a"), &who()) else {
+        let Flight::Lead(leader) = cache.lookup(&key("a"), &who(), Instant::now()) else {
             panic!("the first caller leads");
         };
-        let Flight::Follow(mut follower, charged) = cache.lookup(&key("a"), &Arc::from("other"))
+        let Flight::Follow(mut follower, charged) =
+            cache.lookup(&key("a"), &Arc::from("other"), Instant::now())
         else {
             panic!("the second caller follows");
         };
@@ -480,7 +482,10 @@ mod tests {
         });
         assert!(fetch.await.is_err());
         assert!(follower.wait_for(Option::is_some).await.is_err());
-        assert!(matches!(cache.lookup(&key("a"), &who()), Flight::Lead(_)));
+        assert!(matches!(
+            cache.lookup(&key("a"), &who(), Instant::now()),
+            Flight::Lead(_)
+        ));
     }
 
     /// A completed flight answers its followers and leaves the table; a stored answer is a
@@ -488,17 +493,20 @@ mod tests {
     #[test]
     fn a_completed_flight_answers_and_leaves() {
         let cache: AnswerCache<()> = AnswerCache::new(&CacheConfig::default());
-        let Flight::Lead(leader) = cache.lookup(&key("b"), &who()) else {
+        let Flight::Lead(leader) = cache.lookup(&key("b"), &who(), Instant::now()) else {
             panic!("the first caller leads");
         };
-        let Flight::Follow(follower, _) = cache.lookup(&key("b"), &who()) else {
+        let Flight::Follow(follower, _) = cache.lookup(&key("b"), &who(), Instant::now()) else {
             panic!("the second caller follows");
         };
         let body = Bytes::from(r#"{"status":"COMPLETE"}"#);
         let entry = cache.entry(StatusCode::OK, HeaderMap::new(), body, None);
         cache.complete(leader, Ok(entry));
         assert!(matches!(&*follower.borrow(), Some(Ok(s)) if s.status == StatusCode::OK));
-        assert!(matches!(cache.lookup(&key("b"), &who()), Flight::Hit(_)));
+        assert!(matches!(
+            cache.lookup(&key("b"), &who(), Instant::now()),
+            Flight::Hit(_)
+        ));
         assert!(cache.flights.lock().expect("lock").is_empty());
     }
 
@@ -521,11 +529,11 @@ mod tests {
         assert!(aged.is_fresh_terminal());
         assert_eq!(aged.origin, Origin::SharedCache);
         assert_eq!(aged.hub_id(), Some(7));
-        let Flight::Lead(leader) = cache.lookup(&key("s"), &who()) else {
+        let Flight::Lead(leader) = cache.lookup(&key("s"), &who(), Instant::now()) else {
             panic!("nothing stored yet");
         };
         cache.complete(leader, Ok(aged));
-        let Flight::Hit(hit) = cache.lookup(&key("s"), &who()) else {
+        let Flight::Hit(hit) = cache.lookup(&key("s"), &who(), Instant::now()) else {
             panic!("the shared answer is kept");
         };
         assert!(hit.stored_at.elapsed() >= Duration::from_secs(5));
@@ -589,7 +597,7 @@ mod tests {
         };
         let cache: AnswerCache<()> = AnswerCache::new(&config);
         let complete_with = |status: StatusCode, body: &'static str| {
-            let Flight::Lead(leader) = cache.lookup(&key("p"), &who()) else {
+            let Flight::Lead(leader) = cache.lookup(&key("p"), &who(), Instant::now()) else {
                 panic!("no fresh answer, so the caller leads");
             };
             let entry = cache.entry(status, HeaderMap::new(), Bytes::from(body), None);

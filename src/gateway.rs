@@ -85,6 +85,24 @@ struct Handled {
     result: Result<Arc<Stored>, Arc<GatewayError>>,
     /// For a STALE answer: the status the caller would have got without it.
     fwd_status: Option<StatusCode>,
+    /// When the answer was found, which its `Age` counts to: for a hit, the request's
+    /// start, so a hit reads the clock once for its freshness, its `Age` and its duration.
+    at: Instant,
+}
+
+impl Handled {
+    /// A stored answer served from memory, found at `at`.
+    fn hit(client: Arc<str>, key: StatusRequest, stored: Arc<Stored>, at: Instant) -> Handled {
+        Handled {
+            client,
+            key: Some(key),
+            cache: CacheOutcome::Hit,
+            tries: 0,
+            result: Ok(stored),
+            fwd_status: None,
+            at,
+        }
+    }
 }
 
 impl Gateway {
@@ -128,13 +146,14 @@ impl Gateway {
             request_id.to_str().unwrap_or_default(),
         );
         let cx = span.as_ref().map(|s| s.context().clone());
-        let handled = crate::telemetry::within(cx, self.clone().answer(&req, &request_id)).await;
+        let handled =
+            crate::telemetry::within(cx, self.clone().answer(&req, &request_id, started)).await;
         // The request id (the caller's own, when valid) is the error body's `correlationId`
         // and the access line's `request_id`, so a caller's report leads to the line.
         // `request_id` only ever holds visible ASCII, so `to_str` cannot fail.
         let id = request_id.to_str().unwrap_or_default();
         let mut response = match &handled.result {
-            Ok(stored) => self.reply(stored, handled.cache, handled.fwd_status),
+            Ok(stored) => self.reply(stored, handled.cache, handled.fwd_status, handled.at),
             Err(e) => e.to_response(id),
         };
         if req.method() == hyper::Method::HEAD {
@@ -210,8 +229,14 @@ impl Gateway {
         Ok(response)
     }
 
-    /// Steps 1–4 here, 5–7 in the fetch a leader spawns.
-    async fn answer(self: Arc<Self>, req: &Request<Incoming>, request_id: &HeaderValue) -> Handled {
+    /// Steps 1–4 here, 5–7 in the fetch a leader spawns; `started` is when the request
+    /// came in.
+    async fn answer(
+        self: Arc<Self>,
+        req: &Request<Incoming>,
+        request_id: &HeaderValue,
+        started: Instant,
+    ) -> Handled {
         let refused = |client: &str, key: Option<StatusRequest>, e: GatewayError| Handled {
             client: Arc::from(client),
             key,
@@ -219,6 +244,7 @@ impl Gateway {
             tries: 0,
             result: Err(Arc::new(e)),
             fwd_status: None,
+            at: started,
         };
         // 1. route
         let key = match match_route(req.method(), req.uri().path()) {
@@ -239,30 +265,41 @@ impl Gateway {
                 return refused("unauthenticated", Some(key), e.into());
             }
         };
-        // 3. cache, 4. coalesce. A flight refused by its leader's client's share is that
-        // client's refusal alone: a follower of another client asks again under its own
-        // charge (leading a new flight or joining one), within its own wait.
-        // Set at the first miss: a hit reads no clock for it.
-        let mut waited: Option<Instant> = None;
-        let (result, cache, tries) = loop {
-            let mut lookup = crate::telemetry::child("cache lookup", SpanKind::Internal);
-            let flight = self.cache.lookup(&key, &client);
-            lookup.set(
-                "gateway.cache.lookup",
-                crate::telemetry::flight_label(&flight),
-            );
-            drop(lookup);
+        // 3. cache: a hit is answered here, with no await; 4. coalesce: the rest waits in
+        // a future of its own, boxed so a hit does not carry (and move, request after
+        // request) the wait's state in its own.
+        match self.look(&key, &client, started) {
+            Flight::Hit(stored) => Handled::hit(client, key, stored, started),
+            flight => Box::pin(self.settle(key, client, flight, request_id)).await,
+        }
+    }
+
+    /// The cache lookup as of `now`, in its own span when tracing is on.
+    fn look(&self, key: &StatusRequest, client: &Arc<str>, now: Instant) -> Flight<GatewayError> {
+        let mut lookup = crate::telemetry::child("cache lookup", SpanKind::Internal);
+        let flight = self.cache.lookup(key, client, now);
+        lookup.set(
+            "gateway.cache.lookup",
+            crate::telemetry::flight_label(&flight),
+        );
+        flight
+    }
+
+    /// Step 4 for a key not answered from memory: waits for the flight `flight` joined or
+    /// leads. A flight refused by its leader's client's share is that client's refusal
+    /// alone: a follower of another client asks again under its own charge (leading a new
+    /// flight or joining one), within its own wait.
+    async fn settle(
+        self: Arc<Self>,
+        key: StatusRequest,
+        client: Arc<str>,
+        mut flight: Flight<GatewayError>,
+        request_id: &HeaderValue,
+    ) -> Handled {
+        let waited = Instant::now() + self.request_timeout + Duration::from_secs(1);
+        let (result, cache, tries, now) = loop {
             let (rx, cache, tries, leader) = match flight {
-                Flight::Hit(stored) => {
-                    return Handled {
-                        client,
-                        key: Some(key),
-                        cache: CacheOutcome::Hit,
-                        tries: 0,
-                        result: Ok(stored),
-                        fwd_status: None,
-                    };
-                }
+                Flight::Hit(stored) => return Handled::hit(client, key, stored, Instant::now()),
                 Flight::Follow(rx, leader) => (rx, CacheOutcome::Coalesced, None, leader),
                 Flight::Lead(leader) => {
                     let rx = leader.rx.clone();
@@ -270,17 +307,16 @@ impl Gateway {
                     (rx, CacheOutcome::Miss, Some(tries), client.clone())
                 }
             };
-            let waited = *waited.get_or_insert_with(|| {
-                Instant::now() + self.request_timeout + Duration::from_secs(1)
-            });
             let result = wait(rx, waited.saturating_duration_since(Instant::now())).await;
-            if leader != client && share_refusal(&result) && Instant::now() < waited {
+            let now = Instant::now();
+            if leader != client && share_refusal(&result) && now < waited {
+                flight = self.look(&key, &client, now);
                 continue;
             }
             if cache == CacheOutcome::Coalesced {
                 self.metrics.coalesced_requests_total.inc();
             }
-            break (result, cache, tries);
+            break (result, cache, tries, now);
         };
         let tries = tries.map_or(0, |t| t.load(Ordering::Relaxed));
         // Another replica's answer: from the shared cache a HIT, from its flight COALESCED,
@@ -309,6 +345,7 @@ impl Gateway {
                 tries,
                 result: Ok(stale),
                 fwd_status: Some(failed),
+                at: Instant::now(),
             };
         }
         Handled {
@@ -318,6 +355,7 @@ impl Gateway {
             tries,
             result,
             fwd_status: None,
+            at: now,
         }
     }
 
@@ -562,12 +600,13 @@ impl Gateway {
     }
 
     /// Step 8: the stored answer as a response, with the gateway's cache headers;
-    /// `fwd_status` is what a STALE answer stands in for.
+    /// `fwd_status` is what a STALE answer stands in for, `at` when the answer was found.
     fn reply(
         &self,
         stored: &Stored,
         cache: CacheOutcome,
         fwd_status: Option<StatusCode>,
+        at: Instant,
     ) -> Response<Full<Bytes>> {
         let mut response = Response::new(Full::new(stored.body.clone()));
         *response.status_mut() = stored.status;
@@ -580,7 +619,7 @@ impl Gateway {
             }
         }
         if from_memory {
-            let age = stored.stored_at.elapsed().as_secs();
+            let age = at.saturating_duration_since(stored.stored_at).as_secs();
             headers.insert(header::AGE, HeaderValue::from(age));
         }
         let cache_status = match cache {
