@@ -34,13 +34,13 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use opentelemetry::trace::SpanKind;
 
-use crate::auth::{Authenticator, PeerCertName};
+use crate::auth::{AuthError, Authenticator, PeerCertName};
 use crate::budget::{Charge, FirstTry};
 use crate::cache::{AnswerCache, CacheOutcome, Flight, Origin, Outcome, Stored};
 use crate::cluster::{self, ClusterBackend, TaskKey};
 use crate::error::{Fault, GatewayError};
 use crate::metrics::{Metrics, RequestSeries};
-use crate::route::{StatusRequest, match_route};
+use crate::route::{RouteError, StatusRequest, route};
 use crate::token::{ActiveToken, TokenError, TokenManager};
 use crate::upstream::{Answer, HubSpot, Throttle, ThrottleSource, UpstreamError};
 
@@ -72,6 +72,23 @@ struct Share {
     /// The flight's lease; dropped unpublished (the fetch failed without an answer from
     /// HubSpot), it is released and a waiting replica takes the flight over.
     lease: cluster::Lease,
+}
+
+/// What `handle` read from the request before dropping it, for the response and its
+/// access line.
+struct Asked {
+    method: hyper::Method,
+    /// The route version the caller used, when the path was the route.
+    version: Option<&'static str>,
+    /// The path, when it was not the route.
+    path: Option<String>,
+    /// The caller's valid `traceparent`'s trace id.
+    caller_trace: Option<String>,
+    request_id: HeaderValue,
+    span: Option<crate::telemetry::RequestSpan>,
+    started: Instant,
+    /// The request's header map, emptied, for the answer's headers.
+    headers: hyper::HeaderMap,
 }
 
 /// Who asked, what for, and what they get.
@@ -133,10 +150,15 @@ impl Gateway {
     }
 
     /// Serves one request. Every failure becomes a response here, so this never errs.
-    pub async fn handle(
+    ///
+    /// What the answer needs is read from the request before the returned future is first
+    /// polled, and the request is dropped then: hyper reuses a connection's read buffer
+    /// only once no slice of the last request is left, and otherwise allocates a new one
+    /// for every request (hyper reads ahead while the answer is pending).
+    pub fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        mut req: Request<Incoming>,
+    ) -> impl Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static {
         let started = Instant::now();
         let request_id = request_id(req.headers());
         // `None` unless `[telemetry]` is on: then this request's spans hang from this one.
@@ -145,18 +167,64 @@ impl Gateway {
             req.headers(),
             request_id.to_str().unwrap_or_default(),
         );
-        let cx = span.as_ref().map(|s| s.context().clone());
-        let handled =
-            crate::telemetry::within(cx, self.clone().answer(&req, &request_id, started)).await;
+        // 1. route (the version the caller used is kept apart: the key holds none, as
+        // every version shares one entry)
+        let routed = route(req.method(), req.uri().path());
+        let version = routed.as_ref().ok().map(|(v, _)| v.segment());
+        let routed = routed.map(|(_, key)| key);
+        // 2. who is calling, for a request on the route
+        let caller = routed.as_ref().ok().map(|_| {
+            self.auth
+                .authenticate(req.headers(), req.extensions().get::<PeerCertName>())
+        });
+        let method = req.method().clone();
+        // The path only for a refusal's access line; the caller's valid `traceparent`.
+        let path = routed.is_err().then(|| req.uri().path().to_owned());
+        let caller_trace = crate::log::trace_id(req.headers()).map(str::to_owned);
+        // The request's header map, emptied, carries the answer's headers: hyper made it
+        // from the last answer's, so its storage goes round and no request allocates one.
+        let mut headers = std::mem::take(req.headers_mut());
+        headers.clear();
+        drop(req);
+        let asked = Asked {
+            method,
+            version,
+            path,
+            caller_trace,
+            request_id,
+            span,
+            started,
+            headers,
+        };
+        async move {
+            let cx = asked.span.as_ref().map(|s| s.context().clone());
+            let handled = crate::telemetry::within(
+                cx,
+                self.clone()
+                    .answer(routed, caller, &asked.request_id, started),
+            )
+            .await;
+            Ok(self.respond(handled, asked))
+        }
+    }
+
+    /// Step 8: the answer as a response, counted and logged.
+    fn respond(&self, handled: Handled, asked: Asked) -> Response<Full<Bytes>> {
         // The request id (the caller's own, when valid) is the error body's `correlationId`
         // and the access line's `request_id`, so a caller's report leads to the line.
         // `request_id` only ever holds visible ASCII, so `to_str` cannot fail.
-        let id = request_id.to_str().unwrap_or_default();
+        let id = asked.request_id.to_str().unwrap_or_default();
         let mut response = match &handled.result {
-            Ok(stored) => self.reply(stored, handled.cache, handled.fwd_status, handled.at),
+            Ok(stored) => self.reply(
+                stored,
+                handled.cache,
+                handled.fwd_status,
+                handled.at,
+                asked.headers,
+            ),
             Err(e) => e.to_response(id),
         };
-        if req.method() == hyper::Method::HEAD {
+        if asked.method == hyper::Method::HEAD {
             // hyper drops a HEAD body on HTTP/1 but sends it on HTTP/2, which is a protocol
             // error there: answer with the length and no body on both.
             let length = hyper::body::Body::size_hint(response.body())
@@ -172,28 +240,20 @@ impl Gateway {
             headers.insert(X_CACHE, HeaderValue::from_static(x_cache));
         }
         let code = response.status();
-        let elapsed = started.elapsed();
+        let elapsed = asked.started.elapsed();
         self.series
             .record(&handled.client, code, handled.cache, elapsed);
-        // The version the caller used (the key holds none: every version shares one entry).
-        let version = handled.key.as_ref().and(
-            req.uri()
-                .path()
-                .split('/')
-                .nth(2)
-                .and_then(crate::route::ApiVersion::from_segment)
-                .map(crate::route::ApiVersion::segment),
-        );
         let task_id = handled.key.as_ref().map(|k| k.task_id.as_str());
         // Tracing on: the request's own trace (the caller's, or a new one); off: the
         // caller's valid `traceparent`, if any.
-        let own_trace = span.as_ref().map(crate::telemetry::RequestSpan::trace_id);
-        let trace_id = own_trace
-            .as_deref()
-            .or_else(|| crate::log::trace_id(req.headers()));
+        let own_trace = asked
+            .span
+            .as_ref()
+            .map(crate::telemetry::RequestSpan::trace_id);
+        let trace_id = own_trace.as_deref().or(asked.caller_trace.as_deref());
         let failed = handled.result.as_ref().err().map(|e| (e, e.fault()));
         let refusal = failed.as_ref().map(|(e, fault)| crate::log::Refusal {
-            path: handled.key.is_none().then(|| req.uri().path()),
+            path: asked.path.as_deref(),
             fault,
             error: e,
         });
@@ -201,8 +261,8 @@ impl Gateway {
         crate::log::access(&crate::log::Access {
             request_id: id,
             client: &handled.client,
-            method: req.method().as_str(),
-            version,
+            method: asked.method.as_str(),
+            version: asked.version,
             task_id,
             status: code.as_u16(),
             cache: handled.cache.label(),
@@ -211,9 +271,9 @@ impl Gateway {
             trace_id,
             refusal,
         });
-        if let Some(span) = span {
+        if let Some(span) = asked.span {
             span.finish(crate::telemetry::Outcome {
-                version,
+                version: asked.version,
                 task_id,
                 status: code.as_u16(),
                 cache: handled.cache.label(),
@@ -225,15 +285,18 @@ impl Gateway {
                     .map(|e| crate::telemetry::fault_label(e.fault())),
             });
         }
-        response.headers_mut().insert(X_REQUEST_ID, request_id);
-        Ok(response)
+        response
+            .headers_mut()
+            .insert(X_REQUEST_ID, asked.request_id);
+        response
     }
 
-    /// Steps 1–4 here, 5–7 in the fetch a leader spawns; `started` is when the request
-    /// came in.
+    /// Steps 2–4 here (1 is `routed`), 5–7 in the fetch a leader spawns; `started` is when
+    /// the request came in.
     async fn answer(
         self: Arc<Self>,
-        req: &Request<Incoming>,
+        routed: Result<StatusRequest, RouteError>,
+        caller: Option<Result<Arc<str>, AuthError>>,
         request_id: &HeaderValue,
         started: Instant,
     ) -> Handled {
@@ -246,16 +309,12 @@ impl Gateway {
             fwd_status: None,
             at: started,
         };
-        // 1. route
-        let key = match match_route(req.method(), req.uri().path()) {
+        let key = match routed {
             Ok(key) => key,
             Err(e) => return refused("unauthenticated", None, e.into()),
         };
-        // 2. who is calling
-        let client = match self
-            .auth
-            .authenticate(req.headers(), req.extensions().get::<PeerCertName>())
-        {
+        // 2. who is calling (`handle` asks for every request on the route)
+        let client = match caller.unwrap_or(Err(AuthError::Missing)) {
             Ok(client) => client,
             Err(e) => {
                 self.metrics
@@ -599,17 +658,20 @@ impl Gateway {
             .await
     }
 
-    /// Step 8: the stored answer as a response, with the gateway's cache headers;
-    /// `fwd_status` is what a STALE answer stands in for, `at` when the answer was found.
+    /// Step 8: the stored answer as a response, with the gateway's cache headers added to
+    /// `headers` (empty); `fwd_status` is what a STALE answer stands in for, `at` when the
+    /// answer was found.
     fn reply(
         &self,
         stored: &Stored,
         cache: CacheOutcome,
         fwd_status: Option<StatusCode>,
         at: Instant,
+        headers: hyper::HeaderMap,
     ) -> Response<Full<Bytes>> {
         let mut response = Response::new(Full::new(stored.body.clone()));
         *response.status_mut() = stored.status;
+        *response.headers_mut() = headers;
         let headers = response.headers_mut();
         let from_memory = matches!(cache, CacheOutcome::Hit | CacheOutcome::Stale);
         for (name, value) in &stored.headers {
@@ -851,14 +913,15 @@ async fn wait(
     }
 }
 
-/// The caller's `X-Request-Id` when it is short and printable, else a new one.
+/// The caller's `X-Request-Id` when it is short and printable, else a new one. The caller's
+/// is copied: a clone would be a slice of the connection's read buffer (see `handle`).
 fn request_id(headers: &hyper::HeaderMap) -> HeaderValue {
     headers
         .get(X_REQUEST_ID)
         .filter(|v| {
             !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
         })
-        .cloned()
+        .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
         .unwrap_or_else(|| {
             // uuid's `fast-rng` draws from the thread's generator: no syscall per request.
             let mut buf = uuid::Uuid::encode_buffer();

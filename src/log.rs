@@ -446,76 +446,78 @@ fn access_event(a: &Access<'_>) {
 /// The access line as the JSON formatter writes an event (flattened fields, then the
 /// target), newline included.
 fn json_access_line(out: &mut Vec<u8>, now: SystemTime, a: &Access<'_>) {
-    fn text(out: &mut Vec<u8>, key: &str, value: &str) {
-        // What serde_json would write unescaped (ids, names) is copied as it is. The scan
-        // looks at every byte without stopping early, which the compiler turns into a few
-        // wide compares instead of three branches a byte.
+    /// A JSON string: what serde_json would write unescaped (ids, names) is copied as it
+    /// is. The scan looks at every byte without stopping early, which the compiler turns
+    /// into a few wide compares instead of three branches a byte.
+    fn string(out: &mut Vec<u8>, value: &str) {
         let escape = value.bytes().fold(false, |bad, b| {
             bad | (b < 0x20) | (b == b'"') | (b == b'\\')
         });
         if escape {
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(b"\":");
             // Writing a str into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, value);
         } else {
-            plain(out, key, value);
+            out.push(b'"');
+            out.extend_from_slice(value.as_bytes());
+            out.push(b'"');
         }
     }
     /// A value that needs no escaping by how it was made: a label of ours, an HTTP method
-    /// (a token: no control character, quote or backslash), a validated task id.
-    fn plain(out: &mut Vec<u8>, key: &str, value: &str) {
+    /// (a token: no control character, quote or backslash), a validated task id or trace id.
+    fn plain(out: &mut Vec<u8>, value: &str) {
         debug_assert!(
             value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\'),
             "{value:?} needs escaping"
         );
-        out.extend_from_slice(b",\"");
-        out.extend_from_slice(key.as_bytes());
-        out.extend_from_slice(b"\":\"");
         out.extend_from_slice(value.as_bytes());
-        out.push(b'"');
     }
-    fn number(out: &mut Vec<u8>, key: &str, value: u64) {
-        out.extend_from_slice(b",\"");
-        out.extend_from_slice(key.as_bytes());
-        out.extend_from_slice(b"\":");
-        decimal(out, value);
-    }
+    // The keys and the punctuation between values are copied in runs, one copy per gap.
     out.extend_from_slice(b"{\"timestamp\":\"");
     timestamp(out, now);
-    out.extend_from_slice(b"\",\"level\":\"INFO\"");
-    let message = if a.refusal.is_some() {
-        "request refused"
+    out.extend_from_slice(if a.refusal.is_some() {
+        b"\",\"level\":\"INFO\",\"message\":\"request refused\",\"request_id\":"
     } else {
-        "request"
-    };
-    plain(out, "message", message);
-    text(out, "request_id", a.request_id);
-    text(out, "client", a.client);
-    plain(out, "method", a.method);
+        b"\",\"level\":\"INFO\",\"message\":\"request\",\"request_id\":"
+    });
+    string(out, a.request_id);
+    out.extend_from_slice(b",\"client\":");
+    string(out, a.client);
+    out.extend_from_slice(b",\"method\":\"");
+    plain(out, a.method);
     if let Some(version) = a.version {
-        plain(out, "version", version);
+        out.extend_from_slice(b"\",\"version\":\"");
+        plain(out, version);
     }
     if let Some(task_id) = a.task_id {
-        plain(out, "task_id", task_id);
+        out.extend_from_slice(b"\",\"task_id\":\"");
+        plain(out, task_id);
     }
-    number(out, "status", a.status.into());
-    plain(out, "cache", a.cache);
-    number(out, "upstream_tries", a.upstream_tries.into());
-    number(out, "us", a.us);
+    out.extend_from_slice(b"\",\"status\":");
+    decimal(out, a.status.into());
+    out.extend_from_slice(b",\"cache\":\"");
+    plain(out, a.cache);
+    out.extend_from_slice(b"\",\"upstream_tries\":");
+    decimal(out, a.upstream_tries.into());
+    out.extend_from_slice(b",\"us\":");
+    decimal(out, a.us);
     if let Some(trace_id) = a.trace_id {
-        text(out, "trace_id", trace_id);
+        out.extend_from_slice(b",\"trace_id\":\"");
+        plain(out, trace_id);
+        out.push(b'"');
     }
     if let Some(r) = &a.refusal {
         if let Some(path) = r.path {
-            text(out, "path", path);
+            out.extend_from_slice(b",\"path\":");
+            string(out, path);
         }
-        text(out, "fault", &format!("{:?}", r.fault));
-        text(out, "error", &r.error.to_string());
+        out.extend_from_slice(b",\"fault\":");
+        string(out, &format!("{:?}", r.fault));
+        out.extend_from_slice(b",\"error\":");
+        string(out, &r.error.to_string());
     }
-    plain(out, "target", ACCESS_TARGET);
-    out.extend_from_slice(b"}\n");
+    out.extend_from_slice(b",\"target\":\"");
+    plain(out, ACCESS_TARGET);
+    out.extend_from_slice(b"\"}\n");
 }
 
 /// The trace id of a valid W3C `traceparent` header (32 lowercase hex digits, not all zero),

@@ -102,12 +102,20 @@ pub enum RouteError {
 
 /// Matches a method and raw (still percent-encoded) path against the status route.
 pub fn match_route(method: &hyper::Method, raw_path: &str) -> Result<StatusRequest, RouteError> {
+    route(method, raw_path).map(|(_, request)| request)
+}
+
+/// [`match_route`], with the version the caller used (the request holds none).
+pub fn route(
+    method: &hyper::Method,
+    raw_path: &str,
+) -> Result<(ApiVersion, StatusRequest), RouteError> {
     let rest = raw_path
         .strip_prefix("/files/")
         .ok_or(RouteError::NotFound)?;
     let (version, rest) = rest.split_once('/').ok_or(RouteError::NotFound)?;
-    // Any published version is served; its value is not kept (see `StatusRequest`).
-    ApiVersion::from_segment(version).ok_or(RouteError::NotFound)?;
+    // Any published version is served; the request does not keep it (see `StatusRequest`).
+    let version = ApiVersion::from_segment(version).ok_or(RouteError::NotFound)?;
     let rest = rest
         .strip_prefix("files/import-from-url/async/tasks/")
         .ok_or(RouteError::NotFound)?;
@@ -118,12 +126,17 @@ pub fn match_route(method: &hyper::Method, raw_path: &str) -> Result<StatusReque
     if method != hyper::Method::GET && method != hyper::Method::HEAD {
         return Err(RouteError::MethodNotAllowed);
     }
-    let decoded = percent_encoding::percent_decode_str(raw_id)
-        .decode_utf8()
-        .map_err(|_| RouteError::InvalidTaskId)?;
-    Ok(StatusRequest {
-        task_id: TaskId::parse(&decoded)?,
-    })
+    // Without a `%` there is nothing to decode (the common case: ids are unreserved
+    // characters); with one, exactly one decode.
+    let task_id = if raw_id.contains('%') {
+        let decoded = percent_encoding::percent_decode_str(raw_id)
+            .decode_utf8()
+            .map_err(|_| RouteError::InvalidTaskId)?;
+        TaskId::parse(&decoded)?
+    } else {
+        TaskId::parse(raw_id)?
+    };
+    Ok((version, StatusRequest { task_id }))
 }
 
 #[cfg(test)]

@@ -464,8 +464,9 @@ fn method_label(method: &hyper::Method) -> &'static str {
 }
 
 /// A span inside a request (cache lookup, token wait, a HubSpot try, a Redis call), child of
-/// the context current where it starts. Empty when off; ended when dropped.
-pub struct Child(Option<opentelemetry_sdk::trace::Span>);
+/// the context current where it starts. Empty when off; ended when dropped. Boxed, so when
+/// off it is a pointer's size rather than a whole span's, moved around for nothing.
+pub struct Child(Option<Box<opentelemetry_sdk::trace::Span>>);
 
 impl Child {
     /// Records `key = value` on the span (nothing when off).
@@ -484,10 +485,12 @@ pub fn child(name: &'static str, kind: SpanKind) -> Child {
     Child(TRACER.get().and_then(|tracer| {
         let cx = Context::current();
         cx.has_active_span().then(|| {
-            tracer
-                .span_builder(name)
-                .with_kind(kind)
-                .start_with_context(tracer, &cx)
+            Box::new(
+                tracer
+                    .span_builder(name)
+                    .with_kind(kind)
+                    .start_with_context(tracer, &cx),
+            )
         })
     }))
 }

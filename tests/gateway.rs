@@ -203,6 +203,35 @@ async fn caller_credentials_never_reach_hubspot() {
     assert_eq!(headers["accept"], "application/json");
 }
 
+/// The answer's headers are the gateway's and HubSpot's alone: none of the caller's comes
+/// back (the answer is built in the request's emptied header map), on a miss or a hit.
+#[tokio::test]
+async fn no_caller_header_comes_back_in_the_answer() {
+    let (_sim, gw) = start().await;
+    let key = format!("Bearer {KEY}");
+    let sent = [
+        ("authorization", key.as_str()),
+        ("cookie", "session=echo-probe"),
+        ("x-echo-probe", "echo-probe"),
+        ("x-request-id", "req-echo"),
+    ];
+    for expected in ["MISS", "HIT", "HIT"] {
+        let r = send(Method::GET, &gw.status_url("complete-echo"), &sent).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.header("x-cache"), expected);
+        assert_eq!(r.header("x-request-id"), "req-echo");
+        for (name, value) in r.headers.iter() {
+            let value = value.to_str().unwrap_or_default();
+            assert!(
+                !["authorization", "cookie", "x-echo-probe"].contains(&name.as_str())
+                    && !value.contains("echo-probe")
+                    && !value.contains(KEY),
+                "{expected}: the caller's header came back: {name}: {value}"
+            );
+        }
+    }
+}
+
 /// A token without `files.ui_hidden.read` is never used: /readyz 503, callers get 503
 /// MISSING_SCOPES naming the scope, and HubSpot's status route is never called.
 #[tokio::test]
