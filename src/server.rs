@@ -534,6 +534,8 @@ where
     // timer per request cost more than anything else the watchdog does.
     let sleep = tokio::time::sleep_until(state.accepted + limits.header_read_timeout);
     tokio::pin!(sleep);
+    let watchdog = Arc::new(WatchdogWake::default());
+    let watchdog_waker = std::task::Waker::from(watchdog.clone());
     loop {
         let (deadline, reason) = match closing {
             Some(c) => c,
@@ -546,8 +548,36 @@ where
         if sleep.deadline() != deadline {
             sleep.as_mut().reset(deadline);
         }
-        tokio::select! {
-            result = conn.as_mut() => {
+        let changed = state.changed.notified();
+        let stop_now = stop.wait_for(|s| *s);
+        tokio::pin!(changed, stop_now);
+        // New futures: each must be polled once to be heard.
+        watchdog.woken.store(true, Ordering::Release);
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+                return Poll::Ready(Event::Ended(result));
+            }
+            // The watchdog's futures are polled only when one of them woke the task, not on
+            // every wake a request's bytes bring (see `WatchdogWake`).
+            watchdog.task.register(cx.waker());
+            if !watchdog.woken.swap(false, Ordering::AcqRel) {
+                return Poll::Pending;
+            }
+            let mut own = Context::from_waker(&watchdog_waker);
+            if changed.as_mut().poll(&mut own).is_ready() {
+                return Poll::Ready(Event::Changed);
+            }
+            if sleep.as_mut().poll(&mut own).is_ready() {
+                return Poll::Ready(Event::Deadline);
+            }
+            if !stopping && stop_now.as_mut().poll(&mut own).is_ready() {
+                return Poll::Ready(Event::Stop);
+            }
+            Poll::Pending
+        })
+        .await;
+        match event {
+            Event::Ended(result) => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
@@ -558,8 +588,8 @@ where
                 let (deadline, reason) = state.deadline(limits);
                 return (deadline <= Instant::now()).then_some(reason);
             }
-            _ = state.changed.notified() => {}
-            _ = sleep.as_mut() => {
+            Event::Changed => {}
+            Event::Deadline => {
                 if closing.is_some() {
                     return Some(reason);
                 }
@@ -578,7 +608,7 @@ where
                     other => return Some(other),
                 }
             }
-            _ = stop.wait_for(|s| *s), if !stopping => {
+            Event::Stop => {
                 stopping = true;
                 if !state.busy() {
                     // Idle or still sending its head: nothing to finish, close now.
@@ -588,6 +618,39 @@ where
                 closing = Some((Instant::now() + limits.shutdown_grace, Close::Shutdown));
             }
         }
+    }
+}
+
+/// What woke a connection's watchdog.
+enum Event {
+    /// The connection ended, by the peer or an error.
+    Ended(Result<(), Box<dyn std::error::Error + Send + Sync>>),
+    /// A deadline moved earlier than the watchdog sleeps to.
+    Changed,
+    /// The watchdog's timer fired.
+    Deadline,
+    /// The listener is shutting down.
+    Stop,
+}
+
+/// Lets a connection's task tell its watchdog's wakes (timer, deadline change, shutdown)
+/// from the others: the watchdog's futures are polled with a waker of this, which notes
+/// the wake and passes it on to the task. Polling all of them on every wake, as a
+/// `select!` does, cost more per request than everything else the watchdog does.
+#[derive(Default)]
+struct WatchdogWake {
+    woken: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for WatchdogWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
