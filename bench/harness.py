@@ -96,7 +96,19 @@ def machine_state():
             continue
         if comm in ("rustc", "cargo", "cc", "ld", "cc1", "cc1plus", "clippy-driver", "rust-lld"):
             busy.append(comm)
-    return {"loadavg": load, "compilers": len(busy), "compiler_names": sorted(set(busy))}
+    return {"loadavg": load, "compilers": len(busy), "compiler_names": sorted(set(busy)),
+            "steal": steal_ticks()}
+
+
+def steal_ticks():
+    """Clock ticks the hypervisor gave to other machines while this one had work (`steal` in
+    /proc/stat, all CPUs): time neither the servers nor anything else here could run."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 class Sampler:
@@ -119,8 +131,11 @@ class Sampler:
         busy = [s for s in self.samples if s["compilers"]]
         names = sorted({n for s in busy for n in s["compiler_names"]})
         loads = [float(s["loadavg"].split()[0]) for s in self.samples] or [0.0]
+        # Share of all CPU time the hypervisor took away between the first and last sample.
+        span = (len(self.samples) - 1) * (os.cpu_count() or 1) * os.sysconf("SC_CLK_TCK")
+        steal = (self.samples[-1]["steal"] - self.samples[0]["steal"]) / span if span > 0 else 0.0
         return {"samples": len(self.samples), "busy_samples": len(busy), "busy_names": names,
-                "load1_max": max(loads), "load1_min": min(loads)}
+                "load1_max": max(loads), "load1_min": min(loads), "steal": steal}
 
 
 # --------------------------------------------------------------------------------------------

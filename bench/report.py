@@ -45,6 +45,8 @@ def load_line(d):
             flag += f" ({', '.join(du['busy_names'])}) — **contended: not clean figures**"
         else:
             flag += " (clean)"
+        if "steal" in du:
+            flag += f"; CPU time taken by the hypervisor (steal): {du['steal'] * 100:.1f} %"
     return (f"_Run {d['finished']}{' (smoke)' if d.get('smoke') else ''}; load average before "
             f"{b['loadavg']}, after {a['loadavg']}{flag}._")
 
