@@ -96,7 +96,7 @@ impl ClientTable {
     }
 }
 
-/// Hashes a SHA-256 digest by its first 8 bytes: they are already uniform, and a caller
+/// Hashes a SHA-256 digest by its last 8 bytes: they are already uniform, and a caller
 /// cannot choose them (that would take a preimage), so a keyed hash over all 32 bytes, the
 /// map's default, adds only time to every request's lookup.
 #[derive(Debug, Clone, Copy, Default)]
