@@ -959,3 +959,30 @@ fn request_id(headers: &hyper::HeaderMap) -> HeaderValue {
                 .expect("a uuid is a valid header value")
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request's header map carries the answer's headers emptied, and only while it is
+    /// small: a map a request made large is dropped, not kept on the connection.
+    #[test]
+    fn only_a_small_request_map_is_recycled() {
+        let mut small = hyper::HeaderMap::new();
+        small.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
+        small.insert(header::HOST, HeaderValue::from_static("gw"));
+        let capacity = small.capacity();
+        let kept = recycled(small);
+        assert!(kept.is_empty(), "the caller's headers are gone");
+        assert_eq!(kept.capacity(), capacity, "its storage is reused");
+
+        let mut large = hyper::HeaderMap::new();
+        for i in 0..100 {
+            let name = HeaderName::try_from(format!("x-h{i}")).expect("a header name");
+            large.insert(name, HeaderValue::from_static("v"));
+        }
+        let fresh = recycled(large);
+        assert!(fresh.is_empty());
+        assert!(fresh.capacity() <= 12, "capacity {}", fresh.capacity());
+    }
+}
